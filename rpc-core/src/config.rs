@@ -1,0 +1,633 @@
+//! `rpc.toml`: loading, environment overrides, validation.
+//!
+//! Resolution order for the file: an explicit path (`--config`), else the
+//! `RPC_CONFIG` environment variable, else `./rpc.toml` if it exists, else
+//! built-in defaults. Then single keys are overridden from the environment:
+//! `RPC_{SECTION}_{KEY}` (e.g. `RPC_REGISTRY_TYPE=etcd`,
+//! `RPC_CLIENT_TIMEOUT_MS=500`). Unknown keys and bad values fail loudly,
+//! naming the file (or variable) and the dotted key.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// Default maximum frame length: 8 MiB.
+pub const DEFAULT_MAX_FRAME_LEN: usize = 8 * 1024 * 1024;
+
+const SECTIONS: [&str; 3] = ["server", "registry", "client"];
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RpcConfig {
+    /// `[server]`: where and how a provider listens.
+    pub server: ServerConfig,
+    /// `[registry]`: which registry and how to reach it.
+    pub registry: RegistryConfig,
+    /// `[client]`: how a consumer calls.
+    pub client: ClientConfig,
+}
+
+/// `[server]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to bind.
+    pub host: String,
+    /// Port to bind; 0 picks a free port.
+    pub port: u16,
+    /// Host published in the registry, if not `host` (e.g. when binding 0.0.0.0).
+    pub advertise_host: Option<String>,
+    /// Connections served at once; further accepts wait.
+    pub max_connections: usize,
+    /// Requests in flight per connection; the connection stops reading beyond it.
+    pub max_in_flight_per_connection: usize,
+    /// Requests in flight across the server; beyond it calls get `Overloaded`.
+    pub max_in_flight: usize,
+    /// Largest accepted frame (header + body), in bytes.
+    pub max_frame_len: usize,
+    /// How long graceful shutdown waits for in-flight calls.
+    pub shutdown_timeout_ms: u64,
+    /// Weight published for load balancing.
+    pub weight: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 0,
+            advertise_host: None,
+            max_connections: 10_000,
+            max_in_flight_per_connection: 1024,
+            max_in_flight: 65_536,
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            shutdown_timeout_ms: 10_000,
+            weight: crate::meta::DEFAULT_WEIGHT,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// [`ServerConfig::shutdown_timeout_ms`] as a duration.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+}
+
+/// Registry backends. Parsing does not depend on which are compiled in; the
+/// factory reports a backend whose cargo feature is off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistryKind {
+    /// Embedded, cross-process on one host, no server (the default).
+    #[default]
+    Local,
+    /// In-process only, for tests.
+    Memory,
+    /// etcd v3.
+    Etcd,
+    /// Apache ZooKeeper.
+    Zookeeper,
+    /// HashiCorp Consul.
+    Consul,
+    /// Nacos.
+    Nacos,
+}
+
+impl RegistryKind {
+    /// The name used in `rpc.toml`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Memory => "memory",
+            Self::Etcd => "etcd",
+            Self::Zookeeper => "zookeeper",
+            Self::Consul => "consul",
+            Self::Nacos => "nacos",
+        }
+    }
+}
+
+impl fmt::Display for RegistryKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[registry]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Backend: `local` (default), `memory`, `etcd`, `zookeeper`, `consul`, `nacos`.
+    #[serde(rename = "type")]
+    pub kind: RegistryKind,
+    /// Endpoint(s): a string, a comma-separated string, or a list. For `local`,
+    /// the directory holding instance records (default: a folder in the temp dir).
+    pub address: Addresses,
+    /// Per-request timeout against the registry.
+    pub timeout_ms: u64,
+    /// How long an instance outlives its last heartbeat (lease TTL, session timeout).
+    pub ttl_secs: u64,
+    /// Optional user name.
+    pub username: Option<String>,
+    /// Optional password.
+    pub password: Option<String>,
+    /// Optional namespace (Nacos) or chroot-like prefix.
+    pub namespace: Option<String>,
+    /// Optional group (Nacos).
+    pub group: Option<String>,
+    /// Optional ACL token (Consul).
+    pub token: Option<String>,
+    /// Optional datacenter (Consul).
+    pub datacenter: Option<String>,
+    /// Optional TLS material.
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            kind: RegistryKind::Local,
+            address: Addresses::default(),
+            timeout_ms: 10_000,
+            ttl_secs: 30,
+            username: None,
+            password: None,
+            namespace: None,
+            group: None,
+            token: None,
+            datacenter: None,
+            tls: None,
+        }
+    }
+}
+
+impl RegistryConfig {
+    /// [`RegistryConfig::timeout_ms`] as a duration.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+    /// [`RegistryConfig::ttl_secs`] as a duration.
+    pub fn ttl(&self) -> Duration {
+        Duration::from_secs(self.ttl_secs)
+    }
+}
+
+/// `[registry.tls]`
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// CA certificate (PEM).
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM).
+    pub cert_file: Option<PathBuf>,
+    /// Client key (PEM).
+    pub key_file: Option<PathBuf>,
+    /// Server name to verify, if not the host of the address.
+    pub domain: Option<String>,
+}
+
+/// One or several endpoints.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Addresses(pub Vec<String>);
+
+impl Addresses {
+    /// The endpoints.
+    pub fn as_slice(&self) -> &[String] {
+        &self.0
+    }
+    /// Whether none is configured.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    /// The first endpoint, if any.
+    pub fn first(&self) -> Option<&str> {
+        self.0.first().map(String::as_str)
+    }
+}
+
+impl<'de> Deserialize<'de> for Addresses {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Addresses;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an address string, comma-separated addresses, or a list of addresses")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Addresses, E> {
+                Ok(Addresses(
+                    s.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect(),
+                ))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Addresses, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    let s = s.trim();
+                    if !s.is_empty() {
+                        out.push(s.to_owned());
+                    }
+                }
+                Ok(Addresses(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Serializers a client can use; the server answers in the one the request used.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerializerKind {
+    /// bincode 2 (compact, fast). The default.
+    #[default]
+    Bincode,
+    /// JSON (readable, interoperable).
+    Json,
+}
+
+/// Load-balancing policies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadBalancerKind {
+    /// Each call to the next instance in turn. The default.
+    #[default]
+    RoundRobin,
+    /// A uniformly random instance per call.
+    Random,
+}
+
+/// `[client]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientConfig {
+    /// `bincode` (default) or `json`.
+    pub serializer: SerializerKind,
+    /// `round_robin` (default) or `random`.
+    pub load_balancer: LoadBalancerKind,
+    /// Per-call deadline.
+    pub timeout_ms: u64,
+    /// Dial timeout.
+    pub connect_timeout_ms: u64,
+    /// Multiplexed connections per provider.
+    pub connections_per_endpoint: usize,
+    /// Calls in flight per connection; more wait for a slot until their deadline.
+    pub max_in_flight_per_connection: usize,
+    /// Largest accepted response frame, in bytes.
+    pub max_frame_len: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            serializer: SerializerKind::Bincode,
+            load_balancer: LoadBalancerKind::RoundRobin,
+            timeout_ms: 3_000,
+            connect_timeout_ms: 1_000,
+            connections_per_endpoint: 1,
+            max_in_flight_per_connection: 1024,
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+        }
+    }
+}
+
+impl ClientConfig {
+    /// [`ClientConfig::timeout_ms`] as a duration.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+    /// [`ClientConfig::connect_timeout_ms`] as a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+impl RpcConfig {
+    /// Loads the configuration as described in the module docs, with the
+    /// process environment.
+    pub fn load(explicit: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(explicit, std::env::vars())
+    }
+
+    /// [`RpcConfig::load`] with an explicit environment (for tests).
+    pub fn load_with_env(
+        explicit: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let from_env = env
+            .iter()
+            .find(|(k, _)| k == "RPC_CONFIG")
+            .map(|(_, v)| PathBuf::from(v));
+        let path = match (explicit, from_env) {
+            (Some(p), _) => Some(p.to_path_buf()),
+            (None, Some(p)) => Some(p),
+            (None, None) => {
+                let p = PathBuf::from("rpc.toml");
+                p.exists().then_some(p)
+            }
+        };
+        let (text, origin) = match &path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError {
+                    origin: p.display().to_string(),
+                    key: "(file)".into(),
+                    message: format!("cannot read the file: {e}"),
+                    source: Some(Box::new(e)),
+                })?;
+                (text, p.display().to_string())
+            }
+            None => (String::new(), "built-in defaults".to_owned()),
+        };
+        Self::parse(&text, &origin, env)
+    }
+
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        Self::parse(text, origin, std::iter::empty())
+    }
+
+    fn parse(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError {
+            origin: origin.to_owned(),
+            key: "(syntax)".into(),
+            message: e.to_string().trim().replace('\n', " "),
+            source: Some(Box::new(e)),
+        })?;
+        let mut overridden: Vec<(String, String)> = Vec::new();
+        for (var, value) in env {
+            let Some(rest) = var.strip_prefix("RPC_") else {
+                continue;
+            };
+            let rest = rest.to_ascii_lowercase();
+            let Some((section, key)) = rest.split_once('_') else {
+                continue;
+            };
+            if !SECTIONS.contains(&section) || key.is_empty() {
+                continue;
+            }
+            let section_table = table
+                .entry(section.to_owned())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let Some(section_table) = section_table.as_table_mut() else {
+                return Err(ConfigError::new(origin, section, "must be a table"));
+            };
+            section_table.insert(key.to_owned(), env_value(&value));
+            overridden.push((format!("{section}.{key}"), var));
+        }
+        let de = toml::Value::Table(table);
+        let cfg: RpcConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let origin = overridden
+                .iter()
+                .find(|(k, _)| key.starts_with(k.as_str()))
+                .map(|(_, var)| format!("environment variable {var}"))
+                .unwrap_or_else(|| origin.to_owned());
+            let inner = e.into_inner();
+            ConfigError {
+                origin,
+                key: if key == "." { "(root)".into() } else { key },
+                message: inner.to_string().trim().replace('\n', " "),
+                source: Some(Box::new(inner)),
+            }
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let positive = |v: u64, key: &str| {
+            if v == 0 {
+                Err(ConfigError::new(origin, key, "must be greater than 0"))
+            } else {
+                Ok(())
+            }
+        };
+        positive(self.server.max_connections as u64, "server.max_connections")?;
+        positive(
+            self.server.max_in_flight_per_connection as u64,
+            "server.max_in_flight_per_connection",
+        )?;
+        positive(self.server.max_in_flight as u64, "server.max_in_flight")?;
+        positive(self.registry.timeout_ms, "registry.timeout_ms")?;
+        positive(self.registry.ttl_secs, "registry.ttl_secs")?;
+        positive(self.client.timeout_ms, "client.timeout_ms")?;
+        positive(self.client.connect_timeout_ms, "client.connect_timeout_ms")?;
+        positive(
+            self.client.connections_per_endpoint as u64,
+            "client.connections_per_endpoint",
+        )?;
+        positive(
+            self.client.max_in_flight_per_connection as u64,
+            "client.max_in_flight_per_connection",
+        )?;
+        // A frame must at least hold the fixed header; the length field is a u32.
+        for (v, key) in [
+            (self.server.max_frame_len, "server.max_frame_len"),
+            (self.client.max_frame_len, "client.max_frame_len"),
+        ] {
+            if !(64..=u32::MAX as usize).contains(&v) {
+                return Err(ConfigError::new(
+                    origin,
+                    key,
+                    format!("must be between 64 and {} bytes, got {v}", u32::MAX),
+                ));
+            }
+        }
+        if self.server.host.trim().is_empty() {
+            return Err(ConfigError::new(origin, "server.host", "must not be empty"));
+        }
+        let needs_address = !matches!(
+            self.registry.kind,
+            RegistryKind::Local | RegistryKind::Memory
+        );
+        if needs_address && self.registry.address.is_empty() {
+            return Err(ConfigError::new(
+                origin,
+                "registry.address",
+                format!("is required for registry type `{}`", self.registry.kind),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Environment values are TOML literals when they parse as one (`500`,
+/// `true`, `["a","b"]`), else plain strings (`etcd`, `127.0.0.1:2379`).
+fn env_value(raw: &str) -> toml::Value {
+    let probe = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&probe) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+        Err(_) => toml::Value::String(raw.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let c = RpcConfig::from_toml_str("", "t").unwrap();
+        assert_eq!(c.server.host, "127.0.0.1");
+        assert_eq!(c.server.port, 0);
+        assert_eq!(c.registry.kind, RegistryKind::Local);
+        assert_eq!(c.registry.timeout_ms, 10_000);
+        assert_eq!(c.registry.ttl_secs, 30);
+        assert_eq!(c.client.serializer, SerializerKind::Bincode);
+        assert_eq!(c.client.load_balancer, LoadBalancerKind::RoundRobin);
+        assert_eq!(c.client.timeout_ms, 3_000);
+        assert_eq!(c.server.max_frame_len, 8 * 1024 * 1024);
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = RpcConfig::from_toml_str(
+            r#"
+            [server]
+            host = "0.0.0.0"
+            port = 8080
+            [registry]
+            type = "etcd"
+            address = ["http://a:2379", "http://b:2379"]
+            ttl_secs = 10
+            [client]
+            serializer = "json"
+            load_balancer = "random"
+            timeout_ms = 500
+            "#,
+            "rpc.toml",
+        )
+        .unwrap();
+        assert_eq!(c.server.port, 8080);
+        assert_eq!(c.registry.kind, RegistryKind::Etcd);
+        assert_eq!(c.registry.address.0, vec!["http://a:2379", "http://b:2379"]);
+        assert_eq!(c.client.serializer, SerializerKind::Json);
+        assert_eq!(c.client.timeout(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn comma_separated_addresses_split() {
+        let c = RpcConfig::from_toml_str(
+            "[registry]\ntype=\"etcd\"\naddress = \"http://a:1, http://b:2\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.registry.address.0, vec!["http://a:1", "http://b:2"]);
+    }
+
+    #[test]
+    fn unknown_registry_type_names_the_key_and_accepted_values() {
+        let e = RpcConfig::from_toml_str("[registry]\ntype = \"redis\"\n", "my.toml").unwrap_err();
+        assert_eq!(e.key, "registry.type");
+        assert_eq!(e.origin, "my.toml");
+        let msg = e.to_string();
+        assert!(msg.contains("my.toml"), "{msg}");
+        assert!(msg.contains("registry.type"), "{msg}");
+        assert!(msg.contains("redis"), "{msg}");
+        for accepted in ["local", "memory", "etcd", "zookeeper", "consul", "nacos"] {
+            assert!(msg.contains(accepted), "{msg} lacks {accepted}");
+        }
+    }
+
+    #[test]
+    fn misspelt_key_is_rejected_by_name() {
+        let e = RpcConfig::from_toml_str("[client]\ntimeout = 5\n", "t").unwrap_err();
+        assert_eq!(e.key, "client.timeout");
+        assert!(e.message.contains("timeout"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let e = RpcConfig::from_toml_str("[server]\nport = \"eighty\"\n", "t").unwrap_err();
+        assert_eq!(e.key, "server.port");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_file() {
+        let e = RpcConfig::from_toml_str("[server\n", "bad.toml").unwrap_err();
+        assert_eq!(e.key, "(syntax)");
+        assert!(e.to_string().contains("bad.toml"));
+    }
+
+    #[test]
+    fn zero_ttl_is_rejected() {
+        let e = RpcConfig::from_toml_str("[registry]\nttl_secs = 0\n", "t").unwrap_err();
+        assert_eq!(e.key, "registry.ttl_secs");
+    }
+
+    #[test]
+    fn remote_backends_need_an_address() {
+        let e = RpcConfig::from_toml_str("[registry]\ntype = \"consul\"\n", "t").unwrap_err();
+        assert_eq!(e.key, "registry.address");
+    }
+
+    #[test]
+    fn environment_overrides_single_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rpc.toml");
+        std::fs::write(&path, "[registry]\ntype = \"local\"\nttl_secs = 7\n").unwrap();
+        let c = RpcConfig::load_with_env(
+            Some(&path),
+            env(&[
+                ("RPC_REGISTRY_TYPE", "etcd"),
+                ("RPC_REGISTRY_ADDRESS", "http://127.0.0.1:2379"),
+                ("RPC_CLIENT_TIMEOUT_MS", "250"),
+                ("RPC_REQUIRE_SERVERS", "1"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.registry.kind, RegistryKind::Etcd);
+        assert_eq!(c.registry.address.0, vec!["http://127.0.0.1:2379"]);
+        assert_eq!(c.registry.ttl_secs, 7);
+        assert_eq!(c.client.timeout_ms, 250);
+    }
+
+    #[test]
+    fn bad_environment_value_names_the_variable() {
+        let e = RpcConfig::load_with_env(None, env(&[("RPC_REGISTRY_TYPE", "mysql")])).unwrap_err();
+        assert_eq!(e.key, "registry.type");
+        assert!(e.origin.contains("RPC_REGISTRY_TYPE"), "{e}");
+    }
+
+    #[test]
+    fn rpc_config_variable_selects_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.toml");
+        std::fs::write(&path, "[server]\nport = 9\n").unwrap();
+        let c =
+            RpcConfig::load_with_env(None, env(&[("RPC_CONFIG", path.to_str().unwrap())])).unwrap();
+        assert_eq!(c.server.port, 9);
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error() {
+        let e = RpcConfig::load_with_env(Some(Path::new("/nonexistent/rpc.toml")), env(&[]))
+            .unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/rpc.toml"));
+    }
+}

@@ -1,0 +1,195 @@
+//! Errors of the core crate: what a call, a registry and a configuration can report.
+//!
+//! [`RpcError`] is the one error a generated client method returns. Registry
+//! backends report [`RegistryError`]; configuration loading reports
+//! [`ConfigError`], which always names the file and the key.
+
+use std::error::Error as StdError;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::status::StatusCode;
+
+/// A boxed error source, kept so `source()` chains stay intact.
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Why a remote call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RpcError {
+    /// The registry lists no instance of the service.
+    #[error("no provider available for service `{service}`")]
+    NoProvider {
+        /// The `name:version` key that was looked up.
+        service: String,
+    },
+    /// The caller's deadline passed before a response arrived.
+    #[error("call to `{service}.{method}` timed out after {timeout:?}")]
+    Timeout {
+        /// Service key.
+        service: String,
+        /// Method name.
+        method: String,
+        /// The deadline the call had.
+        timeout: Duration,
+    },
+    /// The server answered with an error status.
+    #[error("`{service}.{method}` failed on {addr}: {code}: {message}")]
+    Remote {
+        /// Service key.
+        service: String,
+        /// Method name.
+        method: String,
+        /// Provider address.
+        addr: String,
+        /// Status from the response header.
+        code: StatusCode,
+        /// The server's explanation.
+        message: String,
+    },
+    /// Dialing the provider failed.
+    #[error("cannot connect to {addr}")]
+    Connect {
+        /// Provider address.
+        addr: String,
+        /// The dial error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The connection died before the response arrived.
+    #[error("connection to {addr} closed before the response arrived")]
+    ConnectionClosed {
+        /// Provider address.
+        addr: String,
+        /// The read or write error that closed it, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// Arguments could not be encoded or the response could not be decoded.
+    #[error("serialization failed: {context}")]
+    Serialization {
+        /// What was being (de)serialized.
+        context: String,
+        /// The serializer's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The client refused the call locally (too many calls in flight).
+    #[error("client overloaded: {0}")]
+    Overloaded(String),
+    /// Discovery failed.
+    #[error("registry error")]
+    Registry(#[from] RegistryError),
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The client or server was shut down.
+    #[error("shut down")]
+    Shutdown,
+}
+
+impl RpcError {
+    /// The status code of a remote error, if this is one.
+    pub fn code(&self) -> Option<StatusCode> {
+        match self {
+            Self::Remote { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// Whether the request certainly did not run on the server, so a retry on
+    /// another instance cannot execute it twice.
+    pub fn is_safe_to_retry(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::Overloaded(_) | Self::NoProvider { .. } => true,
+            Self::Remote { code, .. } => code.is_safe_to_retry(),
+            _ => false,
+        }
+    }
+}
+
+/// A registry backend failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// The registry server could not be reached or answered with an error.
+    #[error("{backend} registry unavailable: {message}")]
+    Unavailable {
+        /// Backend name (`etcd`, `local`, ...).
+        backend: &'static str,
+        /// What failed.
+        message: String,
+        /// The client library's error.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// A stored record could not be parsed.
+    #[error("malformed registry record at `{key}`")]
+    Malformed {
+        /// Where the record is stored.
+        key: String,
+        /// The parse error.
+        #[source]
+        source: BoxError,
+    },
+    /// The backend named in the configuration is not compiled in.
+    #[error("registry backend `{0}` is not compiled in; enable the cargo feature `{0}`")]
+    NotCompiled(&'static str),
+    /// Local I/O failed (the `local` backend's directory).
+    #[error("registry I/O error at {path}")]
+    Io {
+        /// File or directory involved.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The registry has been shut down.
+    #[error("registry shut down")]
+    Shutdown,
+}
+
+impl RegistryError {
+    /// Builds [`RegistryError::Unavailable`] from a client library error.
+    pub fn unavailable(
+        backend: &'static str,
+        message: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Self::Unavailable {
+            backend,
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+}
+
+/// The configuration could not be loaded. Always names where and which key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration in {origin}: key `{key}`: {message}")]
+pub struct ConfigError {
+    /// The file (or `environment`, or `defaults`) the bad value came from.
+    pub origin: String,
+    /// Dotted key path, e.g. `registry.type`.
+    pub key: String,
+    /// What is wrong with it.
+    pub message: String,
+    /// Underlying parse or I/O error.
+    #[source]
+    pub source: Option<BoxError>,
+}
+
+impl ConfigError {
+    pub(crate) fn new(
+        origin: impl Into<String>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            origin: origin.into(),
+            key: key.into(),
+            message: message.into(),
+            source: None,
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! Core types of the RPC framework. No I/O lives here.
+//!
+//! # Layout
+//!
+//! * [`meta`]: [`ServiceMetaInfo`], one provider instance, with the Java
+//!   original's JSON field names and key layout (`name:version/host:port`).
+//! * [`registry`]: the registering half of the registry seam: [`Registry`]
+//!   and the [`Registration`] guard that deregisters on drop.
+//! * [`discover`]: the discovering half: [`Discover`], [`Watch`] and
+//!   [`WatchEvent`].
+//! * [`config`]: [`RpcConfig`], loaded from `rpc.toml` with environment
+//!   overrides; errors name the file and the key.
+//! * [`status`]: [`StatusCode`], the response status carried on the wire.
+//! * [`error`]: [`RpcError`] (what a call returns), [`RegistryError`],
+//!   [`ConfigError`].
+//!
+//! Backends live in `rpc-registry`, the wire format in `rpc-codec`, sockets
+//! in `rpc-transport`; the `rpc` facade ties them together.
+
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+#![warn(missing_debug_implementations, unreachable_pub)]
+
+pub mod config;
+pub mod discover;
+pub mod error;
+pub mod meta;
+pub mod registry;
+pub mod status;
+
+pub use config::{
+    ClientConfig, LoadBalancerKind, RegistryConfig, RegistryKind, RpcConfig, SerializerKind,
+    ServerConfig,
+};
+pub use discover::{Discover, Watch, WatchEvent};
+pub use error::{BoxError, ConfigError, RegistryError, RpcError};
+pub use meta::{ServiceMetaInfo, service_key};
+pub use registry::{BoxFuture, Deregister, Registration, RegistrationState, Registry};
+pub use status::StatusCode;

@@ -1,0 +1,159 @@
+//! Service instance metadata, as stored in every registry.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Default service version when none is given (the Java original's default).
+pub const DEFAULT_VERSION: &str = "1.0";
+/// Default service group (the Java original's default).
+pub const DEFAULT_GROUP: &str = "default";
+/// Default load-balancing weight of an instance.
+pub const DEFAULT_WEIGHT: u32 = 100;
+
+/// One provider instance of one service.
+///
+/// The JSON form keeps the field names of the Java original (`serviceName`,
+/// `serviceVersion`, `serviceHost`, `servicePort`, `serviceGroup`), so registry
+/// entries written by either side look the same to tools and to each other.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceMetaInfo {
+    /// Service name, by default the trait name.
+    pub service_name: String,
+    /// Service version; part of the service key.
+    #[serde(default = "default_version")]
+    pub service_version: String,
+    /// Host the provider listens on, as consumers should dial it.
+    pub service_host: String,
+    /// Port the provider listens on.
+    pub service_port: u16,
+    /// Service group.
+    #[serde(default = "default_group")]
+    pub service_group: String,
+    /// Relative weight for weighted load balancing.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Free-form metadata (serializer, zone, anything a policy may read).
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+fn default_version() -> String {
+    DEFAULT_VERSION.to_owned()
+}
+fn default_group() -> String {
+    DEFAULT_GROUP.to_owned()
+}
+fn default_weight() -> u32 {
+    DEFAULT_WEIGHT
+}
+
+impl ServiceMetaInfo {
+    /// A new instance record with default group, weight and no metadata.
+    pub fn new(
+        service_name: impl Into<String>,
+        service_version: impl Into<String>,
+        host: impl Into<String>,
+        port: u16,
+    ) -> Self {
+        Self {
+            service_name: service_name.into(),
+            service_version: service_version.into(),
+            service_host: host.into(),
+            service_port: port,
+            service_group: default_group(),
+            weight: DEFAULT_WEIGHT,
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    /// `name:version`, the key consumers look services up by.
+    pub fn service_key(&self) -> String {
+        service_key(&self.service_name, &self.service_version)
+    }
+
+    /// `name:version/host:port`, unique per instance.
+    pub fn node_key(&self) -> String {
+        format!("{}/{}", self.service_key(), self.address())
+    }
+
+    /// `host:port`, what a consumer dials.
+    pub fn address(&self) -> String {
+        if self.service_host.contains(':') && !self.service_host.starts_with('[') {
+            // A bare IPv6 literal needs brackets to be dialable with a port.
+            format!("[{}]:{}", self.service_host, self.service_port)
+        } else {
+            format!("{}:{}", self.service_host, self.service_port)
+        }
+    }
+
+    /// JSON as stored in registries.
+    pub fn to_json(&self) -> String {
+        // A struct of strings, integers and a string map cannot fail to serialize.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Parses the JSON stored in a registry.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+impl fmt::Display for ServiceMetaInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.node_key())
+    }
+}
+
+/// Builds the `name:version` service key.
+pub fn service_key(name: &str, version: &str) -> String {
+    format!("{name}:{version}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_the_seed_layout() {
+        let m = ServiceMetaInfo::new("UserService", "1.0", "127.0.0.1", 8080);
+        assert_eq!(m.service_key(), "UserService:1.0");
+        assert_eq!(m.node_key(), "UserService:1.0/127.0.0.1:8080");
+        assert_eq!(m.address(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn ipv6_addresses_are_bracketed() {
+        let m = ServiceMetaInfo::new("S", "1.0", "::1", 9);
+        assert_eq!(m.address(), "[::1]:9");
+    }
+
+    #[test]
+    fn json_uses_the_java_field_names() {
+        let mut m = ServiceMetaInfo::new("UserService", "2.0", "10.0.0.1", 80);
+        m.metadata.insert("zone".into(), "a".into());
+        let v: serde_json::Value = serde_json::from_str(&m.to_json()).unwrap();
+        assert_eq!(v["serviceName"], "UserService");
+        assert_eq!(v["serviceVersion"], "2.0");
+        assert_eq!(v["serviceHost"], "10.0.0.1");
+        assert_eq!(v["servicePort"], 80);
+        assert_eq!(v["serviceGroup"], "default");
+        assert_eq!(v["weight"], 100);
+        assert_eq!(v["metadata"]["zone"], "a");
+        assert_eq!(
+            ServiceMetaInfo::from_json(m.to_json().as_bytes()).unwrap(),
+            m
+        );
+    }
+
+    #[test]
+    fn java_records_without_optional_fields_parse_with_defaults() {
+        let json = br#"{"serviceName":"S","serviceHost":"h","servicePort":1}"#;
+        let m = ServiceMetaInfo::from_json(json).unwrap();
+        assert_eq!(m.service_version, "1.0");
+        assert_eq!(m.service_group, "default");
+        assert_eq!(m.weight, DEFAULT_WEIGHT);
+    }
+}
