@@ -1,0 +1,1 @@
+//! Example service definition shared by the example provider and consumer

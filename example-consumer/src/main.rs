@@ -1,0 +1,3 @@
+//! Example consumer calling UserService
+
+fn main() {}

@@ -1,0 +1,3 @@
+//! Example provider serving UserService
+
+fn main() {}

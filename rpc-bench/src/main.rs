@@ -1,0 +1,3 @@
+//! Side-by-side benchmark: this framework, tarpc, and a bare framed echo
+
+fn main() {}

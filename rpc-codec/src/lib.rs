@@ -1,0 +1,1 @@
+//! Wire format of the RPC framework: frame header, envelopes, serializers

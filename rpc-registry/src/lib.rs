@@ -1,0 +1,1 @@
+//! Registry backends (local, memory, etcd, ZooKeeper, Consul, Nacos) and the consumer cache

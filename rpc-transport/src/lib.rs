@@ -1,0 +1,1 @@
+//! Tokio TCP transport: multiplexed client and concurrent server

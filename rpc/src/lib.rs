@@ -1,0 +1,1 @@
+//! The RPC framework facade: providers, consumers, the #[service] macro
