@@ -1,0 +1,116 @@
+//! Golden frames: checked-in bytes pin the wire format. A change that alters
+//! any of them changes the protocol: bump `VERSION` and explain it in
+//! `docs/protocol.md`. Regenerate deliberately with `UPDATE_GOLDEN=1`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rpc_codec::{
+    FrameCodec, HEADER_LEN, MessageType, RequestEnvelope, RequestHead, encode_empty, encode_error,
+    encode_request, encode_response,
+};
+use rpc_core::{SerializerKind, StatusCode};
+use tokio_util::codec::Decoder;
+
+fn golden(name: &str, bytes: &[u8]) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let want = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(
+        bytes,
+        &want[..],
+        "{name} differs from the checked-in golden frame: the wire format changed"
+    );
+    // And the checked-in bytes decode to exactly one frame.
+    let mut buf = BytesMut::from(&want[..]);
+    let frame = FrameCodec::default().decode(&mut buf).unwrap().unwrap();
+    assert!(buf.is_empty());
+    assert_eq!(frame.body.len() + HEADER_LEN, want.len());
+}
+
+fn head(serializer: SerializerKind) -> RequestHead<'static> {
+    RequestHead {
+        request_id: 1,
+        serializer,
+        deadline: Some(Duration::from_millis(1500)),
+        service: "UserService:1.0",
+        method: "get_user",
+        metadata: &[("trace-id", "t1")],
+    }
+}
+
+#[test]
+fn request_bincode() {
+    let f = encode_request(&head(SerializerKind::Bincode), &(42u64,), 1 << 20).unwrap();
+    // magic "MR", version 1, serializer 0, type 1 (request), status 0, id 1.
+    assert_eq!(&f[..14], &[0x4D, 0x52, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    // deadline 1_500_000 us, then "UserService:1.0" with its u16 length.
+    assert_eq!(&f[HEADER_LEN..HEADER_LEN + 8], &1_500_000u64.to_be_bytes());
+    assert_eq!(&f[HEADER_LEN + 8..HEADER_LEN + 10], &[0, 15]);
+    golden("request_bincode.bin", &f);
+}
+
+#[test]
+fn request_json() {
+    let f = encode_request(&head(SerializerKind::Json), &(42u64,), 1 << 20).unwrap();
+    assert_eq!(f[3], 1, "serializer id 1 = JSON");
+    assert!(f.ends_with(b"[42]"), "JSON args are a tuple array");
+    golden("request_json.bin", &f);
+}
+
+#[test]
+fn response_ok_bincode() {
+    let f = encode_response(1, SerializerKind::Bincode, &(42u64, "alice"), 1 << 20).unwrap();
+    assert_eq!(f[4], MessageType::Response as u8);
+    assert_eq!(f[5], 0);
+    golden("response_ok_bincode.bin", &f);
+}
+
+#[test]
+fn response_error() {
+    let f = encode_error(
+        7,
+        0,
+        StatusCode::MethodNotFound,
+        "no method `foo` on UserService:1.0",
+    );
+    assert_eq!(f[5], 2, "status 2 = method not found");
+    assert_eq!(&f[HEADER_LEN..], b"no method `foo` on UserService:1.0");
+    golden("response_error.bin", &f);
+}
+
+#[test]
+fn heartbeat_and_cancel() {
+    let mut f = BytesMut::new();
+    encode_empty(&mut f, MessageType::Heartbeat, 9);
+    assert_eq!(
+        &f[..],
+        &[0x4D, 0x52, 1, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0]
+    );
+    golden("heartbeat.bin", &f);
+    let mut c = BytesMut::new();
+    encode_empty(&mut c, MessageType::Cancel, 9);
+    golden("cancel.bin", &c);
+}
+
+#[test]
+fn golden_request_parses_back() {
+    let bytes = std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/request_bincode.bin"),
+    )
+    .unwrap();
+    let mut buf = BytesMut::from(&bytes[..]);
+    let frame = FrameCodec::default().decode(&mut buf).unwrap().unwrap();
+    let env = RequestEnvelope::parse(&frame.body).unwrap();
+    assert_eq!(env.service, "UserService:1.0");
+    assert_eq!(env.method, "get_user");
+    assert_eq!(env.deadline, Some(Duration::from_millis(1500)));
+    assert_eq!(env.metadata, vec![("trace-id", "t1")]);
+    let (id,): (u64,) = rpc_codec::serializer::decode(SerializerKind::Bincode, env.args).unwrap();
+    assert_eq!(id, 42);
+}
