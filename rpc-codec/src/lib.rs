@@ -21,12 +21,12 @@
 //!
 //! # Layout
 //!
-//! * [`frame`]: [`Header`], [`Frame`], [`FrameBuf`] (encode in place).
-//! * [`codec`]: [`FrameCodec`], the `tokio_util` decoder that enforces the
+//! * [`frame`] — [`Header`], [`Frame`], [`FrameBuf`] (encode in place).
+//! * [`codec`] — [`FrameCodec`], the `tokio_util` decoder that enforces the
 //!   maximum frame length from the header before buffering a body.
-//! * [`envelope`]: request envelope parse/encode, response encoding.
-//! * [`serializer`]: the [`Serializer`] trait, [`Bincode`] and [`Json`].
-//! * [`error`]: [`CodecError`].
+//! * [`envelope`] — request envelope parse/encode, response encoding.
+//! * [`serializer`] — the [`Serializer`] trait, [`Bincode`] and [`Json`].
+//! * [`error`] — [`CodecError`].
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]

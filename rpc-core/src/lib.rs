@@ -2,16 +2,16 @@
 //!
 //! # Layout
 //!
-//! * [`meta`]: [`ServiceMetaInfo`], one provider instance, with the Java
+//! * [`meta`] — [`ServiceMetaInfo`], one provider instance, with the Java
 //!   original's JSON field names and key layout (`name:version/host:port`).
-//! * [`registry`]: the registering half of the registry seam: [`Registry`]
+//! * [`registry`] — the registering half of the registry seam: [`Registry`]
 //!   and the [`Registration`] guard that deregisters on drop.
-//! * [`discover`]: the discovering half: [`Discover`], [`Watch`] and
+//! * [`discover`] — the discovering half: [`Discover`], [`Watch`] and
 //!   [`WatchEvent`].
-//! * [`config`]: [`RpcConfig`], loaded from `rpc.toml` with environment
+//! * [`config`] — [`RpcConfig`], loaded from `rpc.toml` with environment
 //!   overrides; errors name the file and the key.
-//! * [`status`]: [`StatusCode`], the response status carried on the wire.
-//! * [`error`]: [`RpcError`] (what a call returns), [`RegistryError`],
+//! * [`status`] — [`StatusCode`], the response status carried on the wire.
+//! * [`error`] — [`RpcError`] (what a call returns), [`RegistryError`],
 //!   [`ConfigError`].
 //!
 //! Backends live in `rpc-registry`, the wire format in `rpc-codec`, sockets
