@@ -1,1 +1,54 @@
-//! The RPC framework facade: providers, consumers, the #[service] macro
+//! The RPC framework: one dependency for providers and consumers.
+//!
+//! A service is an ordinary trait annotated with [`service`]:
+//!
+//! ```ignore
+//! #[rpc::service(version = "1.0")]
+//! pub trait Greeter {
+//!     async fn hello(&self, name: String) -> String;
+//! }
+//! ```
+//!
+//! The macro generates `GreeterServer<S>` (server-side dispatch, handed to a
+//! [`Provider`]) and `GreeterClient` (a consumer proxy whose methods return
+//! `Result<_, RpcError>`).
+//!
+//! # Layout
+//!
+//! * [`consumer`] — [`Consumer`] (registry, discovery cache, connection
+//!   pool, load balancer) and [`ServiceClient`], the untyped proxy generated
+//!   clients wrap.
+//! * [`provider`] — [`Provider`]: bind, register, serve, shut down in order.
+//! * Re-exports: `rpc_core` types (config, metadata, errors), the registry
+//!   factory, the transport.
+//!
+//! # Features
+//!
+//! * `etcd`, `zookeeper`, `consul`, `nacos` — compile that registry backend in.
+
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+#![warn(missing_debug_implementations, unreachable_pub)]
+
+pub mod consumer;
+pub mod provider;
+
+pub use consumer::{Consumer, ServiceClient};
+pub use provider::Provider;
+pub use rpc_core::{
+    ClientConfig, RegistryConfig, RegistryError, RegistryKind, RpcConfig, RpcError,
+    ServerConfig, ServiceMetaInfo, StatusCode,
+};
+pub use rpc_macros::service;
+pub use rpc_registry as registry;
+pub use rpc_transport as transport;
+pub use serde;
+
+/// Items generated code names. Not a public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use rpc_transport::server::{Call, CallError, HandlerFuture, Replier, ServiceHandler};
+    pub use serde;
+    pub use std::boxed::Box;
+    pub use std::sync::Arc;
+}

@@ -1,0 +1,3 @@
+//! Server.
+mod handler;
+pub use handler::*;
