@@ -46,7 +46,11 @@ impl Call<'_> {
         serializer::decode(self.replier.serializer, self.args).map_err(|e| {
             CallError::new(
                 StatusCode::Serialization,
-                format!("cannot decode arguments of `{}`: {}", self.method, error_chain(&e)),
+                format!(
+                    "cannot decode arguments of `{}`: {}",
+                    self.method,
+                    error_chain(&e)
+                ),
             )
         })
     }
@@ -87,7 +91,10 @@ impl Replier {
                     CodecError::FrameTooLarge { .. } => StatusCode::Handler,
                     _ => StatusCode::Serialization,
                 };
-                CallError::new(status, format!("cannot encode the reply: {}", error_chain(&e)))
+                CallError::new(
+                    status,
+                    format!("cannot encode the reply: {}", error_chain(&e)),
+                )
             })
     }
 }

@@ -1,3 +1,217 @@
-//! Server.
+//! The server: accept loop, per-connection tasks, graceful shutdown.
+//!
+//! Each connection is served by one task that reads frames, starts one
+//! handler task per request, and writes replies as they finish (out of
+//! order), coalescing every reply that is ready into one write. Shutdown
+//! stops accepting and reading, lets in-flight calls finish up to a deadline,
+//! then aborts what is left.
+
+mod connection;
 mod handler;
-pub use handler::*;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rpc_core::ServerConfig;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+pub use handler::{Call, CallError, HandlerFuture, Replier, ServiceHandler};
+
+use crate::error::TransportError;
+
+/// What every connection task shares.
+pub(crate) struct Shared {
+    pub(crate) services: HashMap<String, Arc<dyn ServiceHandler>>,
+    pub(crate) max_frame_len: usize,
+    pub(crate) max_in_flight_per_connection: usize,
+    /// Server-wide bound on running handlers; beyond it calls get `Overloaded`.
+    pub(crate) in_flight: Arc<Semaphore>,
+}
+
+/// Collects services, then binds.
+#[derive(Default)]
+pub struct ServerBuilder {
+    config: ServerConfig,
+    services: HashMap<String, Arc<dyn ServiceHandler>>,
+    duplicate: Option<String>,
+}
+
+impl std::fmt::Debug for ServerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerBuilder")
+            .field("config", &self.config)
+            .field("services", &self.services.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl ServerBuilder {
+    /// A builder using `config` (`[server]` of `rpc.toml`).
+    pub fn new(config: ServerConfig) -> Self {
+        Self {
+            config,
+            services: HashMap::new(),
+            duplicate: None,
+        }
+    }
+
+    /// Adds a service (usually a generated `FooServer`).
+    pub fn service(mut self, handler: impl ServiceHandler) -> Self {
+        self.add_arc(Arc::new(handler));
+        self
+    }
+
+    /// Adds an already shared service.
+    pub fn add_arc(&mut self, handler: Arc<dyn ServiceHandler>) {
+        let key = rpc_core::service_key(handler.service_name(), handler.service_version());
+        if self.services.insert(key.clone(), handler).is_some() {
+            self.duplicate = Some(key);
+        }
+    }
+
+    /// Binds the listening socket (`host:port`; port 0 picks a free one).
+    pub async fn bind(self) -> Result<Server, TransportError> {
+        if let Some(key) = self.duplicate {
+            return Err(TransportError::DuplicateService(key));
+        }
+        let addr = format!("{}:{}", self.config.host, self.config.port);
+        let listener = TcpListener::bind(&addr)
+            .await
+            .map_err(|source| TransportError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+        let local_addr = listener.local_addr()?;
+        Ok(Server {
+            listener,
+            local_addr,
+            shared: Arc::new(Shared {
+                services: self.services,
+                max_frame_len: self.config.max_frame_len,
+                max_in_flight_per_connection: self.config.max_in_flight_per_connection,
+                in_flight: Arc::new(Semaphore::new(self.config.max_in_flight)),
+            }),
+            max_connections: self.config.max_connections,
+            shutdown_timeout: self.config.shutdown_timeout(),
+        })
+    }
+}
+
+/// A bound server, ready to [`run`](Server::run).
+pub struct Server {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    max_connections: usize,
+    shutdown_timeout: Duration,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr)
+            .field("services", &self.shared.services.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Server {
+    /// Starts building a server.
+    pub fn builder(config: ServerConfig) -> ServerBuilder {
+        ServerBuilder::new(config)
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// `name:version` of every service served.
+    pub fn service_keys(&self) -> Vec<String> {
+        self.shared.services.keys().cloned().collect()
+    }
+
+    /// Serves until `shutdown` completes, then drains: stops accepting and
+    /// reading, waits up to `shutdown_timeout_ms` for in-flight calls to be
+    /// answered, aborts the rest, and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), TransportError> {
+        let Server {
+            listener,
+            local_addr,
+            shared,
+            max_connections,
+            shutdown_timeout,
+        } = self;
+        let stop = CancellationToken::new();
+        let force = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let limit = Arc::new(Semaphore::new(max_connections));
+        info!(%local_addr, "serving");
+
+        tokio::pin!(shutdown);
+        let mut accept_failures = 0u32;
+        loop {
+            // Wait for a connection slot first, so a full server stops
+            // accepting instead of accepting and dropping.
+            let permit = tokio::select! {
+                _ = &mut shutdown => break,
+                p = limit.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let accepted = tokio::select! {
+                _ = &mut shutdown => break,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    accept_failures = 0;
+                    if let Err(e) = stream.set_nodelay(true) {
+                        debug!(%peer, error = %e, "set_nodelay failed");
+                    }
+                    let shared = shared.clone();
+                    let stop = stop.clone();
+                    let force = force.clone();
+                    tracker.spawn(async move {
+                        connection::serve(stream, peer, shared, stop, force).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    accept_failures = accept_failures.saturating_add(1);
+                    let pause = Duration::from_millis(10u64 << accept_failures.min(7));
+                    warn!(error = %e, ?pause, "accept failed");
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+
+        drop(listener);
+        info!(%local_addr, connections = tracker.len(), "shutting down: draining in-flight calls");
+        stop.cancel();
+        tracker.close();
+        if tokio::time::timeout(shutdown_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                ?shutdown_timeout,
+                connections = tracker.len(),
+                "drain deadline passed: aborting remaining calls"
+            );
+            force.cancel();
+            tracker.wait().await;
+        }
+        info!(%local_addr, "stopped");
+        Ok(())
+    }
+}

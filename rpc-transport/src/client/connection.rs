@@ -1,0 +1,222 @@
+//! One multiplexed client connection and the task that drives it.
+//!
+//! Callers encode their request frame themselves (in parallel) and hand it
+//! to the connection's task with a oneshot for the reply. The task alone owns
+//! the table of pending calls, so no call takes a lock on a shared map; it
+//! appends every queued frame to one buffer before writing (coalescing), and
+//! routes each response by request id.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use futures_util::StreamExt;
+use rpc_codec::{Frame, FrameCodec, MessageType, encode_empty};
+use rpc_core::BoxError;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::codec::FramedRead;
+use tracing::debug;
+
+/// Frames queued beyond this stop the task from taking more calls until the
+/// socket drains.
+const WRITE_HIGH_WATER: usize = 256 * 1024;
+
+/// Why a connection ended, handed to every call still waiting on it.
+#[derive(Clone, Debug)]
+pub(crate) struct Closed(pub(crate) Arc<str>);
+
+impl std::fmt::Display for Closed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Closed {}
+
+impl Closed {
+    pub(crate) fn boxed(&self) -> BoxError {
+        Box::new(self.clone())
+    }
+}
+
+pub(crate) type Reply = Result<Frame, Closed>;
+
+/// A call handed to the connection task.
+pub(crate) struct Outgoing {
+    pub(crate) id: u64,
+    pub(crate) frame: BytesMut,
+    pub(crate) reply: oneshot::Sender<Reply>,
+    /// Held until the call is answered or abandoned: the in-flight bound
+    /// covers calls whose callers already gave up.
+    pub(crate) permit: OwnedSemaphorePermit,
+}
+
+struct Pending {
+    reply: oneshot::Sender<Reply>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Liveness settings of a connection.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Liveness {
+    /// With calls pending and nothing read for this long, send a heartbeat.
+    pub(crate) heartbeat_after: Duration,
+    /// With a heartbeat unanswered for this long, declare the peer dead.
+    pub(crate) dead_after: Duration,
+}
+
+/// A live connection. Dropping the last handle stops its task; calls still
+/// waiting then fail with `ConnectionClosed`.
+pub(crate) struct Connection {
+    tx: mpsc::Sender<Outgoing>,
+    closed: Arc<AtomicBool>,
+    next_id: AtomicU64,
+    pub(crate) in_flight: Arc<Semaphore>,
+    _task: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+impl Connection {
+    pub(crate) fn spawn(
+        stream: TcpStream,
+        addr: Arc<str>,
+        max_in_flight: usize,
+        max_frame_len: usize,
+        liveness: Liveness,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(max_in_flight);
+        let closed = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(drive(
+            stream,
+            rx,
+            addr,
+            closed.clone(),
+            max_frame_len,
+            liveness,
+        ));
+        Self {
+            tx,
+            closed,
+            next_id: AtomicU64::new(1),
+            in_flight: Arc::new(Semaphore::new(max_in_flight)),
+            _task: tokio_util::task::AbortOnDropHandle::new(task),
+        }
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire) || self.tx.is_closed()
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Queues a call. `Err` returns it untouched if the connection is gone:
+    /// nothing was written, so the call is safe to send elsewhere.
+    pub(crate) async fn send(&self, out: Outgoing) -> Result<(), Outgoing> {
+        self.tx.send(out).await.map_err(|e| e.0)
+    }
+}
+
+async fn drive(
+    stream: TcpStream,
+    mut rx: mpsc::Receiver<Outgoing>,
+    addr: Arc<str>,
+    closed: Arc<AtomicBool>,
+    max_frame_len: usize,
+    liveness: Liveness,
+) {
+    let (rd, mut wr) = stream.into_split();
+    let mut frames = FramedRead::with_capacity(rd, FrameCodec::new(max_frame_len), 16 * 1024);
+    let mut pending: HashMap<u64, Pending> = HashMap::new();
+    let mut wbuf = BytesMut::with_capacity(16 * 1024);
+    let mut batch: Vec<Outgoing> = Vec::with_capacity(64);
+    let mut sweep = tokio::time::interval(liveness.heartbeat_after.min(Duration::from_millis(500)));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_read = Instant::now();
+    let mut heartbeat_sent: Option<Instant> = None;
+    let mut accepting = true;
+
+    let reason: String = loop {
+        if !accepting && pending.is_empty() && wbuf.is_empty() {
+            break "connection released".into();
+        }
+        tokio::select! {
+            biased;
+            next = frames.next() => match next {
+                Some(Ok(frame)) => {
+                    last_read = Instant::now();
+                    heartbeat_sent = None;
+                    match frame.header.message_type {
+                        MessageType::Response => {
+                            // A reply to an abandoned call has nowhere to go.
+                            if let Some(p) = pending.remove(&frame.header.request_id) {
+                                let _ = p.reply.send(Ok(frame));
+                            }
+                        }
+                        MessageType::Heartbeat => {}
+                        other => break format!("protocol violation: server sent a {other:?} frame"),
+                    }
+                }
+                Some(Err(e)) => break format!("bad frame from server: {e}"),
+                None => break "closed by the server".into(),
+            },
+            n = rx.recv_many(&mut batch, 128), if accepting && wbuf.len() < WRITE_HIGH_WATER => {
+                if n == 0 {
+                    // Every handle is gone: finish what is pending, take nothing new.
+                    accepting = false;
+                    continue;
+                }
+                for out in batch.drain(..) {
+                    if out.reply.is_closed() {
+                        continue; // gave up before it was written
+                    }
+                    wbuf.extend_from_slice(&out.frame);
+                    pending.insert(out.id, Pending { reply: out.reply, _permit: out.permit });
+                }
+            }
+            written = wr.write(&wbuf), if !wbuf.is_empty() => match written {
+                Ok(0) => break "the server stopped reading".into(),
+                Ok(n) => wbuf.advance(n),
+                Err(e) => break format!("write failed: {e}"),
+            },
+            _ = sweep.tick() => {
+                // Calls whose callers gave up (timeout, dropped future): free
+                // their slot and tell the server to stop working on them.
+                pending.retain(|id, p| {
+                    let keep = !p.reply.is_closed();
+                    if !keep {
+                        encode_empty(&mut wbuf, MessageType::Cancel, *id);
+                    }
+                    keep
+                });
+                if pending.is_empty() {
+                    heartbeat_sent = None;
+                } else if let Some(sent) = heartbeat_sent {
+                    if sent.elapsed() >= liveness.dead_after {
+                        break format!("no heartbeat reply for {:?}", liveness.dead_after);
+                    }
+                } else if last_read.elapsed() >= liveness.heartbeat_after {
+                    encode_empty(&mut wbuf, MessageType::Heartbeat, 0);
+                    heartbeat_sent = Some(Instant::now());
+                }
+            }
+        }
+    };
+
+    closed.store(true, Ordering::Release);
+    debug!(%addr, reason, pending = pending.len(), "connection closed");
+    let why = Closed(Arc::from(format!("{addr}: {reason}")));
+    for (_, p) in pending.drain() {
+        let _ = p.reply.send(Err(why.clone()));
+    }
+    // Calls queued but never written fail the same way, fast.
+    rx.close();
+    while let Ok(out) = rx.try_recv() {
+        let _ = out.reply.send(Err(why.clone()));
+    }
+}

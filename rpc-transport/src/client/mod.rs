@@ -1,0 +1,312 @@
+//! The client side: one [`Endpoint`] per provider address.
+//!
+//! An endpoint keeps `connections` multiplexed TCP connections, dialled
+//! lazily. A dead connection fails its pending calls at once
+//! (`ConnectionClosed`) and is replaced on the next call; failed dials back
+//! off exponentially, and calls during the backoff fail fast with the last
+//! dial error instead of hanging. Every call has a deadline; dropping a call
+//! future abandons it (its slot is freed and the server told to cancel).
+
+mod connection;
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use rpc_codec::{RequestHead, encode_request, serializer};
+use rpc_core::{ClientConfig, RpcError, SerializerKind, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use connection::{Connection, Liveness, Outgoing};
+
+/// How an endpoint connects and bounds its calls.
+#[derive(Clone, Debug)]
+pub struct EndpointConfig {
+    /// Multiplexed connections per endpoint.
+    pub connections: usize,
+    /// Calls in flight per connection.
+    pub max_in_flight_per_connection: usize,
+    /// Largest accepted response frame.
+    pub max_frame_len: usize,
+    /// Dial timeout.
+    pub connect_timeout: Duration,
+    /// With calls pending and nothing heard for this long, send a heartbeat.
+    pub heartbeat_after: Duration,
+    /// With a heartbeat unanswered this long, drop the connection.
+    pub dead_after: Duration,
+    /// First reconnect backoff; doubles per failure.
+    pub backoff_initial: Duration,
+    /// Reconnect backoff cap.
+    pub backoff_max: Duration,
+}
+
+impl Default for EndpointConfig {
+    fn default() -> Self {
+        Self::from(&ClientConfig::default())
+    }
+}
+
+impl From<&ClientConfig> for EndpointConfig {
+    fn from(c: &ClientConfig) -> Self {
+        Self {
+            connections: c.connections_per_endpoint.max(1),
+            max_in_flight_per_connection: c.max_in_flight_per_connection.max(1),
+            max_frame_len: c.max_frame_len,
+            connect_timeout: c.connect_timeout(),
+            heartbeat_after: Duration::from_secs(5),
+            dead_after: Duration::from_secs(5),
+            backoff_initial: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What to call and how.
+#[derive(Clone, Copy, Debug)]
+pub struct CallOptions<'a> {
+    /// `name:version`.
+    pub service: &'a str,
+    /// Method name.
+    pub method: &'a str,
+    /// Serializer for arguments and reply.
+    pub serializer: SerializerKind,
+    /// Time the caller waits, from now.
+    pub timeout: Duration,
+    /// Metadata sent with the call.
+    pub metadata: &'a [(&'a str, &'a str)],
+}
+
+#[derive(Default)]
+struct DialState {
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: Option<(io::ErrorKind, String)>,
+}
+
+struct Slot {
+    conn: ArcSwapOption<Connection>,
+    dial: tokio::sync::Mutex<DialState>,
+}
+
+/// One provider address and its connections.
+pub struct Endpoint {
+    addr: Arc<str>,
+    config: EndpointConfig,
+    slots: Box<[Slot]>,
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("addr", &self.addr)
+            .field("connections", &self.slots.len())
+            .finish()
+    }
+}
+
+impl Endpoint {
+    /// An endpoint for `addr` (`host:port`). Nothing is dialled yet.
+    pub fn new(addr: impl Into<String>, config: EndpointConfig) -> Self {
+        let slots = (0..config.connections.max(1))
+            .map(|_| Slot {
+                conn: ArcSwapOption::empty(),
+                dial: tokio::sync::Mutex::new(DialState::default()),
+            })
+            .collect();
+        Self {
+            addr: Arc::from(addr.into()),
+            config,
+            slots,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// `host:port`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Calls in flight on this endpoint's live connections.
+    pub fn in_flight(&self) -> usize {
+        let cap = self.config.max_in_flight_per_connection;
+        self.slots
+            .iter()
+            .filter_map(|s| s.conn.load_full())
+            .filter(|c| !c.is_closed())
+            .map(|c| cap.saturating_sub(c.in_flight.available_permits()))
+            .sum()
+    }
+
+    /// Calls `opts.method` with the argument tuple `args` and decodes the reply.
+    pub async fn call<A, R>(&self, opts: &CallOptions<'_>, args: &A) -> Result<R, RpcError>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let deadline = Instant::now() + opts.timeout;
+        match tokio::time::timeout_at(deadline, self.call_inner(opts, args, deadline)).await {
+            Ok(r) => r,
+            Err(_) => Err(RpcError::Timeout {
+                service: opts.service.to_owned(),
+                method: opts.method.to_owned(),
+                timeout: opts.timeout,
+            }),
+        }
+    }
+
+    async fn call_inner<A, R>(
+        &self,
+        opts: &CallOptions<'_>,
+        args: &A,
+        deadline: Instant,
+    ) -> Result<R, RpcError>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let conn = self.connection().await?;
+        let closed = |source| RpcError::ConnectionClosed {
+            addr: self.addr.to_string(),
+            source,
+        };
+        let permit = conn
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| closed(None))?;
+        let id = conn.next_id();
+        let head = RequestHead {
+            request_id: id,
+            serializer: opts.serializer,
+            deadline: Some(deadline.saturating_duration_since(Instant::now())),
+            service: opts.service,
+            method: opts.method,
+            metadata: opts.metadata,
+        };
+        let frame = encode_request(&head, args, self.config.max_frame_len).map_err(|e| {
+            RpcError::Serialization {
+                context: format!("arguments of `{}.{}`", opts.service, opts.method),
+                source: Box::new(e),
+            }
+        })?;
+        let (tx, rx) = oneshot::channel();
+        let out = Outgoing {
+            id,
+            frame,
+            reply: tx,
+            permit,
+        };
+        if conn.send(out).await.is_err() {
+            return Err(closed(None));
+        }
+        let frame = match rx.await {
+            Ok(Ok(frame)) => frame,
+            Ok(Err(why)) => return Err(closed(Some(why.boxed()))),
+            Err(_) => return Err(closed(None)),
+        };
+        let h = frame.header;
+        if h.status != StatusCode::Ok {
+            return Err(RpcError::Remote {
+                service: opts.service.to_owned(),
+                method: opts.method.to_owned(),
+                addr: self.addr.to_string(),
+                code: h.status,
+                message: String::from_utf8_lossy(&frame.body).into_owned(),
+            });
+        }
+        let ser = serializer::from_id(h.serializer).map_err(|e| RpcError::Serialization {
+            context: format!("reply of `{}.{}`", opts.service, opts.method),
+            source: Box::new(e),
+        })?;
+        serializer::decode(ser, &frame.body).map_err(|e| RpcError::Serialization {
+            context: format!("reply of `{}.{}`", opts.service, opts.method),
+            source: Box::new(e),
+        })
+    }
+
+    /// A live connection, dialling one if its slot has none.
+    async fn connection(&self) -> Result<Arc<Connection>, RpcError> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let slot = &self.slots[i];
+        if let Some(c) = slot.conn.load_full() {
+            if !c.is_closed() {
+                return Ok(c);
+            }
+        }
+        // One dial per slot at a time; others wait for its outcome.
+        let mut dial = slot.dial.lock().await;
+        if let Some(c) = slot.conn.load_full() {
+            if !c.is_closed() {
+                return Ok(c);
+            }
+        }
+        let now = Instant::now();
+        if let (Some(retry_at), Some((kind, msg))) = (dial.retry_at, &dial.last_error) {
+            if now < retry_at {
+                return Err(RpcError::Connect {
+                    addr: self.addr.to_string(),
+                    source: io::Error::new(
+                        *kind,
+                        format!("{msg} (backing off, next attempt in {:?})", retry_at - now),
+                    ),
+                });
+            }
+        }
+        let dialled =
+            tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(&*self.addr))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("connect timed out after {:?}", self.config.connect_timeout),
+                    ))
+                });
+        match dialled {
+            Ok(stream) => {
+                if let Err(e) = stream.set_nodelay(true) {
+                    debug!(addr = %self.addr, error = %e, "set_nodelay failed");
+                }
+                if dial.failures > 0 {
+                    info!(addr = %self.addr, after_failures = dial.failures, "reconnected");
+                }
+                *dial = DialState::default();
+                let conn = Arc::new(Connection::spawn(
+                    stream,
+                    self.addr.clone(),
+                    self.config.max_in_flight_per_connection,
+                    self.config.max_frame_len,
+                    Liveness {
+                        heartbeat_after: self.config.heartbeat_after,
+                        dead_after: self.config.dead_after,
+                    },
+                ));
+                slot.conn.store(Some(conn.clone()));
+                Ok(conn)
+            }
+            Err(e) => {
+                dial.failures = dial.failures.saturating_add(1);
+                let backoff = self
+                    .config
+                    .backoff_initial
+                    .saturating_mul(1u32 << (dial.failures - 1).min(16))
+                    .min(self.config.backoff_max);
+                dial.retry_at = Some(Instant::now() + backoff);
+                dial.last_error = Some((e.kind(), e.to_string()));
+                debug!(addr = %self.addr, error = %e, ?backoff, "dial failed");
+                Err(RpcError::Connect {
+                    addr: self.addr.to_string(),
+                    source: e,
+                })
+            }
+        }
+    }
+}

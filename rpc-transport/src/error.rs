@@ -1,0 +1,23 @@
+//! Errors of the transport crate. Calls report [`rpc_core::RpcError`];
+//! this enum covers serving.
+
+/// Serving failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The listening socket could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// Address asked for.
+        addr: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Two handlers claim the same `name:version`.
+    #[error("service `{0}` is added twice")]
+    DuplicateService(String),
+    /// Other socket I/O failed.
+    #[error("I/O error")]
+    Io(#[from] std::io::Error),
+}
