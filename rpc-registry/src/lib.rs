@@ -1,1 +1,42 @@
-//! Registry backends (local, memory, etcd, ZooKeeper, Consul, Nacos) and the consumer cache
+//! Registry backends and the consumer-side instance cache.
+//!
+//! Providers publish themselves through [`rpc_core::Registry`]; consumers
+//! find them through [`rpc_core::Discover`]. This crate implements both for
+//! each backend, picks one from `[registry]` ([`AnyRegistry::from_config`]),
+//! and keeps consumers' instance lists current ([`ServiceCache`]).
+//!
+//! # Layout
+//!
+//! * [`local`]: [`LocalRegistry`], the default: a directory of JSON records
+//!   with heartbeats; cross-process on one host, no server.
+//! * [`memory`]: [`MemoryRegistry`], in-process, with fault injection for
+//!   tests ([`MemoryRegistry::evict`], [`MemoryRegistry::set_reachable`]).
+//! * [`cache`]: [`ServiceCache`], one watch per service key, lock-free reads
+//!   of `Arc<Vec<ServiceMetaInfo>>`, a version counter per service, keeps
+//!   its last list through registry outages.
+//! * [`factory`]: [`AnyRegistry`], the configured backend as one type.
+//! * `task` (private): abort-on-drop ownership of spawned tasks.
+//!
+//! # Cargo features
+//!
+//! `etcd`, `zookeeper`, `consul`, `nacos`: reserved for the remote backends.
+//! They compile nothing yet; [`AnyRegistry::from_config`] reports those
+//! backends as [`rpc_core::RegistryError::NotCompiled`].
+//!
+//! Every backend passes the conformance suite in `tests/conformance/`, which
+//! also says which cases a backend cannot run and why.
+
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+#![warn(missing_debug_implementations, unreachable_pub)]
+
+pub mod cache;
+pub mod factory;
+pub mod local;
+pub mod memory;
+mod task;
+
+pub use cache::{CacheError, CacheOptions, ServiceCache, ServiceHandle};
+pub use factory::AnyRegistry;
+pub use local::{LocalOptions, LocalRegistry};
+pub use memory::MemoryRegistry;

@@ -1,0 +1,833 @@
+//! [`ServiceCache`]: the consumer-side instance cache, over any [`Discover`].
+//!
+//! The first lookup of a service key starts one watch task for it, owned by
+//! the cache (aborted when the last clone of the cache is dropped), and waits
+//! up to [`CacheOptions::ready_timeout`] for its first snapshot. From then on
+//! the list is read without locks: each service holds an
+//! `ArcSwap<Vec<ServiceMetaInfo>>`, sorted by node key, and a reader gets an
+//! `Arc` to the current list (a reference-count increment, no allocation).
+//!
+//! The watch task applies changes incrementally: an upsert replaces or
+//! inserts one instance, a removal removes one, and a snapshot is diffed
+//! against the current list, so readers never see an emptied list being
+//! refilled. Losing the registry never empties the list either:
+//! `Connected(false)` only marks the service unhealthy, and when the watch
+//! stream ends or cannot be opened the task keeps the last list and watches
+//! again with exponential backoff; the backend's next snapshot then brings in
+//! additions and removals that happened meanwhile.
+//!
+//! Every list or health change bumps a per-service version counter,
+//! published through a `tokio::sync::watch` channel, so consumers can
+//! rebuild derived state (balancers, connection pools) and tests can await a
+//! change instead of sleeping.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rpc_core::{Discover, RegistryError, ServiceMetaInfo, WatchEvent};
+use tokio::sync::watch;
+
+use crate::task::AbortOnDrop;
+
+/// Default bound on the number of service keys a cache follows.
+pub const DEFAULT_MAX_SERVICES: usize = 4096;
+
+/// Tuning for [`ServiceCache::with_options`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheOptions {
+    /// Most service keys followed at once; further keys are refused with
+    /// [`CacheError::TooManyServices`].
+    pub max_services: usize,
+    /// How long the first lookup of a key waits for the backend's first
+    /// snapshot.
+    pub ready_timeout: Duration,
+    /// First delay before watching again after the watch failed or ended.
+    pub backoff_min: Duration,
+    /// Longest delay between attempts to watch again.
+    pub backoff_max: Duration,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        Self {
+            max_services: DEFAULT_MAX_SERVICES,
+            ready_timeout: Duration::from_secs(3),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why the cache could not produce a service's instances.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CacheError {
+    /// The cache already follows its maximum number of service keys.
+    #[error("service cache is full: it follows at most {limit} services")]
+    TooManyServices {
+        /// [`CacheOptions::max_services`].
+        limit: usize,
+    },
+    /// The backend gave no first snapshot in time. The cache keeps trying;
+    /// a later lookup may succeed.
+    #[error("no instance list for `{service}` after {waited:?}{}", last_error.as_deref().map(|e| format!(" (last error: {e})")).unwrap_or_default())]
+    NotReady {
+        /// The service key.
+        service: String,
+        /// How long the lookup waited.
+        waited: Duration,
+        /// The last watch error, if any.
+        last_error: Option<String>,
+    },
+}
+
+impl From<CacheError> for RegistryError {
+    fn from(e: CacheError) -> Self {
+        RegistryError::Unavailable {
+            backend: "cache",
+            message: e.to_string(),
+            source: Some(Box::new(e)),
+        }
+    }
+}
+
+/// One service's cached state, shared by its watch task and its handles.
+struct Entry {
+    key: String,
+    list: ArcSwap<Vec<ServiceMetaInfo>>,
+    ready: AtomicBool,
+    healthy: AtomicBool,
+    version: watch::Sender<u64>,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Entry {
+    fn new(key: &str) -> Self {
+        Self {
+            key: key.to_owned(),
+            list: ArcSwap::from_pointee(Vec::new()),
+            ready: AtomicBool::new(false),
+            healthy: AtomicBool::new(false),
+            version: watch::channel(0).0,
+            last_error: Mutex::new(None),
+        }
+    }
+
+    fn bump(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Returns whether health changed.
+    fn set_healthy(&self, healthy: bool) -> bool {
+        self.healthy.swap(healthy, Ordering::AcqRel) != healthy
+    }
+
+    fn set_last_error(&self, error: Option<String>) {
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = error;
+    }
+
+    fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Applies one event; only the service's watch task calls this, so a
+    /// load followed by a store cannot lose a concurrent update.
+    fn apply(&self, event: WatchEvent) {
+        let current = self.list.load();
+        let mut changed = false;
+        let next = match event {
+            WatchEvent::Snapshot(snapshot) => {
+                changed |= self.set_healthy(true);
+                changed |= !self.ready.swap(true, Ordering::AcqRel);
+                self.set_last_error(None);
+                let snapshot = self.own(snapshot);
+                let (next, delta) = merge_snapshot(&current, snapshot);
+                if !delta.is_empty() {
+                    tracing::debug!(service = %self.key, added = delta.added, removed = delta.removed, updated = delta.updated, "snapshot applied");
+                }
+                next
+            }
+            WatchEvent::Upsert(meta) => {
+                if meta.service_key() == self.key {
+                    upsert(&current, meta)
+                } else {
+                    tracing::debug!(service = %self.key, node = %meta.node_key(), "ignoring an instance of another service");
+                    None
+                }
+            }
+            WatchEvent::Remove(node_key) => remove(&current, &node_key),
+            WatchEvent::Connected(connected) => {
+                if !connected {
+                    tracing::warn!(service = %self.key, "registry connection lost; keeping the last known instances");
+                }
+                changed |= self.set_healthy(connected);
+                None
+            }
+        };
+        drop(current);
+        if let Some(next) = next {
+            self.list.store(Arc::new(next));
+            changed = true;
+        }
+        if changed {
+            self.bump();
+        }
+    }
+
+    fn own(&self, mut list: Vec<ServiceMetaInfo>) -> Vec<ServiceMetaInfo> {
+        list.retain(|m| m.service_key() == self.key);
+        list
+    }
+}
+
+/// What a snapshot changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Delta {
+    pub(crate) added: usize,
+    pub(crate) removed: usize,
+    pub(crate) updated: usize,
+}
+
+impl Delta {
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Diffs `snapshot` against `current` (sorted by node key). Returns the new
+/// list (`None` if nothing changed) and what changed.
+pub(crate) fn merge_snapshot(
+    current: &[ServiceMetaInfo],
+    mut snapshot: Vec<ServiceMetaInfo>,
+) -> (Option<Vec<ServiceMetaInfo>>, Delta) {
+    snapshot.sort_by_cached_key(ServiceMetaInfo::node_key);
+    // Duplicates of a node in one snapshot: the last one wins.
+    snapshot.reverse();
+    snapshot.dedup_by_key(|m| m.node_key());
+    snapshot.reverse();
+
+    let mut delta = Delta::default();
+    let (mut i, mut j) = (0, 0);
+    while i < current.len() || j < snapshot.len() {
+        let order = match (current.get(i), snapshot.get(j)) {
+            (Some(c), Some(s)) => c.node_key().cmp(&s.node_key()),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            _ => std::cmp::Ordering::Greater,
+        };
+        match order {
+            std::cmp::Ordering::Less => {
+                delta.removed += 1;
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                delta.added += 1;
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                if current[i] != snapshot[j] {
+                    delta.updated += 1;
+                }
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    ((!delta.is_empty()).then_some(snapshot), delta)
+}
+
+/// Inserts or replaces `meta` in a list sorted by node key.
+pub(crate) fn upsert(
+    current: &[ServiceMetaInfo],
+    meta: ServiceMetaInfo,
+) -> Option<Vec<ServiceMetaInfo>> {
+    let key = meta.node_key();
+    match current.binary_search_by(|m| m.node_key().cmp(&key)) {
+        Ok(at) if current[at] == meta => None,
+        Ok(at) => {
+            let mut next = current.to_vec();
+            next[at] = meta;
+            Some(next)
+        }
+        Err(at) => {
+            let mut next = Vec::with_capacity(current.len() + 1);
+            next.extend_from_slice(&current[..at]);
+            next.push(meta);
+            next.extend_from_slice(&current[at..]);
+            Some(next)
+        }
+    }
+}
+
+/// Removes the instance `node_key` from a list sorted by node key.
+pub(crate) fn remove(current: &[ServiceMetaInfo], node_key: &str) -> Option<Vec<ServiceMetaInfo>> {
+    let at = current
+        .binary_search_by(|m| m.node_key().as_str().cmp(node_key))
+        .ok()?;
+    let mut next = current.to_vec();
+    next.remove(at);
+    Some(next)
+}
+
+/// A followed service. Cheap to clone; reads never lock.
+#[derive(Clone)]
+pub struct ServiceHandle {
+    entry: Arc<Entry>,
+}
+
+impl ServiceHandle {
+    /// The service key (`name:version`).
+    pub fn key(&self) -> &str {
+        &self.entry.key
+    }
+
+    /// The current instances, sorted by node key. Empty until the first
+    /// snapshot, and while the service has no instances.
+    pub fn instances(&self) -> Arc<Vec<ServiceMetaInfo>> {
+        self.entry.list.load_full()
+    }
+
+    /// Whether the first snapshot has arrived.
+    pub fn is_ready(&self) -> bool {
+        self.entry.ready.load(Ordering::Acquire)
+    }
+
+    /// Whether the backend currently reports a working registry connection.
+    /// While it does not, [`ServiceHandle::instances`] is the last known list.
+    pub fn is_healthy(&self) -> bool {
+        self.entry.healthy.load(Ordering::Acquire)
+    }
+
+    /// The current version: it grows on every list or health change.
+    pub fn version(&self) -> u64 {
+        *self.entry.version.borrow()
+    }
+
+    /// Follows the version counter; `changed()` fires on every list or
+    /// health change.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.entry.version.subscribe()
+    }
+
+    /// Waits until `accept(instances, healthy)` holds and returns that list.
+    /// Unbounded: wrap it in a timeout.
+    pub async fn wait_until(
+        &self,
+        mut accept: impl FnMut(&[ServiceMetaInfo], bool) -> bool,
+    ) -> Arc<Vec<ServiceMetaInfo>> {
+        let mut changes = self.changes();
+        loop {
+            // Mark seen before reading: the writer stores, then bumps, so a
+            // change after this read still wakes `changed()`.
+            changes.borrow_and_update();
+            let list = self.instances();
+            if accept(&list, self.is_healthy()) {
+                return list;
+            }
+            if changes.changed().await.is_err() {
+                return list;
+            }
+        }
+    }
+
+    /// The last error from watching the service, cleared by a snapshot.
+    pub fn last_error(&self) -> Option<String> {
+        self.entry.last_error()
+    }
+}
+
+impl fmt::Debug for ServiceHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServiceHandle")
+            .field("key", &self.entry.key)
+            .field("instances", &self.entry.list.load().len())
+            .field("ready", &self.is_ready())
+            .field("healthy", &self.is_healthy())
+            .field("version", &self.version())
+            .finish()
+    }
+}
+
+/// Owns one service's watch task; marks the service unhealthy when the
+/// task is aborted, so handles outliving the cache say their list is stale.
+struct Follower {
+    entry: Arc<Entry>,
+    _task: AbortOnDrop,
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        if self.entry.set_healthy(false) {
+            self.entry.bump();
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Slot {
+    entry: Arc<Entry>,
+    _follower: Arc<Follower>,
+}
+
+struct Inner<D> {
+    discover: Arc<D>,
+    options: CacheOptions,
+    // Copy-on-write: lookups are lock-free; inserting a new key (rare)
+    // copies the map under `insert`.
+    services: ArcSwap<HashMap<String, Slot>>,
+    insert: Mutex<()>,
+}
+
+/// The consumer-side cache of service instances. Cheap to clone; the watch
+/// tasks stop when the last clone is dropped.
+pub struct ServiceCache<D> {
+    inner: Arc<Inner<D>>,
+}
+
+impl<D> Clone for ServiceCache<D> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<D> fmt::Debug for ServiceCache<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServiceCache")
+            .field("services", &self.inner.services.load().len())
+            .field("options", &self.inner.options)
+            .finish()
+    }
+}
+
+impl<D: Discover> ServiceCache<D> {
+    /// A cache over `discover` with default options.
+    pub fn new(discover: D) -> Self {
+        Self::with_options(discover, CacheOptions::default())
+    }
+
+    /// A cache over `discover`.
+    pub fn with_options(discover: D, options: CacheOptions) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                discover: Arc::new(discover),
+                options,
+                services: ArcSwap::from_pointee(HashMap::new()),
+                insert: Mutex::new(()),
+            }),
+        }
+    }
+
+    /// The backend.
+    pub fn discover(&self) -> &D {
+        &self.inner.discover
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &CacheOptions {
+        &self.inner.options
+    }
+
+    /// How many service keys the cache follows.
+    pub fn len(&self) -> usize {
+        self.inner.services.load().len()
+    }
+
+    /// Whether the cache follows no service yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The handle of a service already followed, without starting anything
+    /// or waiting. Lock-free.
+    pub fn get(&self, service_key: &str) -> Option<ServiceHandle> {
+        self.inner
+            .services
+            .load()
+            .get(service_key)
+            .map(|slot| ServiceHandle {
+                entry: Arc::clone(&slot.entry),
+            })
+    }
+
+    /// The instances of `service_key`. Lock-free once the service is
+    /// followed and has its first snapshot; otherwise as
+    /// [`ServiceCache::service`].
+    pub async fn instances(
+        &self,
+        service_key: &str,
+    ) -> Result<Arc<Vec<ServiceMetaInfo>>, CacheError> {
+        if let Some(slot) = self.inner.services.load().get(service_key)
+            && slot.entry.ready.load(Ordering::Acquire)
+        {
+            return Ok(slot.entry.list.load_full());
+        }
+        Ok(self.service(service_key).await?.instances())
+    }
+
+    /// Follows `service_key` (starting its watch task on first use) and
+    /// waits up to [`CacheOptions::ready_timeout`] for its first snapshot.
+    pub async fn service(&self, service_key: &str) -> Result<ServiceHandle, CacheError> {
+        let handle = match self.get(service_key) {
+            Some(handle) => handle,
+            None => self.follow(service_key)?,
+        };
+        if handle.is_ready() {
+            return Ok(handle);
+        }
+        let timeout = self.inner.options.ready_timeout;
+        let entry = Arc::clone(&handle.entry);
+        let mut changes = handle.changes();
+        let ready = changes.wait_for(|_| entry.ready.load(Ordering::Acquire));
+        match tokio::time::timeout(timeout, ready).await {
+            Ok(Ok(_)) => Ok(handle),
+            _ => Err(CacheError::NotReady {
+                service: service_key.to_owned(),
+                waited: timeout,
+                last_error: handle.last_error(),
+            }),
+        }
+    }
+
+    fn follow(&self, service_key: &str) -> Result<ServiceHandle, CacheError> {
+        let _insert = self
+            .inner
+            .insert
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let current = self.inner.services.load_full();
+        if let Some(slot) = current.get(service_key) {
+            return Ok(ServiceHandle {
+                entry: Arc::clone(&slot.entry),
+            });
+        }
+        let limit = self.inner.options.max_services;
+        if current.len() >= limit {
+            tracing::warn!(service = service_key, limit, "service cache is full");
+            return Err(CacheError::TooManyServices { limit });
+        }
+        let entry = Arc::new(Entry::new(service_key));
+        let task = AbortOnDrop::spawn(follow(
+            Arc::clone(&self.inner.discover),
+            Arc::clone(&entry),
+            self.inner.options.backoff_min,
+            self.inner.options.backoff_max,
+        ));
+        let slot = Slot {
+            entry: Arc::clone(&entry),
+            _follower: Arc::new(Follower {
+                entry: Arc::clone(&entry),
+                _task: task,
+            }),
+        };
+        let mut next = HashMap::clone(&current);
+        next.insert(service_key.to_owned(), slot);
+        self.inner.services.store(Arc::new(next));
+        Ok(ServiceHandle { entry })
+    }
+}
+
+/// The watch task of one service: watches, applies, and on failure keeps
+/// the list and watches again with exponential backoff.
+async fn follow<D: Discover>(
+    discover: Arc<D>,
+    entry: Arc<Entry>,
+    backoff_min: Duration,
+    backoff_max: Duration,
+) {
+    let mut backoff = backoff_min;
+    loop {
+        match discover.watch(&entry.key).await {
+            Ok(mut watch) => {
+                while let Some(event) = watch.next().await {
+                    if matches!(event, WatchEvent::Snapshot(_)) {
+                        backoff = backoff_min;
+                    }
+                    entry.apply(event);
+                }
+                tracing::warn!(service = %entry.key, retry_in = ?backoff, "registry watch ended; keeping the last known instances");
+                entry.set_last_error(Some("watch ended".into()));
+            }
+            Err(e) => {
+                tracing::warn!(service = %entry.key, error = %e, retry_in = ?backoff, "cannot watch the registry; keeping the last known instances");
+                entry.set_last_error(Some(e.to_string()));
+            }
+        }
+        if entry.set_healthy(false) {
+            entry.bump();
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = backoff.saturating_mul(2).min(backoff_max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use rpc_core::Watch;
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn meta(port: u16) -> ServiceMetaInfo {
+        ServiceMetaInfo::new("Echo", "1.0", "127.0.0.1", port)
+    }
+
+    fn ports(list: &[ServiceMetaInfo]) -> Vec<u16> {
+        list.iter().map(|m| m.service_port).collect()
+    }
+
+    #[test]
+    fn snapshots_are_diffed_not_replaced_blindly() {
+        let current = vec![meta(1), meta(2), meta(3)];
+        let mut changed = meta(2);
+        changed.weight = 1;
+        let (next, delta) = merge_snapshot(&current, vec![meta(4), changed.clone(), meta(1)]);
+        assert_eq!(
+            delta,
+            Delta {
+                added: 1,
+                removed: 1,
+                updated: 1
+            }
+        );
+        assert_eq!(next.unwrap(), vec![meta(1), changed, meta(4)]);
+        let (same, delta) = merge_snapshot(&current, vec![meta(3), meta(1), meta(2)]);
+        assert!(same.is_none());
+        assert!(delta.is_empty());
+        let (dedup, _) = merge_snapshot(&[], vec![meta(1), meta(1)]);
+        assert_eq!(dedup.unwrap(), vec![meta(1)]);
+    }
+
+    #[test]
+    fn upserts_and_removals_keep_node_key_order() {
+        // Node keys sort as strings: port 10 before port 9.
+        let list = upsert(&[], meta(9)).unwrap();
+        let list = upsert(&list, meta(10)).unwrap();
+        let list = upsert(&list, meta(5)).unwrap();
+        assert_eq!(ports(&list), vec![10, 5, 9]);
+        assert!(upsert(&list, meta(5)).is_none());
+        let mut heavier = meta(5);
+        heavier.weight = 3;
+        let list = upsert(&list, heavier).unwrap();
+        assert_eq!(list[1].weight, 3);
+        let list = remove(&list, &meta(10).node_key()).unwrap();
+        assert_eq!(ports(&list), vec![5, 9]);
+        assert!(remove(&list, &meta(10).node_key()).is_none());
+    }
+
+    /// A scripted backend: every `watch` call hands out the next channel
+    /// the test pushes, or fails when there is none.
+    #[derive(Clone, Default)]
+    struct Scripted {
+        watches: Arc<Mutex<Vec<mpsc::Receiver<WatchEvent>>>>,
+        calls: Arc<AtomicUsize>,
+        opened: Arc<tokio::sync::Notify>,
+    }
+
+    impl Scripted {
+        fn push(&self) -> mpsc::Sender<WatchEvent> {
+            let (tx, rx) = mpsc::channel(16);
+            self.watches.lock().unwrap().push(rx);
+            tx
+        }
+    }
+
+    impl Discover for Scripted {
+        async fn discover(&self, _: &str) -> Result<Vec<ServiceMetaInfo>, RegistryError> {
+            Ok(Vec::new())
+        }
+        async fn watch(&self, _: &str) -> Result<Watch, RegistryError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let next = {
+                let mut w = self.watches.lock().unwrap();
+                if w.is_empty() {
+                    None
+                } else {
+                    Some(w.remove(0))
+                }
+            };
+            self.opened.notify_waiters();
+            match next {
+                Some(rx) => Ok(Watch::new(rx)),
+                None => Err(RegistryError::Shutdown),
+            }
+        }
+    }
+
+    fn options() -> CacheOptions {
+        CacheOptions {
+            max_services: 2,
+            ready_timeout: Duration::from_millis(300),
+            backoff_min: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(40),
+        }
+    }
+
+    async fn until(
+        handle: &ServiceHandle,
+        accept: impl FnMut(&[ServiceMetaInfo], bool) -> bool,
+    ) -> Vec<u16> {
+        let list = tokio::time::timeout(WAIT, handle.wait_until(accept))
+            .await
+            .expect("timed out waiting for the cache");
+        ports(&list)
+    }
+
+    #[tokio::test]
+    async fn follows_incremental_changes_and_survives_outages() {
+        let backend = Scripted::default();
+        let first = backend.push();
+        first
+            .send(WatchEvent::Snapshot(vec![meta(2), meta(1)]))
+            .await
+            .unwrap();
+        let cache = ServiceCache::with_options(backend.clone(), options());
+        let handle = cache.service("Echo:1.0").await.unwrap();
+        assert_eq!(ports(&handle.instances()), vec![1, 2]);
+        assert!(handle.is_healthy());
+
+        let v = handle.version();
+        first.send(WatchEvent::Upsert(meta(3))).await.unwrap();
+        assert_eq!(until(&handle, |l, _| l.len() == 3).await, vec![1, 2, 3]);
+        assert!(handle.version() > v);
+        first
+            .send(WatchEvent::Remove(meta(1).node_key()))
+            .await
+            .unwrap();
+        assert_eq!(until(&handle, |l, _| l.len() == 2).await, vec![2, 3]);
+
+        // Connection loss: unhealthy, list kept.
+        first.send(WatchEvent::Connected(false)).await.unwrap();
+        assert_eq!(until(&handle, |_, healthy| !healthy).await, vec![2, 3]);
+        first.send(WatchEvent::Connected(true)).await.unwrap();
+        assert_eq!(until(&handle, |_, healthy| healthy).await, vec![2, 3]);
+
+        // The stream ends and watching fails a few times: the list is kept.
+        drop(first);
+        assert_eq!(until(&handle, |_, healthy| !healthy).await, vec![2, 3]);
+        let calls = backend.calls.load(Ordering::SeqCst);
+        tokio::time::timeout(WAIT, async {
+            while backend.calls.load(Ordering::SeqCst) < calls + 2 {
+                backend.opened.notified().await;
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(ports(&handle.instances()), vec![2, 3]);
+        assert!(handle.last_error().is_some());
+
+        // Back: the snapshot catches up with an addition and a removal.
+        let second = backend.push();
+        second
+            .send(WatchEvent::Snapshot(vec![meta(3), meta(4)]))
+            .await
+            .unwrap();
+        assert_eq!(
+            until(&handle, |l, h| h && l.len() == 2 && l[0].service_port == 3).await,
+            vec![3, 4]
+        );
+        assert!(handle.last_error().is_none());
+        assert_eq!(
+            ports(&cache.instances("Echo:1.0").await.unwrap()),
+            vec![3, 4]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_first_lookup_times_out_without_a_snapshot_then_recovers() {
+        let backend = Scripted::default();
+        let cache = ServiceCache::with_options(backend.clone(), options());
+        let err = cache.service("Echo:1.0").await.unwrap_err();
+        match &err {
+            CacheError::NotReady {
+                service,
+                last_error,
+                ..
+            } => {
+                assert_eq!(service, "Echo:1.0");
+                assert!(last_error.is_some());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(RegistryError::from(err).to_string().contains("cache"));
+        let tx = backend.push();
+        tx.send(WatchEvent::Snapshot(vec![meta(7)])).await.unwrap();
+        let list = cache.instances("Echo:1.0").await.unwrap();
+        assert_eq!(ports(&list), vec![7]);
+        assert_eq!(cache.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_number_of_services_is_bounded() {
+        let backend = Scripted::default();
+        for _ in 0..2 {
+            backend
+                .push()
+                .send(WatchEvent::Snapshot(vec![]))
+                .await
+                .unwrap();
+        }
+        let cache = ServiceCache::with_options(backend, options());
+        cache.service("A:1").await.unwrap();
+        cache.service("B:1").await.unwrap();
+        assert!(matches!(
+            cache.service("C:1").await,
+            Err(CacheError::TooManyServices { limit: 2 })
+        ));
+        // Known keys still work.
+        assert!(cache.instances("A:1").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn instances_of_other_services_are_ignored() {
+        let backend = Scripted::default();
+        let tx = backend.push();
+        tx.send(WatchEvent::Snapshot(vec![
+            ServiceMetaInfo::new("Other", "1.0", "h", 1),
+            meta(1),
+        ]))
+        .await
+        .unwrap();
+        let cache = ServiceCache::with_options(backend, options());
+        let handle = cache.service("Echo:1.0").await.unwrap();
+        assert_eq!(ports(&handle.instances()), vec![1]);
+        tx.send(WatchEvent::Upsert(ServiceMetaInfo::new(
+            "Echo", "2.0", "h", 2,
+        )))
+        .await
+        .unwrap();
+        tx.send(WatchEvent::Upsert(meta(3))).await.unwrap();
+        assert_eq!(until(&handle, |l, _| l.len() >= 2).await, vec![1, 3]);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_cache_stops_its_watch_tasks() {
+        let backend = Scripted::default();
+        let tx = backend.push();
+        tx.send(WatchEvent::Snapshot(vec![meta(1)])).await.unwrap();
+        let cache = ServiceCache::with_options(backend, options());
+        let handle = cache.service("Echo:1.0").await.unwrap();
+        let clone = cache.clone();
+        drop(cache);
+        assert!(handle.is_healthy(), "a clone keeps the task");
+        drop(clone);
+        // The aborted task drops its watch, closing the backend's channel.
+        tokio::time::timeout(WAIT, tx.closed()).await.unwrap();
+        assert!(!handle.is_healthy());
+        assert_eq!(ports(&handle.instances()), vec![1]);
+    }
+}

@@ -1,0 +1,154 @@
+//! [`AnyRegistry`]: the backend named in `[registry]`, behind one type.
+//!
+//! A closed enum rather than a trait object: `Registry` and `Discover` use
+//! `async fn`, which is not object safe, and a `match` costs nothing. Remote
+//! backends become variants behind their cargo features as they land.
+
+use rpc_core::{
+    Discover, Registration, RegistryConfig, RegistryError, RegistryKind, ServiceMetaInfo, Watch,
+};
+
+use crate::local::LocalRegistry;
+use crate::memory::MemoryRegistry;
+
+/// Name of the [`MemoryRegistry::shared`] instance used when the
+/// configuration gives no address.
+pub const DEFAULT_MEMORY_NAME: &str = "default";
+
+/// Any compiled-in registry backend. Cheap to clone.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum AnyRegistry {
+    /// In-process ([`MemoryRegistry`]).
+    Memory(MemoryRegistry),
+    /// Directory on this host ([`LocalRegistry`]).
+    Local(LocalRegistry),
+}
+
+impl AnyRegistry {
+    /// Builds the backend `config.kind` names.
+    ///
+    /// * `local`: [`LocalRegistry::from_config`] (the first address is the
+    ///   directory).
+    /// * `memory`: the process-wide [`MemoryRegistry::shared`] instance named
+    ///   by the first address (or [`DEFAULT_MEMORY_NAME`]), so a provider and
+    ///   a consumer built from one configuration in one process meet.
+    /// * others: [`RegistryError::NotCompiled`] until their backends exist.
+    ///
+    /// Async so that backends that must connect first fit the same call.
+    pub async fn from_config(config: &RegistryConfig) -> Result<Self, RegistryError> {
+        match config.kind {
+            RegistryKind::Local => Ok(Self::Local(LocalRegistry::from_config(config)?)),
+            RegistryKind::Memory => Ok(Self::Memory(MemoryRegistry::shared(
+                config.address.first().unwrap_or(DEFAULT_MEMORY_NAME),
+            ))),
+            // The cargo features exist but the clients do not yet: reported
+            // as not compiled in whether or not the feature is on.
+            kind @ (RegistryKind::Etcd
+            | RegistryKind::Zookeeper
+            | RegistryKind::Consul
+            | RegistryKind::Nacos) => Err(RegistryError::NotCompiled(kind.as_str())),
+        }
+    }
+
+    /// Which backend this is.
+    pub fn kind(&self) -> RegistryKind {
+        match self {
+            Self::Memory(_) => RegistryKind::Memory,
+            Self::Local(_) => RegistryKind::Local,
+        }
+    }
+}
+
+impl From<MemoryRegistry> for AnyRegistry {
+    fn from(r: MemoryRegistry) -> Self {
+        Self::Memory(r)
+    }
+}
+
+impl From<LocalRegistry> for AnyRegistry {
+    fn from(r: LocalRegistry) -> Self {
+        Self::Local(r)
+    }
+}
+
+impl rpc_core::Registry for AnyRegistry {
+    async fn register(&self, meta: ServiceMetaInfo) -> Result<Registration, RegistryError> {
+        match self {
+            Self::Memory(r) => r.register(meta).await,
+            Self::Local(r) => r.register(meta).await,
+        }
+    }
+}
+
+impl Discover for AnyRegistry {
+    async fn discover(&self, service_key: &str) -> Result<Vec<ServiceMetaInfo>, RegistryError> {
+        match self {
+            Self::Memory(r) => r.discover(service_key).await,
+            Self::Local(r) => r.discover(service_key).await,
+        }
+    }
+
+    async fn watch(&self, service_key: &str) -> Result<Watch, RegistryError> {
+        match self {
+            Self::Memory(r) => r.watch(service_key).await,
+            Self::Local(r) => r.watch(service_key).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rpc_core::Registry;
+    use rpc_core::config::Addresses;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn builds_the_configured_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = RegistryConfig {
+            address: Addresses(vec![dir.path().display().to_string()]),
+            ttl_secs: 7,
+            ..RegistryConfig::default()
+        };
+        let AnyRegistry::Local(local) = AnyRegistry::from_config(&config).await.unwrap() else {
+            panic!("expected the local backend by default");
+        };
+        assert_eq!(local.dir(), dir.path());
+        assert_eq!(local.ttl(), Duration::from_secs(7));
+
+        let memory = RegistryConfig {
+            kind: RegistryKind::Memory,
+            address: Addresses(vec!["factory-test".into()]),
+            ..RegistryConfig::default()
+        };
+        let a = AnyRegistry::from_config(&memory).await.unwrap();
+        let b = AnyRegistry::from_config(&memory).await.unwrap();
+        assert_eq!(a.kind(), RegistryKind::Memory);
+        let meta = ServiceMetaInfo::new("F", "1.0", "h", 1);
+        let _r = a.register(meta.clone()).await.unwrap();
+        assert_eq!(b.discover("F:1.0").await.unwrap(), vec![meta]);
+    }
+
+    #[tokio::test]
+    async fn missing_backends_say_so() {
+        for kind in [
+            RegistryKind::Etcd,
+            RegistryKind::Zookeeper,
+            RegistryKind::Consul,
+            RegistryKind::Nacos,
+        ] {
+            let config = RegistryConfig {
+                kind,
+                ..RegistryConfig::default()
+            };
+            match AnyRegistry::from_config(&config).await {
+                Err(RegistryError::NotCompiled(name)) => assert_eq!(name, kind.as_str()),
+                other => panic!("{kind}: unexpected {other:?}"),
+            }
+        }
+    }
+}

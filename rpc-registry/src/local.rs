@@ -1,0 +1,1030 @@
+//! [`LocalRegistry`]: the default backend. Cross-process on one host, no
+//! server: a directory of small JSON files.
+//!
+//! # On-disk layout
+//!
+//! ```text
+//! <dir>/<service key, encoded>/<host:port, encoded>.json
+//! ```
+//!
+//! Names are percent-encoded (`UserService:1.0` → `UserService%3A1.0`);
+//! over-long ones are cut and suffixed with a hash. The authoritative keys are
+//! inside the record, so readers check them instead of decoding names.
+//!
+//! A record is the instance's [`ServiceMetaInfo`] JSON (Java field names)
+//! plus `heartbeatMs` (wall clock, ms since the Unix epoch), `ttlMs`, `pid`
+//! and `owner` (a token naming the registration). Every write goes to a
+//! dot-prefixed temp file in the same directory and is renamed over the
+//! record, so readers never see half a file.
+//!
+//! # Liveness
+//!
+//! A registration rewrites its record every `ttl / 3`. A record whose
+//! heartbeat is older than its `ttlMs` is dead: readers ignore it, and delete
+//! it once it is [`LocalOptions::gc_after_ttls`] TTLs old. A provider killed
+//! with SIGKILL therefore vanishes from discovery within its TTL plus one
+//! poll interval. If the heartbeat finds its record gone (deleted, or garbage
+//! collected after the process was suspended) or expired, it writes it again,
+//! bumps the generation in [`RegistrationState`] and logs a warning.
+//!
+//! # Watching
+//!
+//! A watch polls the service directory every [`LocalOptions::poll_interval`]
+//! and emits the difference. A missing root directory means the registry is
+//! unreachable (the directory was moved away, a mount went away): the watch
+//! reports [`WatchEvent::Connected`]`(false)` and keeps its last state until
+//! the directory is back, whereas a missing service directory is simply a
+//! service with no instances.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rpc_core::discover::WATCH_CHANNEL_CAPACITY;
+use rpc_core::{
+    BoxFuture, Deregister, Discover, Registration, RegistrationState, RegistryConfig,
+    RegistryError, ServiceMetaInfo, Watch, WatchEvent,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio::time::MissedTickBehavior;
+
+use crate::task::AbortOnDrop;
+
+const BACKEND: &str = "local";
+/// Records larger than this are not read: a real one is a few hundred bytes.
+pub const MAX_RECORD_BYTES: u64 = 64 * 1024;
+/// Default directory name under the system temp dir.
+pub const DEFAULT_DIR_NAME: &str = "rpc-local-registry";
+/// Longest encoded file name component before it is cut and hashed.
+const MAX_NAME_LEN: usize = 180;
+/// Garbage paths a watch remembers having warned about, so a bad file is
+/// logged once rather than on every poll.
+const MAX_REPORTED_GARBAGE: usize = 1024;
+const MIN_TTL: Duration = Duration::from_millis(30);
+const MAX_POLL_INTERVAL: Duration = Duration::from_millis(250);
+const MIN_POLL_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Tuning for [`LocalRegistry::with_options`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalOptions {
+    /// How long a record outlives its last heartbeat. Heartbeats run every
+    /// third of it. Clamped to at least 30 ms.
+    pub ttl: Duration,
+    /// How often a watch rereads its service directory. `None`:
+    /// `min(ttl / 4, 250 ms)`.
+    pub poll_interval: Option<Duration>,
+    /// Dead records are deleted by readers once their heartbeat is this many
+    /// TTLs old (at least 2).
+    pub gc_after_ttls: u32,
+}
+
+impl LocalOptions {
+    /// Defaults for `ttl`.
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            poll_interval: None,
+            gc_after_ttls: 5,
+        }
+    }
+}
+
+/// The directory-backed registry. Cheap to clone.
+#[derive(Clone)]
+pub struct LocalRegistry {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: PathBuf,
+    ttl: Duration,
+    poll_interval: Duration,
+    gc_after: Duration,
+}
+
+impl fmt::Debug for LocalRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalRegistry")
+            .field("dir", &self.inner.root)
+            .field("ttl", &self.inner.ttl)
+            .field("poll_interval", &self.inner.poll_interval)
+            .finish()
+    }
+}
+
+/// The directory used when the configuration names none.
+pub fn default_dir() -> PathBuf {
+    std::env::temp_dir().join(DEFAULT_DIR_NAME)
+}
+
+impl LocalRegistry {
+    /// A registry in `dir` (created if missing) with default options for `ttl`.
+    pub fn new(dir: impl Into<PathBuf>, ttl: Duration) -> Result<Self, RegistryError> {
+        Self::with_options(dir, LocalOptions::new(ttl))
+    }
+
+    /// A registry in `dir` (created if missing).
+    pub fn with_options(
+        dir: impl Into<PathBuf>,
+        options: LocalOptions,
+    ) -> Result<Self, RegistryError> {
+        let root = dir.into();
+        fs::create_dir_all(&root).map_err(|source| RegistryError::Io {
+            path: root.clone(),
+            source,
+        })?;
+        let ttl = options.ttl.max(MIN_TTL);
+        let poll_interval = options
+            .poll_interval
+            .unwrap_or_else(|| (ttl / 4).min(MAX_POLL_INTERVAL))
+            .max(MIN_POLL_INTERVAL);
+        let gc_after = ttl.saturating_mul(options.gc_after_ttls.max(2));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                root,
+                ttl,
+                poll_interval,
+                gc_after,
+            }),
+        })
+    }
+
+    /// From `[registry]`: the first address is the directory (empty: the
+    /// [`default_dir`]), `ttl_secs` the TTL.
+    pub fn from_config(config: &RegistryConfig) -> Result<Self, RegistryError> {
+        let dir = config
+            .address
+            .first()
+            .map(PathBuf::from)
+            .unwrap_or_else(default_dir);
+        Self::new(dir, config.ttl())
+    }
+
+    /// The registry directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// The TTL this registry's registrations publish.
+    pub fn ttl(&self) -> Duration {
+        self.inner.ttl
+    }
+
+    /// How often watches poll.
+    pub fn poll_interval(&self) -> Duration {
+        self.inner.poll_interval
+    }
+
+    /// The directory holding `service_key`'s records.
+    pub fn service_dir(&self, service_key: &str) -> PathBuf {
+        self.inner.root.join(encode_name(service_key))
+    }
+
+    /// The file holding `meta`'s record.
+    pub fn instance_path(&self, meta: &ServiceMetaInfo) -> PathBuf {
+        self.service_dir(&meta.service_key())
+            .join(format!("{}.json", encode_name(&meta.address())))
+    }
+}
+
+/// Percent-encodes everything but `[A-Za-z0-9_-]` and non-leading dots, so
+/// the result is one safe path component that never starts with a dot (dot
+/// files are temp files) and never is empty, `.` or `..`.
+pub(crate) fn encode_name(s: &str) -> String {
+    if s.is_empty() {
+        // No non-empty input encodes to a lone '%'.
+        return "%".to_owned();
+    }
+    let mut out = String::with_capacity(s.len());
+    for (i, b) in s.bytes().enumerate() {
+        let keep = b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || (b == b'.' && i > 0);
+        if keep {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push_str(&format!("{b:02X}"));
+        }
+    }
+    if out.len() > MAX_NAME_LEN {
+        // Encoded output is ASCII, so any byte index is a char boundary.
+        out.truncate(MAX_NAME_LEN - 17);
+        out.push('~');
+        out.push_str(&format!("{:016x}", fnv1a(s.as_bytes())));
+    }
+    out
+}
+
+/// FNV-1a: stable across Rust versions and processes, unlike `DefaultHasher`,
+/// which matters because different binaries must agree on file names.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// What is stored in an instance file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Record {
+    #[serde(flatten)]
+    pub(crate) meta: ServiceMetaInfo,
+    pub(crate) heartbeat_ms: u64,
+    #[serde(default)]
+    pub(crate) ttl_ms: u64,
+    #[serde(default)]
+    pub(crate) pid: u32,
+    #[serde(default)]
+    pub(crate) owner: String,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Writes `bytes` to `path` through a temp file in the same directory, so
+/// readers see the old record or the new one, never a torn one.
+fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut file = fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        // No fsync: a record that dies with the machine is rewritten by the
+        // next heartbeat, and syncing every third of a TTL costs real I/O.
+        drop(file);
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The outcome of reading one service directory.
+#[derive(Debug, Default)]
+pub(crate) struct Scan {
+    /// Live instances by node key.
+    pub(crate) live: BTreeMap<String, ServiceMetaInfo>,
+    /// Unreadable files and why (at most [`MAX_GARBAGE_PER_SCAN`]).
+    pub(crate) garbage: Vec<(PathBuf, String)>,
+}
+
+const MAX_GARBAGE_PER_SCAN: usize = 64;
+
+impl Scan {
+    fn garbage(&mut self, path: PathBuf, why: impl fmt::Display) {
+        if self.garbage.len() < MAX_GARBAGE_PER_SCAN {
+            self.garbage.push((path, why.to_string()));
+        }
+    }
+}
+
+impl Inner {
+    fn unreachable(&self, source: io::Error) -> RegistryError {
+        RegistryError::Unavailable {
+            backend: BACKEND,
+            message: format!(
+                "registry directory {} is not accessible",
+                self.root.display()
+            ),
+            source: Some(Box::new(source)),
+        }
+    }
+
+    /// Reads the live instances of `service_key` (blocking).
+    fn scan(&self, service_key: &str) -> Result<Scan, RegistryError> {
+        match fs::metadata(&self.root) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(self.unreachable(io::Error::other("not a directory")));
+            }
+            Err(e) => return Err(self.unreachable(e)),
+        }
+        let dir = self.root.join(encode_name(service_key));
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Scan::default()),
+            Err(source) => return Err(RegistryError::Io { path: dir, source }),
+        };
+        let now = now_ms();
+        let mut scan = Scan::default();
+        let mut heartbeats: BTreeMap<String, u64> = BTreeMap::new();
+        for entry in entries {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(source) => return Err(RegistryError::Io { path: dir, source }),
+            };
+            let path = entry.path();
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') {
+                self.collect_temp_file(&path, name.ends_with(".tmp"));
+                continue;
+            }
+            if !name.ends_with(".json") {
+                scan.garbage(path, "not a .json file");
+                continue;
+            }
+            let record = match read_record(&path) {
+                Ok(Some(record)) => record,
+                // Deleted between listing and reading: a deregistration.
+                Ok(None) => continue,
+                Err(why) => {
+                    scan.garbage(path, why);
+                    continue;
+                }
+            };
+            if record.meta.service_key() != service_key {
+                scan.garbage(
+                    path,
+                    format!("record belongs to `{}`", record.meta.service_key()),
+                );
+                continue;
+            }
+            let ttl = if record.ttl_ms == 0 {
+                millis(self.ttl)
+            } else {
+                record.ttl_ms
+            };
+            // A heartbeat from the future (clock stepped back) counts as fresh.
+            let age = now.saturating_sub(record.heartbeat_ms);
+            if age > ttl {
+                let gc_after = millis(self.gc_after).max(ttl.saturating_mul(2));
+                if age > gc_after {
+                    self.collect_dead(&path, record.heartbeat_ms);
+                }
+                continue;
+            }
+            let node_key = record.meta.node_key();
+            // Two files naming one node (a copied file): the fresher wins.
+            if heartbeats
+                .get(&node_key)
+                .is_some_and(|&seen| seen >= record.heartbeat_ms)
+            {
+                continue;
+            }
+            heartbeats.insert(node_key.clone(), record.heartbeat_ms);
+            scan.live.insert(node_key, record.meta);
+        }
+        Ok(scan)
+    }
+
+    /// Deletes a record dead for long, unless it was refreshed meanwhile.
+    fn collect_dead(&self, path: &Path, heartbeat_ms: u64) {
+        // The owner may have come back between our read and now; it would
+        // recreate the file anyway, but rereading keeps that window small.
+        if let Ok(Some(again)) = read_record(path)
+            && again.heartbeat_ms == heartbeat_ms
+        {
+            match fs::remove_file(path) {
+                Ok(()) => tracing::debug!(path = %path.display(), "deleted a dead record"),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::debug!(path = %path.display(), error = %e, "cannot delete a dead record")
+                }
+            }
+        }
+    }
+
+    /// Deletes a writer's temp file left behind by a crash.
+    fn collect_temp_file(&self, path: &Path, is_temp: bool) {
+        if !is_temp {
+            return;
+        }
+        let old = fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > self.gc_after.max(Duration::from_secs(10)));
+        if old {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+/// Reads and parses one record; `Ok(None)` if it no longer exists.
+pub(crate) fn read_record(path: &Path) -> Result<Option<Record>, String> {
+    let meta = match fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > MAX_RECORD_BYTES {
+        return Err(format!("larger than {MAX_RECORD_BYTES} bytes"));
+    }
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| format!("not a registry record: {e}"))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, RegistryError> + Send + 'static,
+) -> Result<T, RegistryError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(RegistryError::Unavailable {
+            backend: BACKEND,
+            message: "file system task failed".into(),
+            source: Some(Box::new(e)),
+        })
+    })
+}
+
+fn log_garbage(garbage: &[(PathBuf, String)]) {
+    for (path, why) in garbage {
+        tracing::warn!(path = %path.display(), reason = %why, "skipping a file in the local registry");
+    }
+}
+
+impl rpc_core::Registry for LocalRegistry {
+    async fn register(&self, meta: ServiceMetaInfo) -> Result<Registration, RegistryError> {
+        static OWNERS: AtomicU64 = AtomicU64::new(0);
+        let (state, state_rx) = watch::channel(RegistrationState::Registered { generation: 0 });
+        let provider = Arc::new(Provider {
+            path: self.instance_path(&meta),
+            ttl: self.inner.ttl,
+            owner: format!(
+                "{}-{}-{}",
+                std::process::id(),
+                now_ms(),
+                OWNERS.fetch_add(1, Ordering::Relaxed)
+            ),
+            meta: meta.clone(),
+            stopped: Mutex::new(false),
+            state,
+        });
+        let first = Arc::clone(&provider);
+        blocking(move || {
+            first
+                .publish()
+                .map(|_| ())
+                .map_err(|(_, source)| RegistryError::Io {
+                    path: first.path.clone(),
+                    source,
+                })
+        })
+        .await?;
+        tracing::debug!(node = %meta.node_key(), path = %provider.path.display(), "registered");
+        let heartbeat = AbortOnDrop::spawn(heartbeat(Arc::clone(&provider)));
+        Ok(Registration::new(
+            meta,
+            state_rx,
+            LocalDeregister {
+                provider,
+                heartbeat,
+            },
+        ))
+    }
+}
+
+/// One registration's record, shared by its heartbeat and its guard.
+struct Provider {
+    meta: ServiceMetaInfo,
+    path: PathBuf,
+    ttl: Duration,
+    owner: String,
+    // Held across every write and the final delete, so a heartbeat write in
+    // flight cannot resurrect the record after deregistration.
+    stopped: Mutex<bool>,
+    state: watch::Sender<RegistrationState>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Published {
+    /// The record was there and is refreshed.
+    Refreshed,
+    /// The record was gone and is written again.
+    Recreated,
+    /// The registration has been withdrawn; nothing written.
+    Stopped,
+}
+
+impl Provider {
+    /// Writes the record with a fresh heartbeat (blocking). On error, also
+    /// says whether the record was still there.
+    fn publish(&self) -> Result<Published, (bool, io::Error)> {
+        let stopped = self.stopped.lock().unwrap_or_else(PoisonError::into_inner);
+        if *stopped {
+            return Ok(Published::Stopped);
+        }
+        let existed = self.path.is_file();
+        let record = Record {
+            meta: self.meta.clone(),
+            heartbeat_ms: now_ms(),
+            ttl_ms: millis(self.ttl),
+            pid: std::process::id(),
+            owner: self.owner.clone(),
+        };
+        let bytes = serde_json::to_vec(&record).map_err(|e| (existed, io::Error::other(e)))?;
+        let write = || {
+            if let Some(dir) = self.path.parent() {
+                fs::create_dir_all(dir)?;
+            }
+            write_atomic(&self.path, &bytes)
+        };
+        write().map_err(|e| (existed, e))?;
+        Ok(if existed {
+            Published::Refreshed
+        } else {
+            Published::Recreated
+        })
+    }
+
+    /// Stops publishing and deletes the record if it is still ours (blocking).
+    fn withdraw(&self) -> io::Result<()> {
+        let mut stopped = self.stopped.lock().unwrap_or_else(PoisonError::into_inner);
+        if *stopped {
+            return Ok(());
+        }
+        *stopped = true;
+        self.state.send_replace(RegistrationState::Deregistered);
+        match read_record(&self.path) {
+            Ok(Some(record)) if record.owner != self.owner => {
+                // A newer registration of the same node took the file over.
+                tracing::debug!(path = %self.path.display(), "record owned by another registration; left in place");
+                return Ok(());
+            }
+            Ok(None) => return Ok(()),
+            _ => {}
+        }
+        match fs::remove_file(&self.path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+async fn heartbeat(provider: Arc<Provider>) {
+    let period = provider.ttl / 3;
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut generation = 0u64;
+    let mut last_ok = tokio::time::Instant::now();
+    let mut lost = false;
+    loop {
+        tick.tick().await;
+        let p = Arc::clone(&provider);
+        let outcome = match tokio::task::spawn_blocking(move || p.publish()).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tracing::warn!(error = %e, "local registry heartbeat task failed");
+                continue;
+            }
+        };
+        let node = provider.meta.node_key();
+        match outcome {
+            Ok(Published::Stopped) => return,
+            Ok(published) => {
+                // A record that expired counts as lost too: consumers have
+                // already dropped it, even if the file was still there.
+                let expired = last_ok.elapsed() > provider.ttl;
+                last_ok = tokio::time::Instant::now();
+                if lost || expired || published == Published::Recreated {
+                    generation += 1;
+                    lost = false;
+                    tracing::warn!(
+                        node = %node,
+                        path = %provider.path.display(),
+                        generation,
+                        reason = if published == Published::Recreated { "record was deleted" } else { "record had expired" },
+                        "local registry lost the registration; registered again"
+                    );
+                    provider
+                        .state
+                        .send_replace(RegistrationState::Registered { generation });
+                }
+            }
+            Err((existed, e)) => {
+                tracing::warn!(node = %node, path = %provider.path.display(), error = %e, "local registry heartbeat failed");
+                if !existed && !lost {
+                    lost = true;
+                    provider
+                        .state
+                        .send_replace(RegistrationState::Reregistering);
+                }
+            }
+        }
+    }
+}
+
+struct LocalDeregister {
+    provider: Arc<Provider>,
+    heartbeat: AbortOnDrop,
+}
+
+impl Deregister for LocalDeregister {
+    fn deregister(self: Box<Self>) -> BoxFuture<'static, Result<(), RegistryError>> {
+        let Self {
+            provider,
+            heartbeat,
+        } = *self;
+        drop(heartbeat);
+        Box::pin(blocking(move || {
+            provider.withdraw().map_err(|source| RegistryError::Io {
+                path: provider.path.clone(),
+                source,
+            })
+        }))
+    }
+
+    fn deregister_on_drop(self: Box<Self>) {
+        let Self {
+            provider,
+            heartbeat,
+        } = *self;
+        drop(heartbeat);
+        // Deleting inline rather than in a spawned task: one unlink of a
+        // local file is quick, and it must happen even while the runtime is
+        // shutting down (a provider dropping its registration on exit).
+        if let Err(e) = provider.withdraw() {
+            tracing::warn!(path = %provider.path.display(), error = %e, "cannot delete the local registry record");
+        }
+    }
+}
+
+impl Discover for LocalRegistry {
+    async fn discover(&self, service_key: &str) -> Result<Vec<ServiceMetaInfo>, RegistryError> {
+        let inner = Arc::clone(&self.inner);
+        let key = service_key.to_owned();
+        let scan = blocking(move || inner.scan(&key)).await?;
+        log_garbage(&scan.garbage);
+        Ok(scan.live.into_values().collect())
+    }
+
+    async fn watch(&self, service_key: &str) -> Result<Watch, RegistryError> {
+        let inner = Arc::clone(&self.inner);
+        let key = service_key.to_owned();
+        let scan = blocking(move || inner.scan(&key)).await?;
+        let mut reported = HashSet::new();
+        report_new_garbage(&mut reported, &scan.garbage);
+        let (tx, rx) = mpsc::channel(WATCH_CHANNEL_CAPACITY);
+        let snapshot = WatchEvent::Snapshot(scan.live.values().cloned().collect());
+        if tx.try_send(snapshot).is_err() {
+            return Err(RegistryError::Shutdown);
+        }
+        let task = AbortOnDrop::spawn(poll(
+            Arc::clone(&self.inner),
+            service_key.to_owned(),
+            scan.live,
+            reported,
+            tx,
+        ));
+        Ok(Watch::with_guard(rx, task))
+    }
+}
+
+fn report_new_garbage(reported: &mut HashSet<PathBuf>, garbage: &[(PathBuf, String)]) {
+    for (path, why) in garbage {
+        if reported.contains(path) {
+            continue;
+        }
+        if reported.len() >= MAX_REPORTED_GARBAGE {
+            reported.clear();
+        }
+        reported.insert(path.clone());
+        tracing::warn!(path = %path.display(), reason = %why, "skipping a file in the local registry");
+    }
+}
+
+/// The changes turning `old` into `new`: removals, then upserts.
+pub(crate) fn diff(
+    old: &BTreeMap<String, ServiceMetaInfo>,
+    new: &BTreeMap<String, ServiceMetaInfo>,
+) -> Vec<WatchEvent> {
+    let removed = old
+        .keys()
+        .filter(|k| !new.contains_key(*k))
+        .map(|k| WatchEvent::Remove(k.clone()));
+    let upserted = new
+        .iter()
+        .filter(|(k, m)| old.get(*k) != Some(*m))
+        .map(|(_, m)| WatchEvent::Upsert(m.clone()));
+    removed.chain(upserted).collect()
+}
+
+async fn poll(
+    inner: Arc<Inner>,
+    service_key: String,
+    mut known: BTreeMap<String, ServiceMetaInfo>,
+    mut reported: HashSet<PathBuf>,
+    tx: mpsc::Sender<WatchEvent>,
+) {
+    let mut tick = tokio::time::interval(inner.poll_interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut connected = true;
+    loop {
+        tokio::select! {
+            _ = tx.closed() => return,
+            _ = tick.tick() => {}
+        }
+        let scan_inner = Arc::clone(&inner);
+        let key = service_key.clone();
+        let mut events = Vec::new();
+        match blocking(move || scan_inner.scan(&key)).await {
+            Ok(scan) => {
+                report_new_garbage(&mut reported, &scan.garbage);
+                if !connected {
+                    connected = true;
+                    tracing::info!(dir = %inner.root.display(), service = %service_key, "local registry directory is back");
+                    events.push(WatchEvent::Connected(true));
+                }
+                events.extend(diff(&known, &scan.live));
+                known = scan.live;
+            }
+            Err(e) => {
+                if connected {
+                    connected = false;
+                    tracing::warn!(service = %service_key, error = %e, "local registry unreachable; keeping the last known instances");
+                    events.push(WatchEvent::Connected(false));
+                }
+            }
+        }
+        for event in events {
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rpc_core::Registry;
+
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    async fn next(w: &mut Watch) -> WatchEvent {
+        tokio::time::timeout(WAIT, w.next())
+            .await
+            .expect("timed out waiting for a watch event")
+            .expect("watch ended")
+    }
+
+    fn meta(port: u16) -> ServiceMetaInfo {
+        let mut m = ServiceMetaInfo::new("Echo", "1.0", "127.0.0.1", port);
+        m.metadata.insert("zone".into(), "a".into());
+        m
+    }
+
+    fn registry(dir: &Path, ttl_ms: u64) -> LocalRegistry {
+        LocalRegistry::with_options(
+            dir,
+            LocalOptions {
+                poll_interval: Some(Duration::from_millis(20)),
+                ..LocalOptions::new(Duration::from_millis(ttl_ms))
+            },
+        )
+        .unwrap()
+    }
+
+    fn write_record(reg: &LocalRegistry, meta: &ServiceMetaInfo, heartbeat_ms: u64) -> PathBuf {
+        let path = reg.instance_path(meta);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let record = Record {
+            meta: meta.clone(),
+            heartbeat_ms,
+            ttl_ms: millis(reg.ttl()),
+            pid: 1,
+            owner: "test".into(),
+        };
+        fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
+        path
+    }
+
+    #[test]
+    fn names_are_safe_path_components() {
+        assert_eq!(encode_name("UserService:1.0"), "UserService%3A1.0");
+        assert_eq!(encode_name("127.0.0.1:80"), "127.0.0.1%3A80");
+        assert_eq!(encode_name("."), "%2E");
+        assert_eq!(encode_name(".."), "%2E.");
+        assert_eq!(encode_name("a/b\\c"), "a%2Fb%5Cc");
+        assert_eq!(encode_name(""), "%");
+        assert_eq!(encode_name("[::1]:9"), "%5B%3A%3A1%5D%3A9");
+        let long = "x".repeat(1000);
+        let encoded = encode_name(&long);
+        assert!(encoded.len() <= MAX_NAME_LEN);
+        assert_ne!(encoded, encode_name(&format!("{long}y")));
+        assert_eq!(encoded, encode_name(&long));
+    }
+
+    #[test]
+    fn records_are_a_superset_of_the_java_json() {
+        let record = Record {
+            meta: meta(1),
+            heartbeat_ms: 5,
+            ttl_ms: 6,
+            pid: 7,
+            owner: "o".into(),
+        };
+        let json = serde_json::to_vec(&record).unwrap();
+        assert_eq!(ServiceMetaInfo::from_json(&json).unwrap(), meta(1));
+        let back: Record = serde_json::from_slice(&json).unwrap();
+        assert_eq!(back, record);
+    }
+
+    #[tokio::test]
+    async fn garbage_files_are_skipped_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path(), 2_000);
+        let _r = reg.register(meta(1)).await.unwrap();
+        let svc = reg.service_dir("Echo:1.0");
+        fs::write(svc.join("junk.json"), b"{not json").unwrap();
+        fs::write(svc.join("empty.json"), b"").unwrap();
+        fs::write(svc.join("notes.txt"), b"hello").unwrap();
+        fs::write(svc.join("array.json"), b"[1,2,3]").unwrap();
+        fs::write(
+            svc.join("huge.json"),
+            vec![b' '; MAX_RECORD_BYTES as usize + 1],
+        )
+        .unwrap();
+        fs::create_dir(svc.join("sub.json")).unwrap();
+        fs::write(svc.join(".half-written.tmp"), b"{").unwrap();
+        // A valid record of another service in the wrong directory.
+        let other = ServiceMetaInfo::new("Other", "1.0", "h", 2);
+        let record = Record {
+            meta: other,
+            heartbeat_ms: now_ms(),
+            ttl_ms: 2_000,
+            pid: 1,
+            owner: "x".into(),
+        };
+        fs::write(svc.join("h%3A2.json"), serde_json::to_vec(&record).unwrap()).unwrap();
+
+        let inner = Arc::clone(&reg.inner);
+        let scan = inner.scan("Echo:1.0").unwrap();
+        assert_eq!(
+            scan.live.values().cloned().collect::<Vec<_>>(),
+            vec![meta(1)]
+        );
+        assert_eq!(scan.garbage.len(), 7, "{:?}", scan.garbage);
+        assert_eq!(reg.discover("Echo:1.0").await.unwrap(), vec![meta(1)]);
+        let mut w = reg.watch("Echo:1.0").await.unwrap();
+        assert_eq!(w.next().await, Some(WatchEvent::Snapshot(vec![meta(1)])));
+    }
+
+    #[tokio::test]
+    async fn stale_records_are_hidden_then_collected() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path(), 1_000);
+        let fresh = write_record(&reg, &meta(1), now_ms());
+        let stale = write_record(&reg, &meta(2), now_ms() - 1_500);
+        let ancient = write_record(&reg, &meta(3), now_ms() - 60_000);
+        let future = write_record(&reg, &meta(4), now_ms() + 60_000);
+        let found = reg.discover("Echo:1.0").await.unwrap();
+        assert_eq!(found, vec![meta(1), meta(4)]);
+        assert!(fresh.exists() && stale.exists() && future.exists());
+        assert!(!ancient.exists(), "a record dead for many TTLs is deleted");
+    }
+
+    #[tokio::test]
+    async fn unknown_services_are_empty_but_a_missing_root_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("reg");
+        let reg = registry(&root, 1_000);
+        assert!(reg.discover("Nope:1.0").await.unwrap().is_empty());
+        fs::rename(&root, dir.path().join("away")).unwrap();
+        assert!(matches!(
+            reg.discover("Nope:1.0").await,
+            Err(RegistryError::Unavailable { .. })
+        ));
+        assert!(reg.watch("Nope:1.0").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn writes_leave_no_temp_files_and_deregister_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path(), 300);
+        let r = reg.register(meta(1)).await.unwrap();
+        let path = reg.instance_path(&meta(1));
+        let first = read_record(&path).unwrap().unwrap();
+        // Heartbeats carry no event to await: poll until one has rewritten
+        // the file (100 ms apart).
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let now = read_record(&path).unwrap().unwrap();
+                if now.heartbeat_ms > first.heartbeat_ms + 50 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap();
+        let names: Vec<_> = fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        assert_eq!(
+            *r.state().borrow(),
+            RegistrationState::Registered { generation: 0 }
+        );
+        r.deregister().await.unwrap();
+        assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_deleted_record_is_written_again_with_the_next_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path(), 150);
+        let r = reg.register(meta(1)).await.unwrap();
+        let path = reg.instance_path(&meta(1));
+        let mut state = r.state();
+        fs::remove_file(&path).unwrap();
+        tokio::time::timeout(
+            WAIT,
+            state.wait_for(|s| *s == RegistrationState::Registered { generation: 1 }),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(path.exists());
+        drop(r);
+        assert!(!path.exists(), "dropping deletes synchronously");
+    }
+
+    #[tokio::test]
+    async fn an_older_registration_does_not_delete_a_newer_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path(), 1_000);
+        let old = reg.register(meta(1)).await.unwrap();
+        let new = reg.register(meta(1)).await.unwrap();
+        drop(old);
+        assert_eq!(reg.discover("Echo:1.0").await.unwrap(), vec![meta(1)]);
+        drop(new);
+        assert!(reg.discover("Echo:1.0").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn watch_reports_changes_and_outages() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("reg");
+        let reg = registry(&root, 1_000);
+        let mut w = reg.watch("Echo:1.0").await.unwrap();
+
+        assert_eq!(next(&mut w).await, WatchEvent::Snapshot(vec![]));
+        let r = reg.register(meta(1)).await.unwrap();
+        assert_eq!(next(&mut w).await, WatchEvent::Upsert(meta(1)));
+        fs::rename(&root, dir.path().join("away")).unwrap();
+        assert_eq!(next(&mut w).await, WatchEvent::Connected(false));
+        fs::rename(dir.path().join("away"), &root).unwrap();
+        assert_eq!(next(&mut w).await, WatchEvent::Connected(true));
+        r.deregister().await.unwrap();
+        assert_eq!(next(&mut w).await, WatchEvent::Remove(meta(1).node_key()));
+    }
+
+    #[test]
+    fn diff_lists_removals_then_upserts() {
+        let map = |ms: &[ServiceMetaInfo]| {
+            ms.iter()
+                .map(|m| (m.node_key(), m.clone()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let mut changed = meta(2);
+        changed.weight = 7;
+        let events = diff(&map(&[meta(1), meta(2)]), &map(&[changed.clone(), meta(3)]));
+        assert_eq!(
+            events,
+            vec![
+                WatchEvent::Remove(meta(1).node_key()),
+                WatchEvent::Upsert(changed),
+                WatchEvent::Upsert(meta(3)),
+            ]
+        );
+        assert!(diff(&map(&[meta(1)]), &map(&[meta(1)])).is_empty());
+    }
+}
