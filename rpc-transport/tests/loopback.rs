@@ -1,0 +1,532 @@
+//! Transport over loopback TCP with a hand-written service: concurrency and
+//! ordering, deadlines, cancellation, reconnects, bad frames, shutdown.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rpc_codec::{FrameCodec, HEADER_LEN, Header, MessageType, encode_empty};
+use rpc_core::{RpcError, SerializerKind, ServerConfig, StatusCode};
+use rpc_transport::server::{Call, CallError, HandlerFuture, ServiceHandler};
+use rpc_transport::{CallOptions, Endpoint, EndpointConfig, Server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, oneshot};
+use tokio_util::codec::Decoder;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Test service. `block(k)` waits until `release(k)`; `hang` never returns
+/// and reports its cancellation through `dropped`.
+#[derive(Default)]
+struct TestService {
+    gates: Mutex<HashMap<u64, Arc<Notify>>>,
+    dropped: Arc<Notify>,
+    started: Arc<Notify>,
+}
+
+impl TestService {
+    fn gate(&self, k: u64) -> Arc<Notify> {
+        self.gates
+            .lock()
+            .unwrap()
+            .entry(k)
+            .or_insert_with(|| Arc::new(Notify::new()))
+            .clone()
+    }
+}
+
+struct NotifyOnDrop(Arc<Notify>);
+impl Drop for NotifyOnDrop {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
+}
+
+struct Handler(Arc<TestService>);
+
+impl ServiceHandler for Handler {
+    fn service_name(&self) -> &str {
+        "Test"
+    }
+    fn service_version(&self) -> &str {
+        "1.0"
+    }
+    fn methods(&self) -> &'static [&'static str] {
+        &["echo", "add", "block", "release", "hang", "panic"]
+    }
+    fn call(&self, call: Call<'_>) -> Result<HandlerFuture, CallError> {
+        let r = call.replier;
+        let svc = self.0.clone();
+        match call.method {
+            "echo" => {
+                let (s,): (String,) = call.decode_args()?;
+                Ok(Box::pin(async move { r.encode(&s) }))
+            }
+            "add" => {
+                let (a, b): (i32, i32) = call.decode_args()?;
+                Ok(Box::pin(async move { r.encode(&(a + b)) }))
+            }
+            "block" => {
+                let (k,): (u64,) = call.decode_args()?;
+                let gate = svc.gate(k);
+                Ok(Box::pin(async move {
+                    svc.started.notify_one();
+                    gate.notified().await;
+                    r.encode(&k)
+                }))
+            }
+            "release" => {
+                let (k,): (u64,) = call.decode_args()?;
+                svc.gate(k).notify_one();
+                Ok(Box::pin(async move { r.encode(&()) }))
+            }
+            "hang" => Ok(Box::pin(async move {
+                let _guard = NotifyOnDrop(svc.dropped.clone());
+                svc.started.notify_one();
+                std::future::pending::<()>().await;
+                r.encode(&())
+            })),
+            "panic" => Ok(Box::pin(async move {
+                if r.encode(&()).is_ok() {
+                    panic!("handler bug");
+                }
+                r.encode(&())
+            })),
+            _ => Err(call.method_not_found("Test:1.0")),
+        }
+    }
+}
+
+struct Running {
+    addr: SocketAddr,
+    svc: Arc<TestService>,
+    stop: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn shutdown(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        tokio::time::timeout(WAIT, self.done)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
+async fn start_with(config: ServerConfig) -> Running {
+    let svc = Arc::new(TestService::default());
+    let server = Server::builder(config)
+        .service(Handler(svc.clone()))
+        .bind()
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let (tx, rx) = oneshot::channel::<()>();
+    let done = tokio::spawn(async move {
+        server
+            .run(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    Running {
+        addr,
+        svc,
+        stop: Some(tx),
+        done,
+    }
+}
+
+async fn start() -> Running {
+    start_with(ServerConfig::default()).await
+}
+
+fn opts(method: &str, timeout: Duration) -> CallOptions<'_> {
+    CallOptions {
+        service: "Test:1.0",
+        method,
+        serializer: SerializerKind::Bincode,
+        timeout,
+        metadata: &[],
+    }
+}
+
+fn endpoint(addr: SocketAddr) -> Arc<Endpoint> {
+    Arc::new(Endpoint::new(addr.to_string(), EndpointConfig::default()))
+}
+
+#[tokio::test]
+async fn unary_calls_with_both_serializers() {
+    let s = start().await;
+    let ep = endpoint(s.addr);
+    let sum: i32 = ep.call(&opts("add", WAIT), &(2, 40)).await.unwrap();
+    assert_eq!(sum, 42);
+    let mut o = opts("echo", WAIT);
+    o.serializer = SerializerKind::Json;
+    let back: String = ep.call(&o, &("héllo",)).await.unwrap();
+    assert_eq!(back, "héllo");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn responses_come_back_out_of_order_on_one_connection() {
+    let s = start().await;
+    let ep = endpoint(s.addr);
+    let (ep2, ep3) = (ep.clone(), ep.clone());
+    // The first call blocks until the second is served: only a multiplexed
+    // connection that answers out of order can finish both.
+    let first = tokio::spawn(async move {
+        let k: u64 = ep2.call(&opts("block", WAIT), &(7u64,)).await.unwrap();
+        k
+    });
+    tokio::time::timeout(WAIT, s.svc.started.notified())
+        .await
+        .unwrap();
+    let () = ep3.call(&opts("release", WAIT), &(7u64,)).await.unwrap();
+    assert_eq!(tokio::time::timeout(WAIT, first).await.unwrap().unwrap(), 7);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_calls_all_answered() {
+    let s = start().await;
+    let ep = endpoint(s.addr);
+    let mut tasks = Vec::new();
+    for i in 0..500i32 {
+        let ep = ep.clone();
+        tasks.push(tokio::spawn(async move {
+            let r: i32 = ep.call(&opts("add", WAIT), &(i, 1)).await.unwrap();
+            assert_eq!(r, i + 1);
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(WAIT, t).await.unwrap().unwrap();
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn timeout_fails_the_call_and_cancels_the_handler() {
+    let s = start().await;
+    let ep = endpoint(s.addr);
+    let err = ep
+        .call::<_, ()>(&opts("hang", Duration::from_millis(200)), &())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RpcError::Timeout { .. }), "{err}");
+    // The server stops the handler: deadline travelled with the request.
+    tokio::time::timeout(WAIT, s.svc.dropped.notified())
+        .await
+        .expect("handler was not cancelled");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn dropping_a_call_future_cancels_it_on_the_server() {
+    let s = start().await;
+    let ep = endpoint(s.addr);
+    let ep2 = ep.clone();
+    let call = tokio::spawn(async move { ep2.call::<_, ()>(&opts("hang", WAIT), &()).await });
+    tokio::time::timeout(WAIT, s.svc.started.notified())
+        .await
+        .unwrap();
+    call.abort();
+    // Long before the 10 s deadline the handler is dropped via a cancel frame.
+    tokio::time::timeout(Duration::from_secs(5), s.svc.dropped.notified())
+        .await
+        .expect("cancel did not reach the handler");
+    // The connection is still good.
+    let r: i32 = ep.call(&opts("add", WAIT), &(1, 1)).await.unwrap();
+    assert_eq!(r, 2);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_service_and_method_are_error_responses() {
+    let s = start().await;
+    let ep = endpoint(s.addr);
+    let err = ep
+        .call::<_, ()>(&opts("nope", WAIT), &())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(StatusCode::MethodNotFound), "{err}");
+    let mut o = opts("echo", WAIT);
+    o.service = "Missing:1.0";
+    let err = ep.call::<_, String>(&o, &("x",)).await.unwrap_err();
+    assert_eq!(err.code(), Some(StatusCode::ServiceNotFound), "{err}");
+    // Wrong argument types are a serialization error, not a closed connection.
+    let err = ep
+        .call::<_, i32>(&opts("add", WAIT), &("not", "ints"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(StatusCode::Serialization), "{err}");
+    let r: i32 = ep.call(&opts("add", WAIT), &(3, 4)).await.unwrap();
+    assert_eq!(r, 7);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_panicking_handler_is_a_handler_error() {
+    let s = start().await;
+    let ep = endpoint(s.addr);
+    let err = ep
+        .call::<_, ()>(&opts("panic", WAIT), &())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(StatusCode::Handler), "{err}");
+    let r: i32 = ep.call(&opts("add", WAIT), &(1, 2)).await.unwrap();
+    assert_eq!(r, 3);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn server_in_flight_limit_answers_overloaded() {
+    let s = start_with(ServerConfig {
+        max_in_flight: 1,
+        ..ServerConfig::default()
+    })
+    .await;
+    let ep = endpoint(s.addr);
+    let ep2 = ep.clone();
+    let blocked =
+        tokio::spawn(async move { ep2.call::<_, u64>(&opts("block", WAIT), &(1u64,)).await });
+    tokio::time::timeout(WAIT, s.svc.started.notified())
+        .await
+        .unwrap();
+    let err = ep
+        .call::<_, i32>(&opts("add", WAIT), &(1, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(StatusCode::Overloaded), "{err}");
+    assert!(err.is_safe_to_retry());
+    s.svc.gate(1).notify_one();
+    assert_eq!(blocked.await.unwrap().unwrap(), 1);
+    s.shutdown().await;
+}
+
+async fn read_closed(stream: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(WAIT, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test]
+async fn bad_frames_close_only_their_connection() {
+    let s = start_with(ServerConfig {
+        max_frame_len: 4096,
+        ..ServerConfig::default()
+    })
+    .await;
+    let ep = endpoint(s.addr);
+    let r: i32 = ep.call(&opts("add", WAIT), &(1, 1)).await.unwrap();
+    assert_eq!(r, 2);
+
+    // Garbage.
+    let mut raw = TcpStream::connect(s.addr).await.unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        read_closed(&mut raw).await,
+        "garbage did not close the connection"
+    );
+
+    // A header announcing a frame over the limit: closed before any body.
+    let mut raw = TcpStream::connect(s.addr).await.unwrap();
+    let mut hdr = [0u8; HEADER_LEN];
+    Header {
+        serializer: 0,
+        message_type: MessageType::Request,
+        status: StatusCode::Ok,
+        request_id: 1,
+        body_len: 1 << 30,
+    }
+    .write_to(&mut hdr);
+    raw.write_all(&hdr).await.unwrap();
+    assert!(read_closed(&mut raw).await, "oversized frame did not close");
+
+    // A truncated frame followed by EOF.
+    let mut raw = TcpStream::connect(s.addr).await.unwrap();
+    raw.write_all(&hdr[..7]).await.unwrap();
+    raw.shutdown().await.unwrap();
+    assert!(read_closed(&mut raw).await);
+
+    // A well-framed request whose envelope is garbage: error response, not close.
+    let mut raw = TcpStream::connect(s.addr).await.unwrap();
+    let mut f = rpc_codec::FrameBuf::with_capacity(3);
+    f.body_mut().extend_from_slice(&[1, 2, 3]);
+    let frame = f
+        .finish(0, MessageType::Request, StatusCode::Ok, 99, 4096)
+        .unwrap();
+    raw.write_all(&frame).await.unwrap();
+    let reply = read_frame(&mut raw).await;
+    assert_eq!(reply.header.request_id, 99);
+    assert_eq!(reply.header.status, StatusCode::BadRequest);
+
+    // A heartbeat is echoed on the same connection.
+    let mut hb = BytesMut::new();
+    encode_empty(&mut hb, MessageType::Heartbeat, 5);
+    raw.write_all(&hb).await.unwrap();
+    let reply = read_frame(&mut raw).await;
+    assert_eq!(reply.header.message_type, MessageType::Heartbeat);
+    assert_eq!(reply.header.request_id, 5);
+
+    // Everyone else is still served.
+    let r: i32 = ep.call(&opts("add", WAIT), &(2, 2)).await.unwrap();
+    assert_eq!(r, 4);
+    s.shutdown().await;
+}
+
+async fn read_frame(stream: &mut TcpStream) -> rpc_codec::Frame {
+    let mut codec = FrameCodec::default();
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(f) = codec.decode(&mut buf).unwrap() {
+            return f;
+        }
+        let n = tokio::time::timeout(WAIT, stream.read_buf(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "connection closed while waiting for a frame");
+    }
+}
+
+#[tokio::test]
+async fn reconnects_after_the_server_restarts() {
+    let s = start().await;
+    let addr = s.addr;
+    let ep = endpoint(addr);
+    let r: i32 = ep.call(&opts("add", WAIT), &(1, 1)).await.unwrap();
+    assert_eq!(r, 2);
+    s.shutdown().await;
+
+    // The server is gone: calls fail fast with a clear error, never hang.
+    let err = ep
+        .call::<_, i32>(&opts("add", WAIT), &(1, 1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RpcError::ConnectionClosed { .. } | RpcError::Connect { .. }
+        ),
+        "{err}"
+    );
+
+    // Same port again.
+    let s2 = start_with(ServerConfig {
+        port: addr.port(),
+        ..ServerConfig::default()
+    })
+    .await;
+    let ok = tokio::time::timeout(WAIT, async {
+        loop {
+            match ep.call::<_, i32>(&opts("add", WAIT), &(2, 3)).await {
+                Ok(v) => return v,
+                Err(RpcError::Connect { .. } | RpcError::ConnectionClosed { .. }) => {
+                    // Backoff gate: the endpoint itself decides when to dial.
+                    tokio::task::yield_now().await;
+                }
+                Err(e) => panic!("unexpected error {e}"),
+            }
+        }
+    })
+    .await
+    .expect("did not reconnect");
+    assert_eq!(ok, 5);
+    s2.shutdown().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_drains_in_flight_calls() {
+    let mut s = start().await;
+    let ep = endpoint(s.addr);
+    let ep2 = ep.clone();
+    let in_flight =
+        tokio::spawn(async move { ep2.call::<_, u64>(&opts("block", WAIT), &(3u64,)).await });
+    tokio::time::timeout(WAIT, s.svc.started.notified())
+        .await
+        .unwrap();
+
+    let _ = s.stop.take().unwrap().send(());
+    // New connections are refused once the listener is gone.
+    let refused = tokio::time::timeout(WAIT, async {
+        loop {
+            if TcpStream::connect(s.addr).await.is_err() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(refused.is_ok(), "listener still accepting after shutdown");
+    assert!(!s.done.is_finished(), "server stopped before draining");
+
+    s.svc.gate(3).notify_one();
+    let v = tokio::time::timeout(WAIT, in_flight)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(v, 3);
+    tokio::time::timeout(WAIT, s.done).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_aborts_calls_that_outlive_the_drain_deadline() {
+    let mut s = start_with(ServerConfig {
+        shutdown_timeout_ms: 200,
+        ..ServerConfig::default()
+    })
+    .await;
+    let ep = endpoint(s.addr);
+    let ep2 = ep.clone();
+    let stuck = tokio::spawn(async move { ep2.call::<_, ()>(&opts("hang", WAIT), &()).await });
+    tokio::time::timeout(WAIT, s.svc.started.notified())
+        .await
+        .unwrap();
+    let _ = s.stop.take().unwrap().send(());
+    tokio::time::timeout(WAIT, s.done).await.unwrap().unwrap();
+    let err = tokio::time::timeout(WAIT, stuck)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, RpcError::ConnectionClosed { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn connection_refused_is_a_connect_error_and_backs_off() {
+    // Bind and drop to find a port nobody listens on.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let ep = Endpoint::new(format!("127.0.0.1:{port}"), EndpointConfig::default());
+    let e1 = ep
+        .call::<_, i32>(&opts("add", WAIT), &(1, 1))
+        .await
+        .unwrap_err();
+    assert!(matches!(e1, RpcError::Connect { .. }), "{e1}");
+    assert!(e1.is_safe_to_retry());
+    let e2 = ep
+        .call::<_, i32>(&opts("add", WAIT), &(1, 1))
+        .await
+        .unwrap_err();
+    assert!(e2.to_string().contains("cannot connect"), "{e2}");
+    let src = std::error::Error::source(&e2).unwrap().to_string();
+    assert!(src.contains("backing off"), "{src}");
+}
