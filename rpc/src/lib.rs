@@ -18,7 +18,10 @@
 //! * [`consumer`] — [`Consumer`] (registry, discovery cache, connection
 //!   pool, load balancer) and [`ServiceClient`], the untyped proxy generated
 //!   clients wrap.
-//! * [`provider`] — [`Provider`]: bind, register, serve, shut down in order.
+//! * [`provider`] — [`Provider`]: bind, register, serve, shut down in order;
+//!   [`shutdown_signal`] (Ctrl-C / SIGTERM).
+//! * [`balance`] — the [`balance::LoadBalancer`] seam: round robin, random.
+//! * [`error`] — [`Error`], what starting or running a provider reports.
 //! * Re-exports: `rpc_core` types (config, metadata, errors), the registry
 //!   factory, the transport.
 //!
@@ -30,14 +33,17 @@
 #![forbid(unsafe_code)]
 #![warn(missing_debug_implementations, unreachable_pub)]
 
+pub mod balance;
 pub mod consumer;
+pub mod error;
 pub mod provider;
 
 pub use consumer::{Consumer, ServiceClient};
-pub use provider::Provider;
+pub use error::Error;
+pub use provider::{Provider, ProviderBuilder, shutdown_signal};
 pub use rpc_core::{
-    ClientConfig, RegistryConfig, RegistryError, RegistryKind, RpcConfig, RpcError,
-    ServerConfig, ServiceMetaInfo, StatusCode,
+    ClientConfig, LoadBalancerKind, RegistryConfig, RegistryError, RegistryKind, RpcConfig,
+    RpcError, SerializerKind, ServerConfig, ServiceMetaInfo, StatusCode,
 };
 pub use rpc_macros::service;
 pub use rpc_registry as registry;

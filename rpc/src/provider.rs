@@ -1,5 +1,169 @@
 //! Providers: bind, register, serve, shut down in order.
+//!
+//! Shutdown sequence, started by the future passed to [`Provider::run`]:
+//! 1. deregister every service (consumers stop picking this instance),
+//! 2. stop accepting connections and reading new requests,
+//! 3. let in-flight calls finish, up to `server.shutdown_timeout_ms`,
+//! 4. abort what is left and return.
 
-/// Serves services and registers them.
+use std::future::Future;
+use std::net::SocketAddr;
+
+use rpc_core::{Registration, Registry, RpcConfig, ServiceMetaInfo};
+use rpc_registry::AnyRegistry;
+use rpc_transport::{Server, ServerBuilder, ServiceHandler};
+use tracing::{info, warn};
+
+use crate::error::Error;
+
+/// Collects services; [`ProviderBuilder::bind`] makes a [`Provider`].
 #[derive(Debug)]
-pub struct Provider {}
+pub struct ProviderBuilder {
+    config: RpcConfig,
+    server: ServerBuilder,
+    registry: Option<AnyRegistry>,
+}
+
+impl ProviderBuilder {
+    /// Adds a service (a generated `FooServer`).
+    pub fn service(mut self, handler: impl ServiceHandler) -> Self {
+        self.server = self.server.service(handler);
+        self
+    }
+
+    /// Uses this registry instead of the configured one.
+    pub fn registry(mut self, registry: AnyRegistry) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// Binds the port and connects the registry. Nothing is registered until
+    /// [`Provider::run`].
+    pub async fn bind(self) -> Result<Provider, Error> {
+        let registry = match self.registry {
+            Some(r) => r,
+            None => AnyRegistry::from_config(&self.config.registry).await?,
+        };
+        let server = self.server.bind().await?;
+        Ok(Provider {
+            config: self.config,
+            server,
+            registry,
+        })
+    }
+}
+
+/// A bound provider, ready to register and serve.
+#[derive(Debug)]
+pub struct Provider {
+    config: RpcConfig,
+    server: Server,
+    registry: AnyRegistry,
+}
+
+impl Provider {
+    /// Starts a provider from configuration (`[server]`, `[registry]`).
+    pub fn builder(config: &RpcConfig) -> ProviderBuilder {
+        ProviderBuilder {
+            config: config.clone(),
+            server: Server::builder(config.server.clone()),
+            registry: None,
+        }
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// The instance records [`Provider::run`] publishes.
+    pub fn instances(&self) -> Vec<ServiceMetaInfo> {
+        let host = match &self.config.server.advertise_host {
+            Some(h) => h.clone(),
+            None if self.config.server.host == "0.0.0.0" || self.config.server.host == "::" => {
+                warn!(
+                    "server.host is a wildcard and server.advertise_host is unset: advertising 127.0.0.1"
+                );
+                "127.0.0.1".to_owned()
+            }
+            None => self.config.server.host.clone(),
+        };
+        let port = self.local_addr().port();
+        let mut keys = self.server.service_keys();
+        keys.sort();
+        keys.iter()
+            .map(|key| {
+                let (name, version) = key.rsplit_once(':').unwrap_or((key.as_str(), "1.0"));
+                let mut m = ServiceMetaInfo::new(name, version, host.clone(), port);
+                m.weight = self.config.server.weight;
+                m.metadata
+                    .insert("protocol".into(), format!("mr/{}", rpc_codec::VERSION));
+                m
+            })
+            .collect()
+    }
+
+    /// Registers every service, serves until `shutdown` completes, then
+    /// shuts down in the order described in the module docs.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let mut registrations: Vec<Registration> = Vec::new();
+        for meta in self.instances() {
+            let reg = self.registry.register(meta.clone()).await?;
+            info!(node = %meta.node_key(), registry = %self.registry.kind(), "registered");
+            registrations.push(reg);
+        }
+        let timeout = self.config.registry.timeout();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let control = async move {
+            shutdown.await;
+            info!("shutdown requested: deregistering");
+            for reg in registrations {
+                let node = reg.meta().node_key();
+                match tokio::time::timeout(timeout, reg.deregister()).await {
+                    Ok(Ok(())) => info!(%node, "deregistered"),
+                    Ok(Err(e)) => {
+                        warn!(%node, error = %e, "deregistration failed; the registry's TTL will remove it")
+                    }
+                    Err(_) => {
+                        warn!(%node, ?timeout, "deregistration timed out; the registry's TTL will remove it")
+                    }
+                }
+            }
+            let _ = stop_tx.send(());
+        };
+        let serve = self.server.run(async {
+            let _ = stop_rx.await;
+        });
+        let ((), served) = tokio::join!(control, serve);
+        served?;
+        Ok(())
+    }
+}
+
+/// Completes on Ctrl-C or, on Unix, SIGTERM: the usual provider shutdown trigger.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            warn!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
