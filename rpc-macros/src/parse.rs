@@ -382,7 +382,7 @@ fn check_signature_header(errors: &mut Errors, sig: &Signature) {
     }
     if sig.asyncness.is_none() {
         errors.spanned(
-            &sig.fn_token,
+            sig.fn_token,
             format!(
                 "`#[service]` methods must be `async fn`: write `async fn {}(&self, ..)`; \
                  the macro adds the `Send` bound to the returned future itself",
