@@ -83,6 +83,9 @@ pub enum CacheError {
         /// The last watch error, if any.
         last_error: Option<String>,
     },
+    /// Called outside a Tokio runtime, so no watch task can run.
+    #[error("the service cache must be used within a Tokio runtime")]
+    NoRuntime,
 }
 
 impl From<CacheError> for RegistryError {
@@ -144,11 +147,12 @@ impl Entry {
     /// load followed by a store cannot lose a concurrent update.
     fn apply(&self, event: WatchEvent) {
         let current = self.list.load();
-        let mut changed = false;
+        let mut health = None;
+        let mut first = false;
         let next = match event {
             WatchEvent::Snapshot(snapshot) => {
-                changed |= self.set_healthy(true);
-                changed |= !self.ready.swap(true, Ordering::AcqRel);
+                health = Some(true);
+                first = !self.ready.load(Ordering::Acquire);
                 self.set_last_error(None);
                 let snapshot = self.own(snapshot);
                 let (next, delta) = merge_snapshot(&current, snapshot);
@@ -170,13 +174,23 @@ impl Entry {
                 if !connected {
                     tracing::warn!(service = %self.key, "registry connection lost; keeping the last known instances");
                 }
-                changed |= self.set_healthy(connected);
+                health = Some(connected);
                 None
             }
         };
         drop(current);
+        // Publish the list before the flags and the version: whoever sees
+        // `ready`, `healthy` or a new version must also see the list.
+        let mut changed = false;
         if let Some(next) = next {
             self.list.store(Arc::new(next));
+            changed = true;
+        }
+        if let Some(healthy) = health {
+            changed |= self.set_healthy(healthy);
+        }
+        if first {
+            self.ready.store(true, Ordering::Release);
             changed = true;
         }
         if changed {
@@ -522,7 +536,8 @@ impl<D: Discover> ServiceCache<D> {
             Arc::clone(&entry),
             self.inner.options.backoff_min,
             self.inner.options.backoff_max,
-        ));
+        ))
+        .ok_or(CacheError::NoRuntime)?;
         let slot = Slot {
             entry: Arc::clone(&entry),
             _follower: Arc::new(Follower {

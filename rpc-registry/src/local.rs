@@ -451,13 +451,22 @@ pub(crate) fn read_record(path: &Path) -> Result<Option<Record>, String> {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, RegistryError> + Send + 'static,
 ) -> Result<T, RegistryError> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+    let runtime = tokio::runtime::Handle::try_current().map_err(|e| no_runtime(Box::new(e)))?;
+    runtime.spawn_blocking(f).await.unwrap_or_else(|e| {
         Err(RegistryError::Unavailable {
             backend: BACKEND,
             message: "file system task failed".into(),
             source: Some(Box::new(e)),
         })
     })
+}
+
+fn no_runtime(source: rpc_core::BoxError) -> RegistryError {
+    RegistryError::Unavailable {
+        backend: BACKEND,
+        message: "must be used within a Tokio runtime".into(),
+        source: Some(source),
+    }
 }
 
 fn log_garbage(garbage: &[(PathBuf, String)]) {
@@ -495,7 +504,11 @@ impl rpc_core::Registry for LocalRegistry {
         })
         .await?;
         tracing::debug!(node = %meta.node_key(), path = %provider.path.display(), "registered");
-        let heartbeat = AbortOnDrop::spawn(heartbeat(Arc::clone(&provider)));
+        let Some(heartbeat) = AbortOnDrop::spawn(heartbeat(Arc::clone(&provider))) else {
+            // Registered but nothing would keep it alive: take it back.
+            let _ = provider.withdraw();
+            return Err(no_runtime("no runtime for the heartbeat task".into()));
+        };
         Ok(Registration::new(
             meta,
             state_rx,
@@ -700,6 +713,7 @@ impl Discover for LocalRegistry {
             reported,
             tx,
         ));
+        let task = task.ok_or_else(|| no_runtime("no runtime for the poll task".into()))?;
         Ok(Watch::with_guard(rx, task))
     }
 }

@@ -323,36 +323,80 @@ impl Discover for MemoryRegistry {
             }
             events
         };
-        let task = AbortOnDrop::spawn(forward(self.clone(), service_key.to_owned(), events, tx));
+        let task = AbortOnDrop::spawn(forward(
+            Subscription {
+                registry: self.clone(),
+                service_key: service_key.to_owned(),
+                events: Some(events),
+            },
+            tx,
+        ))
+        .ok_or_else(|| RegistryError::Unavailable {
+            backend: BACKEND,
+            message: "must be used within a Tokio runtime".into(),
+            source: None,
+        })?;
         Ok(Watch::with_guard(rx, task))
     }
 }
 
-async fn forward(
+/// A watcher's subscription to one service's changes. Dropping it (the
+/// forwarding task ended or was aborted with its [`Watch`]) forgets the
+/// service once it has neither instances nor watchers, so watching many
+/// unknown keys does not grow the registry.
+struct Subscription {
     registry: MemoryRegistry,
     service_key: String,
-    mut events: broadcast::Receiver<WatchEvent>,
-    tx: mpsc::Sender<WatchEvent>,
-) {
+    // An `Option` only so `Drop` can release it before counting receivers.
+    events: Option<broadcast::Receiver<WatchEvent>>,
+}
+
+impl Subscription {
+    async fn recv(&mut self) -> Result<WatchEvent, broadcast::error::RecvError> {
+        match self.events.as_mut() {
+            Some(events) => events.recv().await,
+            None => Err(broadcast::error::RecvError::Closed),
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        drop(self.events.take());
+        let mut state = self.registry.lock();
+        let idle = state
+            .services
+            .get(&self.service_key)
+            .is_some_and(|s| s.instances.is_empty() && s.events.receiver_count() == 0);
+        if idle {
+            state.services.remove(&self.service_key);
+        }
+    }
+}
+
+async fn forward(mut sub: Subscription, tx: mpsc::Sender<WatchEvent>) {
     loop {
         let event = tokio::select! {
             _ = tx.closed() => return,
-            event = events.recv() => event,
+            event = sub.recv() => event,
         };
         let event = match event {
             Ok(event) => event,
             Err(broadcast::error::RecvError::Closed) => return,
             Err(broadcast::error::RecvError::Lagged(missed)) => {
-                tracing::debug!(service = %service_key, missed, "watcher lagged; resynchronising");
-                let state = registry.lock();
+                tracing::debug!(service = %sub.service_key, missed, "watcher lagged; resynchronising");
+                let state = sub.registry.lock();
                 if !state.reachable {
                     return;
                 }
-                let Some(service) = state.services.get(&service_key) else {
+                let Some(service) = state.services.get(&sub.service_key) else {
                     return;
                 };
-                events = service.events.subscribe();
-                WatchEvent::Snapshot(service.snapshot())
+                let events = service.events.subscribe();
+                let snapshot = WatchEvent::Snapshot(service.snapshot());
+                drop(state);
+                sub.events = Some(events);
+                snapshot
             }
         };
         if tx.send(event).await.is_err() {
@@ -447,6 +491,36 @@ mod tests {
         assert!(reg.watch("Echo:1.0").await.is_err());
         reg.set_reachable(true);
         assert_eq!(reg.discover("Echo:1.0").await.unwrap(), vec![meta(6)]);
+    }
+
+    #[tokio::test]
+    async fn watching_unknown_services_leaves_nothing_behind() {
+        let reg = MemoryRegistry::new();
+        for i in 0..10 {
+            let mut w = reg.watch(&format!("Nobody{i}:1.0")).await.unwrap();
+            assert_eq!(next(&mut w).await, WatchEvent::Snapshot(vec![]));
+        }
+        let r = reg.register(meta(1)).await.unwrap();
+        let w = reg.watch("Echo:1.0").await.unwrap();
+        // Aborted forwarding tasks release their subscriptions when the
+        // runtime next polls them; there is no event to await.
+        tokio::time::timeout(WAIT, async {
+            while reg.lock().services.len() > 1 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        drop(r);
+        assert_eq!(reg.lock().services.len(), 1, "watched: kept");
+        drop(w);
+        tokio::time::timeout(WAIT, async {
+            while !reg.lock().services.is_empty() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
     }
 
     #[tokio::test]

@@ -8,11 +8,14 @@ use tokio::task::JoinHandle;
 pub(crate) struct AbortOnDrop(JoinHandle<()>);
 
 impl AbortOnDrop {
-    pub(crate) fn spawn<F>(fut: F) -> Self
+    /// Spawns `fut` on the current Tokio runtime; `None` outside of one
+    /// (where `tokio::spawn` would panic).
+    pub(crate) fn spawn<F>(fut: F) -> Option<Self>
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        Self(tokio::spawn(fut))
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        Some(Self(runtime.spawn(fut)))
     }
 }
 
