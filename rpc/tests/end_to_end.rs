@@ -1,0 +1,237 @@
+//! Provider and consumer end to end over loopback TCP, discovering each
+//! other through the `memory` and `local` registries.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use rpc::registry::{AnyRegistry, LocalRegistry, MemoryRegistry};
+use rpc::serde::{Deserialize, Serialize};
+use rpc::{Consumer, Provider, RpcConfig, RpcError, StatusCode};
+use tokio::sync::oneshot;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(crate = "rpc::serde")]
+pub struct Item {
+    pub id: u64,
+    pub name: String,
+    pub tags: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(crate = "rpc::serde")]
+pub enum ShopError {
+    NotFound(u64),
+    Invalid { reason: String },
+}
+
+/// A small shop.
+#[rpc::service(version = "2.1")]
+pub trait Shop {
+    /// Several arguments.
+    async fn make(&self, id: u64, name: String, tags: Vec<String>) -> Item;
+    /// A user error type, passed through.
+    async fn find(&self, id: u64) -> Result<Item, ShopError>;
+    /// Unit return, no arguments.
+    async fn touch(&self);
+    /// Which provider answered.
+    async fn whoami(&self) -> u32;
+    /// How many `touch` calls this provider saw.
+    async fn touches(&self) -> u32;
+}
+
+struct ShopImpl {
+    id: u32,
+    touched: AtomicU32,
+}
+
+impl Shop for ShopImpl {
+    async fn make(&self, id: u64, name: String, tags: Vec<String>) -> Item {
+        Item { id, name, tags }
+    }
+    async fn find(&self, id: u64) -> Result<Item, ShopError> {
+        match id {
+            0 => Err(ShopError::Invalid {
+                reason: "id 0".into(),
+            }),
+            1 => Ok(Item {
+                id: 1,
+                name: "one".into(),
+                tags: vec![],
+            }),
+            other => Err(ShopError::NotFound(other)),
+        }
+    }
+    async fn touch(&self) {
+        self.touched.fetch_add(1, Ordering::Relaxed);
+    }
+    async fn whoami(&self) -> u32 {
+        self.id
+    }
+    async fn touches(&self) -> u32 {
+        self.touched.load(Ordering::Relaxed)
+    }
+}
+
+struct RunningProvider {
+    stop: oneshot::Sender<()>,
+    done: tokio::task::JoinHandle<Result<(), rpc::Error>>,
+}
+
+impl RunningProvider {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(WAIT, self.done)
+            .await
+            .expect("provider did not stop")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+async fn provider(registry: AnyRegistry, id: u32, config: &RpcConfig) -> RunningProvider {
+    let p = Provider::builder(config)
+        .registry(registry)
+        .service(ShopServer::new(ShopImpl {
+            id,
+            touched: AtomicU32::new(0),
+        }))
+        .bind()
+        .await
+        .unwrap();
+    let (stop, rx) = oneshot::channel::<()>();
+    let done = tokio::spawn(p.run(async {
+        let _ = rx.await;
+    }));
+    RunningProvider { stop, done }
+}
+
+async fn wait_for(consumer: &Consumer, n: usize) {
+    let handle = consumer
+        .cache()
+        .service(&rpc::ServiceMetaInfo::new("Shop", "2.1", "", 0).service_key())
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, handle.wait_until(|l, _| l.len() == n))
+        .await
+        .unwrap_or_else(|_| panic!("never saw {n} providers"));
+}
+
+async fn exercise(registry: AnyRegistry, config: RpcConfig) {
+    let p1 = provider(registry.clone(), 1, &config).await;
+    let consumer = Consumer::with_registry(registry.clone(), config.client.clone(), WAIT);
+    wait_for(&consumer, 1).await;
+    let shop = ShopClient::new(&consumer);
+
+    let item = shop
+        .make(7, "seven".into(), vec!["a".into(), "b".into()])
+        .await
+        .unwrap();
+    assert_eq!(
+        item,
+        Item {
+            id: 7,
+            name: "seven".into(),
+            tags: vec!["a".into(), "b".into()]
+        }
+    );
+    assert_eq!(shop.find(1).await.unwrap().unwrap().name, "one");
+    assert_eq!(shop.find(5).await.unwrap(), Err(ShopError::NotFound(5)));
+    assert_eq!(
+        shop.find(0).await.unwrap(),
+        Err(ShopError::Invalid {
+            reason: "id 0".into()
+        })
+    );
+    shop.touch().await.unwrap();
+
+    // A second provider: round robin spreads calls over both.
+    let p2 = provider(registry.clone(), 2, &config).await;
+    wait_for(&consumer, 2).await;
+    let mut seen = [0u32; 3];
+    for _ in 0..20 {
+        seen[shop.whoami().await.unwrap() as usize] += 1;
+    }
+    assert_eq!(seen[1], 10, "{seen:?}");
+    assert_eq!(seen[2], 10, "{seen:?}");
+
+    // Graceful shutdown deregisters first: the consumer drops it, and every
+    // later call goes to the survivor.
+    p1.stop().await;
+    wait_for(&consumer, 1).await;
+    for _ in 0..5 {
+        assert_eq!(shop.whoami().await.unwrap(), 2);
+    }
+    p2.stop().await;
+    wait_for(&consumer, 0).await;
+    let err = shop.whoami().await.unwrap_err();
+    assert!(matches!(err, RpcError::NoProvider { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_registry_end_to_end() {
+    let registry = AnyRegistry::from(MemoryRegistry::new());
+    exercise(registry, RpcConfig::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_registry_end_to_end_with_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry =
+        AnyRegistry::from(LocalRegistry::new(dir.path(), Duration::from_secs(5)).unwrap());
+    let mut config = RpcConfig::default();
+    config.client.serializer = rpc::SerializerKind::Json;
+    exercise(registry, config).await;
+}
+
+#[tokio::test]
+async fn unknown_method_of_a_newer_client_is_an_error_response() {
+    let registry = AnyRegistry::from(MemoryRegistry::new());
+    let config = RpcConfig::default();
+    let p = provider(registry.clone(), 1, &config).await;
+    let consumer = Consumer::with_registry(registry, config.client.clone(), WAIT);
+    wait_for(&consumer, 1).await;
+    let raw = consumer.service("Shop", "2.1");
+    let err = raw.call::<_, ()>("restock", &(1u64,)).await.unwrap_err();
+    assert_eq!(err.code(), Some(StatusCode::MethodNotFound), "{err}");
+    // Wrong argument shape for a known method.
+    let err = raw.call::<_, u32>("whoami", &("x", 1)).await.unwrap_err();
+    assert_eq!(err.code(), Some(StatusCode::Serialization), "{err}");
+    // A different version is a different service: nobody provides it.
+    let other = ShopClient::from_service_client(consumer.service("Shop", "9.9"));
+    let err = other.whoami().await.unwrap_err();
+    assert!(matches!(err, RpcError::NoProvider { .. }), "{err}");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn from_config_uses_the_configured_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = RpcConfig::from_toml_str(
+        &format!(
+            "[registry]\ntype = \"local\"\naddress = \"{}\"\nttl_secs = 5\n",
+            dir.path().display()
+        ),
+        "test",
+    )
+    .unwrap();
+    let registry = AnyRegistry::from_config(&config.registry).await.unwrap();
+    let p = provider(registry, 3, &config).await;
+    let shop = ShopClient::from_config(&config).await.unwrap();
+    let answered_by = tokio::time::timeout(WAIT, async {
+        loop {
+            match shop.whoami().await {
+                Ok(id) => return id,
+                // The provider registers after it starts serving: until the
+                // local registry's poll sees it, there is nobody to call.
+                Err(RpcError::NoProvider { .. }) => tokio::task::yield_now().await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(answered_by, 3);
+    p.stop().await;
+}
