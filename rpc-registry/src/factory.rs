@@ -134,6 +134,18 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn local_defaults_to_a_temp_directory() {
+        let AnyRegistry::Local(local) = AnyRegistry::from_config(&RegistryConfig::default())
+            .await
+            .unwrap()
+        else {
+            panic!("expected the local backend by default");
+        };
+        assert_eq!(local.dir(), crate::local::default_dir());
+        assert_eq!(local.ttl(), Duration::from_secs(30));
+    }
+
+    #[tokio::test]
     async fn missing_backends_say_so() {
         for kind in [
             RegistryKind::Etcd,
