@@ -108,9 +108,12 @@ fn expand_server(service: &Service, names: &Names) -> TokenStream {
         let fields = (0..m.args.len()).map(Index::from);
         let encode_span = m.output.as_ref().map_or(m.span, Spanned::span);
         let encode = quote_spanned!(encode_span=> #replier.encode(&#output));
+        // Unsatisfied serde bounds are reported at the turbofish type, which
+        // carries the user's spans.
+        let decode = quote_spanned!(m.params_span=> #call.decode_args::<(#(#tys,)*)>());
         quote_spanned! {m.span=>
             #wire => {
-                let #args: (#(#tys,)*) = #call.decode_args()?;
+                let #args = #decode?;
                 let #shared = ::core::clone::Clone::clone(&self.inner);
                 let #replier = #call.replier;
                 let #future: ::rpc::__private::HandlerFuture =
@@ -217,7 +220,9 @@ fn expand_client(service: &Service, names: &Names) -> TokenStream {
             quote!(#ident: #ty)
         });
         let arg_names = m.args.iter().map(|a| &a.ident);
+        let tys = m.args.iter().map(|a| &a.ty);
         let output = output_type(m);
+        let call_fn = Ident::new("call", m.params_span);
         // A blank doc line keeps the generated paragraph out of the user's last one.
         let separator = attrs
             .iter()
@@ -237,7 +242,7 @@ fn expand_client(service: &Service, names: &Names) -> TokenStream {
             #vis async fn #method(&self #(, #params)*)
                 -> ::core::result::Result<#output, ::rpc::RpcError>
             {
-                self.inner.call(#wire, &(#(#arg_names,)*)).await
+                self.inner.#call_fn::<(#(#tys,)*), #output>(#wire, &(#(#arg_names,)*)).await
             }
         }
     });

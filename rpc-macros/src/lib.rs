@@ -335,7 +335,7 @@ mod tests {
         assert!(
             quote!(#body)
                 .to_string()
-                .contains("call (\"rename\" , & (user , name ,))")
+                .contains("(\"rename\" , & (user , name ,))")
         );
     }
 
@@ -366,7 +366,7 @@ mod tests {
             "`self` by value",
             "`&mut self`",
             "must take `&self`",
-            "cannot be generic",
+            "cannot have generic parameters",
             "plain identifiers",
             "plain identifiers",
             "such as `String`",

@@ -59,6 +59,8 @@ pub(crate) struct Method {
     pub(crate) output: Option<Type>,
     /// Span of the whole signature, for generated code derived from it.
     pub(crate) span: Span,
+    /// Span of the parenthesized parameter list.
+    pub(crate) params_span: Span,
 }
 
 /// One `name: Type` argument.
@@ -226,7 +228,8 @@ fn check_trait_header(errors: &mut Errors, item: &ItemTrait) {
     check_generics(
         errors,
         &item.generics,
-        "a `#[service]` trait cannot be generic: the server and client are generated for concrete types",
+        "a `#[service]` trait cannot have generic parameters or a `where` clause: the server \
+         and client are generated for concrete types",
     );
 }
 
@@ -258,8 +261,8 @@ fn parse_method(errors: &mut Errors, f: &TraitItemFn) -> Method {
     check_generics(
         errors,
         &sig.generics,
-        "`#[service]` methods cannot be generic: the server must know the concrete argument \
-         and return types to decode them",
+        "`#[service]` methods cannot have generic parameters or a `where` clause: the server \
+         must know the concrete argument and return types to decode them",
     );
     if let Some(body) = &f.default {
         errors.spanned(
@@ -364,6 +367,7 @@ fn parse_method(errors: &mut Errors, f: &TraitItemFn) -> Method {
         args,
         output,
         span: sig.span(),
+        params_span: sig.paren_token.span.join(),
     }
 }
 
@@ -394,7 +398,7 @@ fn check_signature_header(errors: &mut Errors, sig: &Signature) {
 
 fn check_receiver(errors: &mut Errors, sig: &Signature, first: Option<&FnArg>) {
     const SHARED: &str =
-        "the server calls methods concurrently through a shared reference: take `&self`";
+        "the server calls methods concurrently through a shared reference, so take `&self`";
     let Some(FnArg::Receiver(r)) = first else {
         errors.at(
             sig.paren_token.span.join(),
@@ -409,14 +413,14 @@ fn check_receiver(errors: &mut Errors, sig: &Signature, first: Option<&FnArg>) {
     if r.colon_token.is_some() {
         errors.spanned(
             r,
-            format!("explicit `self` types are not supported in `#[service]` methods; {SHARED}"),
+            format!("explicit `self` types are not supported in `#[service]` methods: {SHARED}"),
         );
     } else if let Some((_, lifetime)) = &r.reference {
         if r.mutability.is_some() {
             errors.spanned(
                 r,
                 format!(
-                    "`&mut self` is not supported in `#[service]` methods: {SHARED}, and keep \
+                    "`&mut self` is not supported in `#[service]` methods: {SHARED} and keep \
                      mutable state behind a lock (e.g. `std::sync::Mutex`)"
                 ),
             );

@@ -1,0 +1,6 @@
+#[rpc::service(version = 1.0)]
+pub trait Greeter {
+    async fn hello(&self, name: String) -> String;
+}
+
+fn main() {}

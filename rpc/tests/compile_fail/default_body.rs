@@ -1,0 +1,8 @@
+#[rpc::service]
+pub trait Greeter {
+    async fn hello(&self, name: String) -> String {
+        format!("hello, {name}")
+    }
+}
+
+fn main() {}

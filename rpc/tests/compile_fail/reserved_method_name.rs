@@ -1,0 +1,6 @@
+#[rpc::service]
+pub trait Factory {
+    async fn new(&self, name: String) -> u64;
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[rpc::service]
+pub trait Node {
+    async fn parent(&self) -> Option<Box<Self>>;
+}
+
+fn main() {}
