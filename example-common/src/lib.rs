@@ -138,11 +138,13 @@ pub struct InMemoryUsers {
 
 impl InMemoryUsers {
     /// No users.
+    #[must_use]
     pub fn new() -> Self {
         Self::with_users([])
     }
 
     /// Three well-known users, ids 1 to 3.
+    #[must_use]
     pub fn seeded() -> Self {
         let user = |id, name: &str, email: &str, tags: &[&str]| User {
             id,
@@ -163,6 +165,7 @@ impl InMemoryUsers {
     }
 
     /// These users; new ids continue after the largest one.
+    #[must_use]
     pub fn with_users(users: impl IntoIterator<Item = User>) -> Self {
         let users: HashMap<u64, User> = users.into_iter().map(|u| (u.id, u)).collect();
         let next_id = users.keys().max().map_or(1, |max| max.saturating_add(1));

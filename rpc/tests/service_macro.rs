@@ -220,6 +220,8 @@ async fn ok<R: DeserializeOwned>(
     }
 }
 
+fn assert_send<T: Send>(_: &T) {}
+
 #[test]
 fn metadata_and_constants() {
     let server = UserServiceServer::new(Users::default());
@@ -395,8 +397,6 @@ async fn the_rewritten_trait_is_callable_directly() {
         Err(AppError::EmptyName)
     );
     users.ping().await;
-
-    fn assert_send<T: Send>(_: &T) {}
     assert_send(&users.get_user(1));
     assert_send(&users.ping());
 }
@@ -429,8 +429,6 @@ async fn client_over_an_empty_memory_registry() {
 /// Never called: pins the generated client's signatures at compile time.
 #[allow(dead_code, deprecated)]
 async fn client_signatures(consumer: &rpc::Consumer, config: &RpcConfig, user: User) {
-    fn assert_send<T: Send>(_: &T) {}
-
     let client: UserServiceClient = UserServiceClient::new(consumer);
     let _: Result<UserServiceClient, RpcError> = UserServiceClient::from_config(config).await;
     let _: &rpc::ServiceClient = client.service_client();
