@@ -108,8 +108,8 @@ fn expand_server(service: &Service, names: &Names) -> TokenStream {
         let fields = (0..m.args.len()).map(Index::from);
         let encode_span = m.output.as_ref().map_or(m.span, Spanned::span);
         let encode = quote_spanned!(encode_span=> #replier.encode(&#output));
-        // Unsatisfied serde bounds are reported at the turbofish type, which
-        // carries the user's spans.
+        // A missing `Deserialize` on an argument type is then reported at the
+        // method's parameter list instead of at `async`.
         let decode = quote_spanned!(m.params_span=> #call.decode_args::<(#(#tys,)*)>());
         quote_spanned! {m.span=>
             #wire => {
@@ -222,6 +222,8 @@ fn expand_client(service: &Service, names: &Names) -> TokenStream {
         let arg_names = m.args.iter().map(|a| &a.ident);
         let tys = m.args.iter().map(|a| &a.ty);
         let output = output_type(m);
+        // A missing `Serialize` on an argument type (or `Deserialize` on the
+        // output) is then reported at the method's parameter list.
         let call_fn = Ident::new("call", m.params_span);
         // A blank doc line keeps the generated paragraph out of the user's last one.
         let separator = attrs
@@ -278,7 +280,9 @@ fn expand_client(service: &Service, names: &Names) -> TokenStream {
                 }
             }
 
-            /// Builds a consumer from `config` and a client on it.
+            /// Builds a consumer from `config` and a client on it. Clients of
+            /// several services should share one `rpc::Consumer` (and its
+            /// connections) through [`new`](Self::new) instead.
             ///
             /// # Errors
             ///
