@@ -8,6 +8,8 @@ use rpc_core::{
     Discover, Registration, RegistryConfig, RegistryError, RegistryKind, ServiceMetaInfo, Watch,
 };
 
+#[cfg(feature = "etcd")]
+use crate::etcd::EtcdRegistry;
 use crate::local::LocalRegistry;
 use crate::memory::MemoryRegistry;
 
@@ -23,6 +25,9 @@ pub enum AnyRegistry {
     Memory(MemoryRegistry),
     /// Directory on this host ([`LocalRegistry`]).
     Local(LocalRegistry),
+    /// etcd v3 ([`EtcdRegistry`], feature `etcd`).
+    #[cfg(feature = "etcd")]
+    Etcd(EtcdRegistry),
 }
 
 impl AnyRegistry {
@@ -42,12 +47,14 @@ impl AnyRegistry {
             RegistryKind::Memory => Ok(Self::Memory(MemoryRegistry::shared(
                 config.address.first().unwrap_or(DEFAULT_MEMORY_NAME),
             ))),
-            // The cargo features exist but the clients do not yet: reported
-            // as not compiled in whether or not the feature is on.
-            kind @ (RegistryKind::Etcd
-            | RegistryKind::Zookeeper
-            | RegistryKind::Consul
-            | RegistryKind::Nacos) => Err(RegistryError::NotCompiled(kind.as_str())),
+            #[cfg(feature = "etcd")]
+            RegistryKind::Etcd => Ok(Self::Etcd(EtcdRegistry::connect(config).await?)),
+            #[cfg(not(feature = "etcd"))]
+            RegistryKind::Etcd => Err(RegistryError::NotCompiled("etcd")),
+            // Not written yet: reported as not compiled in.
+            kind @ (RegistryKind::Zookeeper | RegistryKind::Consul | RegistryKind::Nacos) => {
+                Err(RegistryError::NotCompiled(kind.as_str()))
+            }
         }
     }
 
@@ -56,7 +63,27 @@ impl AnyRegistry {
         match self {
             Self::Memory(_) => RegistryKind::Memory,
             Self::Local(_) => RegistryKind::Local,
+            #[cfg(feature = "etcd")]
+            Self::Etcd(_) => RegistryKind::Etcd,
         }
+    }
+
+    /// Ends this registry's sessions: backends with a lease or session
+    /// release it, removing every instance published through it at once.
+    /// Registrations are removed either way when their handles drop.
+    pub async fn shutdown(&self) {
+        match self {
+            Self::Memory(_) | Self::Local(_) => {}
+            #[cfg(feature = "etcd")]
+            Self::Etcd(r) => r.shutdown().await,
+        }
+    }
+}
+
+#[cfg(feature = "etcd")]
+impl From<EtcdRegistry> for AnyRegistry {
+    fn from(r: EtcdRegistry) -> Self {
+        Self::Etcd(r)
     }
 }
 
@@ -77,6 +104,8 @@ impl rpc_core::Registry for AnyRegistry {
         match self {
             Self::Memory(r) => r.register(meta).await,
             Self::Local(r) => r.register(meta).await,
+            #[cfg(feature = "etcd")]
+            Self::Etcd(r) => r.register(meta).await,
         }
     }
 }
@@ -86,6 +115,8 @@ impl Discover for AnyRegistry {
         match self {
             Self::Memory(r) => r.discover(service_key).await,
             Self::Local(r) => r.discover(service_key).await,
+            #[cfg(feature = "etcd")]
+            Self::Etcd(r) => r.discover(service_key).await,
         }
     }
 
@@ -93,6 +124,8 @@ impl Discover for AnyRegistry {
         match self {
             Self::Memory(r) => r.watch(service_key).await,
             Self::Local(r) => r.watch(service_key).await,
+            #[cfg(feature = "etcd")]
+            Self::Etcd(r) => r.watch(service_key).await,
         }
     }
 }
@@ -148,6 +181,7 @@ mod tests {
     #[tokio::test]
     async fn missing_backends_say_so() {
         for kind in [
+            #[cfg(not(feature = "etcd"))]
             RegistryKind::Etcd,
             RegistryKind::Zookeeper,
             RegistryKind::Consul,

@@ -19,9 +19,12 @@
 //!
 //! # Cargo features
 //!
-//! `etcd`, `zookeeper`, `consul`, `nacos`: reserved for the remote backends.
-//! They compile nothing yet; [`AnyRegistry::from_config`] reports those
-//! backends as [`rpc_core::RegistryError::NotCompiled`].
+//! * `etcd` — `etcd::EtcdRegistry`: one lease per registry kept alive over
+//!   the keep-alive stream; prefix watches that resume from the last
+//!   revision. Needs `protoc` at build time.
+//! * `zookeeper`, `consul`, `nacos` — reserved; until their backends land,
+//!   [`AnyRegistry::from_config`] reports them as
+//!   [`rpc_core::RegistryError::NotCompiled`].
 //!
 //! Every backend passes the conformance suite in `tests/conformance/`, which
 //! also says which cases a backend cannot run and why.
@@ -31,12 +34,16 @@
 #![warn(missing_debug_implementations, unreachable_pub)]
 
 pub mod cache;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod factory;
 pub mod local;
 pub mod memory;
 mod task;
 
 pub use cache::{CacheError, CacheOptions, ServiceCache, ServiceHandle};
+#[cfg(feature = "etcd")]
+pub use etcd::EtcdRegistry;
 pub use factory::AnyRegistry;
 pub use local::{LocalOptions, LocalRegistry};
 pub use memory::MemoryRegistry;

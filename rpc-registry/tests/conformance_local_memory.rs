@@ -85,7 +85,7 @@ impl Backend for LocalBackend {
         ])
     }
 
-    fn provider_from_env() -> LocalRegistry {
+    async fn provider_from_env() -> LocalRegistry {
         let dir = std::env::var(DIR_VAR).unwrap();
         let ttl: u64 = std::env::var(TTL_VAR).unwrap().parse().unwrap();
         Self::open(dir.into(), Duration::from_millis(ttl))
@@ -144,7 +144,7 @@ impl Backend for MemoryBackend {
         ))
     }
 
-    fn provider_from_env() -> MemoryRegistry {
+    async fn provider_from_env() -> MemoryRegistry {
         // Never reached: `child_env` is unsupported, so no child is started.
         MemoryRegistry::new()
     }

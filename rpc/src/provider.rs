@@ -1,7 +1,8 @@
 //! Providers: bind, register, serve, shut down in order.
 //!
 //! Shutdown sequence, started by the future passed to [`Provider::run`]:
-//! 1. deregister every service (consumers stop picking this instance),
+//! 1. deregister every service (consumers stop picking this instance), then
+//!    release the registry's lease or session,
 //! 2. stop accepting connections and reading new requests,
 //! 3. let in-flight calls finish, up to `server.shutdown_timeout_ms`,
 //! 4. abort what is left and return.
@@ -113,6 +114,7 @@ impl Provider {
             registrations.push(reg);
         }
         let timeout = self.config.registry.timeout();
+        let registry = self.registry.clone();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let control = async move {
             shutdown.await;
@@ -129,6 +131,9 @@ impl Provider {
                     }
                 }
             }
+            // Leases and sessions go last: one revoke clears anything a
+            // failed deregistration left behind.
+            registry.shutdown().await;
             let _ = stop_tx.send(());
         };
         let serve = self.server.run(async {

@@ -20,6 +20,8 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -53,6 +55,11 @@ pub trait Backend: Sized + Send + Sync + 'static {
     /// Name for messages.
     const NAME: &'static str;
 
+    /// Whether the backend's server can be reached. `Err` explains why not;
+    /// the case is then skipped, or fails under `RPC_REQUIRE_SERVERS=1`.
+    async fn available() -> Result<(), String> {
+        Ok(())
+    }
     /// A fresh, isolated registry.
     async fn setup() -> Self;
     /// A provider-side handle.
@@ -70,7 +77,7 @@ pub trait Backend: Sized + Send + Sync + 'static {
     /// with [`Backend::provider_from_env`].
     fn child_env(&self) -> Result<Vec<(String, String)>, Unsupported>;
     /// In the child process: the provider described by [`Backend::child_env`].
-    fn provider_from_env() -> Self::Provider;
+    async fn provider_from_env() -> Self::Provider;
 
     /// Makes the backend lose `meta`'s registration behind its provider's
     /// back (lease revoked, record deleted).
@@ -150,6 +157,32 @@ async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) ->
     }
 }
 
+/// Set by the test command: a missing server is a failure, not a skip.
+pub const REQUIRE_SERVERS_VAR: &str = "RPC_REQUIRE_SERVERS";
+
+/// Whether missing servers must fail the tests.
+pub fn servers_required() -> bool {
+    std::env::var(REQUIRE_SERVERS_VAR).is_ok_and(|v| v == "1")
+}
+
+/// Sets up a backend, or skips (prints one line) when its server is not
+/// there, or fails when `RPC_REQUIRE_SERVERS=1`.
+async fn setup<B: Backend>() -> Option<B> {
+    if let Err(why) = B::available().await {
+        assert!(
+            !servers_required(),
+            "[{}] server required ({REQUIRE_SERVERS_VAR}=1) but unavailable: {why}",
+            B::NAME
+        );
+        println!(
+            "SKIP [{}] no server: {why} (scripts/registry-servers.sh up starts one)",
+            B::NAME
+        );
+        return None;
+    }
+    Some(B::setup().await)
+}
+
 fn skip<B: Backend>(case: &str, why: &Unsupported) {
     println!("SKIP [{}] {case}: {}", B::NAME, why.0);
 }
@@ -203,7 +236,9 @@ fn node_keys(list: &[ServiceMetaInfo]) -> Vec<String> {
 
 /// (1) A registered instance is discovered with every field intact.
 pub async fn register_then_discover<B: Backend>() {
-    let b = B::setup().await;
+    let Some(b) = setup::<B>().await else {
+        return;
+    };
     let mut meta = ServiceMetaInfo::new("Conf.Fields", "2.1-beta", "10.1.2.3", 65_000);
     meta.service_group = "blue/green".into();
     meta.weight = 7;
@@ -230,7 +265,9 @@ pub async fn register_then_discover<B: Backend>() {
 
 /// (2) Instances, services and versions do not leak into each other.
 pub async fn services_are_kept_apart<B: Backend>() {
-    let b = B::setup().await;
+    let Some(b) = setup::<B>().await else {
+        return;
+    };
     let p = b.provider();
     let a1 = instance("Conf.Apart", "1.0", 7001);
     let a2 = instance("Conf.Apart", "1.0", 7002);
@@ -255,7 +292,9 @@ pub async fn services_are_kept_apart<B: Backend>() {
 
 /// (3) A watcher sees an addition, then a removal, in order.
 pub async fn watch_sees_add_then_remove<B: Backend>() {
-    let b = B::setup().await;
+    let Some(b) = setup::<B>().await else {
+        return;
+    };
     let meta = instance("Conf.Watch", "1.0", 7100);
     let mut watch = b.consumer().watch("Conf.Watch:1.0").await.unwrap();
     assert_eq!(
@@ -285,7 +324,9 @@ pub async fn watch_sees_add_then_remove<B: Backend>() {
 /// (4) Explicit deregistration is visible once it returns; dropping the
 /// registration removes the instance soon after.
 pub async fn deregister_removes<B: Backend>() {
-    let b = B::setup().await;
+    let Some(b) = setup::<B>().await else {
+        return;
+    };
     let p = b.provider();
     let c = b.consumer();
     let explicit = instance("Conf.Dereg", "1.0", 7201);
@@ -318,7 +359,9 @@ pub async fn deregister_removes<B: Backend>() {
 /// (5) A provider process killed with SIGKILL, which cannot deregister,
 /// disappears within the TTL (plus propagation).
 pub async fn sigkilled_provider_disappears<B: Backend>(child_test: &str) {
-    let b = B::setup().await;
+    let Some(b) = setup::<B>().await else {
+        return;
+    };
     let env = match b.child_env() {
         Ok(env) => env,
         Err(why) => return skip::<B>("SIGKILL", &why),
@@ -377,7 +420,7 @@ pub async fn child_provider<B: Backend>() {
         return;
     };
     let meta = ServiceMetaInfo::from_json(json.as_bytes()).unwrap();
-    let registration: Registration = B::provider_from_env().register(meta).await.unwrap();
+    let registration: Registration = B::provider_from_env().await.register(meta).await.unwrap();
     println!("{READY_LINE} {}", registration.meta().node_key());
     tokio::time::sleep(CHILD_LIFETIME).await;
     drop(registration);
@@ -386,7 +429,9 @@ pub async fn child_provider<B: Backend>() {
 /// (6) After the backend loses a registration, the still-running provider
 /// publishes it again and consumers see it.
 pub async fn lost_registration_comes_back<B: Backend>() {
-    let b = B::setup().await;
+    let Some(b) = setup::<B>().await else {
+        return;
+    };
     let meta = instance("Conf.Lost", "1.0", 7400);
     let registration = b.provider().register(meta.clone()).await.unwrap();
     let cache = cache(b.consumer());
@@ -421,7 +466,9 @@ pub async fn lost_registration_comes_back<B: Backend>() {
 
 /// (7) An unknown service is an empty list, not an error.
 pub async fn unknown_service_is_empty<B: Backend>() {
-    let b = B::setup().await;
+    let Some(b) = setup::<B>().await else {
+        return;
+    };
     let c = b.consumer();
     assert!(c.discover("Conf.Nobody:9.9").await.unwrap().is_empty());
     let mut watch = c.watch("Conf.Nobody:9.9").await.unwrap();
@@ -436,7 +483,9 @@ pub async fn unknown_service_is_empty<B: Backend>() {
 /// (8) A consumer cache keeps its last list while the registry is
 /// unreachable, and catches up with additions and removals once it is back.
 pub async fn cache_rides_out_an_outage<B: Backend>() {
-    let b = B::setup().await;
+    let Some(b) = setup::<B>().await else {
+        return;
+    };
     let p = b.provider();
     let stays = instance("Conf.Outage", "1.0", 7501);
     let leaves = instance("Conf.Outage", "1.0", 7502);

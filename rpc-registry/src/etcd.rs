@@ -1,0 +1,790 @@
+//! [`EtcdRegistry`]: etcd v3 as the registry (cargo feature `etcd`).
+//!
+//! # Key layout
+//!
+//! `/rpc/{name:version}/{host:port}` holds the instance's
+//! [`ServiceMetaInfo`] as JSON (the Java original's layout and field names).
+//! With `registry.namespace = "team-a"` the root becomes `/team-a/rpc/`, so
+//! several tenants (or test runs) can share one etcd without seeing each
+//! other.
+//!
+//! # Registering
+//!
+//! Every key a registry publishes hangs off ONE lease per registry (TTL =
+//! `ttl_secs`), kept alive over etcd's keep-alive stream by a keeper task,
+//! not by granting a lease per beat. When the lease is lost — it expired
+//! during a partition, someone revoked it, or etcd came back with an empty
+//! data dir — the keeper grants a new one and puts every key again, with
+//! backoff, logs it, and bumps each registration's generation. Dropping the
+//! last handle (or [`EtcdRegistry::shutdown`]) revokes the lease, removing
+//! every key at once.
+//!
+//! # Discovering
+//!
+//! One prefix get of `/rpc/{name:version}/`, then a prefix watch starting at
+//! the revision after it, so no event falls in between. A broken watch is
+//! re-established from the last revision seen; if that revision was
+//! compacted, or the cluster's revision went backwards (a reset cluster),
+//! the watch resynchronises with a fresh get and reports it as a snapshot.
+//! Watches are per service and end when their [`Watch`] is dropped.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, LeaseKeepAliveStream,
+    LeaseKeeper, PutOptions, TlsOptions, WatchOptions,
+};
+use rpc_core::discover::WATCH_CHANNEL_CAPACITY;
+use rpc_core::{
+    BoxFuture, Deregister, Discover, Registration, RegistrationState, RegistryConfig,
+    RegistryError, ServiceMetaInfo, Watch, WatchEvent,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Instant, sleep, timeout};
+use tracing::{debug, info, warn};
+
+use crate::task::AbortOnDrop;
+
+const BACKEND: &str = "etcd";
+/// Root of every key this backend writes, without a namespace.
+pub const PREFIX: &str = "/rpc/";
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const COMMAND_CAPACITY: usize = 64;
+
+fn unavailable(message: impl Into<String>, e: impl Into<rpc_core::BoxError>) -> RegistryError {
+    RegistryError::unavailable(BACKEND, message, e)
+}
+
+fn timed_out(what: &str, t: Duration) -> RegistryError {
+    RegistryError::Unavailable {
+        backend: BACKEND,
+        message: format!("{what} timed out after {t:?}"),
+        source: None,
+    }
+}
+
+/// The key root for a namespace: `/rpc/` or `/{namespace}/rpc/`.
+pub fn root_for(namespace: Option<&str>) -> String {
+    match namespace
+        .map(|n| n.trim_matches('/'))
+        .filter(|n| !n.is_empty())
+    {
+        Some(ns) => format!("/{ns}{PREFIX}"),
+        None => PREFIX.to_owned(),
+    }
+}
+
+/// etcd as a registry. Cheap to clone; clones share one client and one lease.
+#[derive(Clone)]
+pub struct EtcdRegistry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    root: String,
+    endpoints: Vec<String>,
+    ttl: Duration,
+    timeout: Duration,
+    commands: mpsc::Sender<Command>,
+}
+
+impl fmt::Debug for EtcdRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdRegistry")
+            .field("endpoints", &self.inner.endpoints)
+            .field("ttl", &self.inner.ttl)
+            .finish()
+    }
+}
+
+enum Command {
+    Register {
+        key: String,
+        value: String,
+        state: watch::Sender<RegistrationState>,
+        done: oneshot::Sender<Result<(), RegistryError>>,
+    },
+    Deregister {
+        key: String,
+        done: Option<oneshot::Sender<Result<(), RegistryError>>>,
+    },
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
+}
+
+fn read_file(path: &std::path::Path, key: &str) -> Result<Vec<u8>, RegistryError> {
+    std::fs::read(path).map_err(|e| RegistryError::Unavailable {
+        backend: BACKEND,
+        message: format!("cannot read registry.tls.{key} {}", path.display()),
+        source: Some(Box::new(e)),
+    })
+}
+
+impl EtcdRegistry {
+    /// Connects to the endpoints in `config.address` (one or a cluster) with
+    /// `timeout_ms`, optional `username`/`password` and optional `tls`.
+    pub async fn connect(config: &RegistryConfig) -> Result<Self, RegistryError> {
+        let endpoints: Vec<String> = config.address.as_slice().to_vec();
+        if endpoints.is_empty() {
+            return Err(RegistryError::Unavailable {
+                backend: BACKEND,
+                message: "registry.address lists no endpoint".into(),
+                source: None,
+            });
+        }
+        let t = config.timeout();
+        let ttl = config.ttl().max(Duration::from_secs(1));
+        let mut options = ConnectOptions::new()
+            .with_timeout(t)
+            .with_connect_timeout(t)
+            // HTTP/2 pings notice a dead server even on an idle watch.
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true);
+        if let (Some(user), Some(password)) = (&config.username, &config.password) {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        if let Some(tls) = &config.tls {
+            let mut o = TlsOptions::new();
+            if let Some(ca) = &tls.ca_file {
+                o = o.ca_certificate(Certificate::from_pem(read_file(ca, "ca_file")?));
+            }
+            match (&tls.cert_file, &tls.key_file) {
+                (Some(cert), Some(key)) => {
+                    o = o.identity(Identity::from_pem(
+                        read_file(cert, "cert_file")?,
+                        read_file(key, "key_file")?,
+                    ));
+                }
+                (None, None) => {}
+                _ => {
+                    return Err(RegistryError::Unavailable {
+                        backend: BACKEND,
+                        message: "registry.tls needs both cert_file and key_file for a client certificate".into(),
+                        source: None,
+                    });
+                }
+            }
+            if let Some(domain) = &tls.domain {
+                o = o.domain_name(domain.clone());
+            }
+            options = options.with_tls(o);
+        }
+        let client = timeout(t, Client::connect(&endpoints, Some(options)))
+            .await
+            .map_err(|_| timed_out("connecting", t))?
+            .map_err(|e| unavailable(format!("cannot connect to {}", endpoints.join(",")), e))?;
+        let (tx, rx) = mpsc::channel(COMMAND_CAPACITY);
+        let keeper = Keeper {
+            client: client.clone(),
+            ttl,
+            timeout: t,
+            lease: None,
+            stream: None,
+            keys: HashMap::new(),
+            generation: 0,
+            retry_at: None,
+            backoff: BACKOFF_MIN,
+        };
+        // The keeper owns the lease. It ends when every handle is gone, after
+        // revoking the lease (bounded by the timeout).
+        tokio::spawn(keeper.run(rx));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                root: root_for(config.namespace.as_deref()),
+                endpoints,
+                ttl,
+                timeout: t,
+                commands: tx,
+            }),
+        })
+    }
+
+    /// The etcd key of an instance.
+    pub fn instance_key(&self, meta: &ServiceMetaInfo) -> String {
+        format!("{}{}", self.inner.root, meta.node_key())
+    }
+
+    fn service_prefix(&self, service_key: &str) -> String {
+        format!("{}{service_key}/", self.inner.root)
+    }
+
+    /// The lease TTL.
+    pub fn ttl(&self) -> Duration {
+        self.inner.ttl
+    }
+
+    /// The configured endpoints.
+    pub fn endpoints(&self) -> &[String] {
+        &self.inner.endpoints
+    }
+
+    /// Revokes the lease now, removing every key this registry published,
+    /// and stops keeping registrations alive.
+    pub async fn shutdown(&self) {
+        let (done, rx) = oneshot::channel();
+        if self
+            .inner
+            .commands
+            .send(Command::Shutdown { done })
+            .await
+            .is_ok()
+        {
+            let _ = timeout(self.inner.timeout, rx).await;
+        }
+    }
+
+    async fn get_prefix(
+        client: &mut Client,
+        prefix: &str,
+        t: Duration,
+    ) -> Result<(Vec<ServiceMetaInfo>, i64), RegistryError> {
+        let resp = timeout(t, client.get(prefix, Some(GetOptions::new().with_prefix())))
+            .await
+            .map_err(|_| timed_out("get", t))?
+            .map_err(|e| unavailable(format!("get {prefix}"), e))?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let mut list = Vec::with_capacity(resp.kvs().len());
+        for kv in resp.kvs() {
+            match ServiceMetaInfo::from_json(kv.value()) {
+                Ok(m) => list.push(m),
+                Err(e) => {
+                    warn!(key = %String::from_utf8_lossy(kv.key()), error = %e, "skipping malformed instance record")
+                }
+            }
+        }
+        list.sort_by_key(|m| m.node_key());
+        Ok((list, revision))
+    }
+}
+
+impl rpc_core::Registry for EtcdRegistry {
+    async fn register(&self, meta: ServiceMetaInfo) -> Result<Registration, RegistryError> {
+        let key = self.instance_key(&meta);
+        let (state_tx, state_rx) = watch::channel(RegistrationState::Reregistering);
+        let (done, rx) = oneshot::channel();
+        let cmd = Command::Register {
+            key: key.clone(),
+            value: meta.to_json(),
+            state: state_tx,
+            done,
+        };
+        let t = self.inner.timeout;
+        self.inner
+            .commands
+            .send(cmd)
+            .await
+            .map_err(|_| RegistryError::Shutdown)?;
+        timeout(t * 2, rx)
+            .await
+            .map_err(|_| timed_out("register", t * 2))?
+            .map_err(|_| RegistryError::Shutdown)??;
+        Ok(Registration::new(
+            meta,
+            state_rx,
+            EtcdDeregister {
+                key,
+                commands: self.inner.commands.clone(),
+                timeout: t,
+            },
+        ))
+    }
+}
+
+struct EtcdDeregister {
+    key: String,
+    commands: mpsc::Sender<Command>,
+    timeout: Duration,
+}
+
+impl Deregister for EtcdDeregister {
+    fn deregister(self: Box<Self>) -> BoxFuture<'static, Result<(), RegistryError>> {
+        Box::pin(async move {
+            let (done, rx) = oneshot::channel();
+            let cmd = Command::Deregister {
+                key: self.key,
+                done: Some(done),
+            };
+            if self.commands.send(cmd).await.is_err() {
+                // The keeper is gone: its lease was revoked with it.
+                return Ok(());
+            }
+            timeout(self.timeout, rx)
+                .await
+                .map_err(|_| timed_out("deregister", self.timeout))?
+                .unwrap_or(Ok(()))
+        })
+    }
+
+    fn deregister_on_drop(self: Box<Self>) {
+        let cmd = Command::Deregister {
+            key: self.key,
+            done: None,
+        };
+        if let Err(mpsc::error::TrySendError::Full(cmd)) = self.commands.try_send(cmd) {
+            // A burst of drops: hand the send to the runtime rather than lose it.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let commands = self.commands.clone();
+                rt.spawn(async move {
+                    let _ = commands.send(cmd).await;
+                });
+            }
+        }
+    }
+}
+
+/// Owns the lease and the set of published keys.
+struct Keeper {
+    client: Client,
+    ttl: Duration,
+    timeout: Duration,
+    lease: Option<i64>,
+    stream: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+    keys: HashMap<String, (String, watch::Sender<RegistrationState>)>,
+    generation: u64,
+    /// Set while the lease is lost: when to try to restore it next.
+    retry_at: Option<Instant>,
+    backoff: Duration,
+}
+
+impl Keeper {
+    fn beat_interval(&self) -> Duration {
+        (self.ttl / 3).max(Duration::from_millis(300))
+    }
+
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut beat = tokio::time::interval(self.beat_interval());
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let retry_at = self.retry_at;
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(Command::Register { key, value, state, done }) => {
+                        let r = self.register(key, value, state).await;
+                        let _ = done.send(r);
+                    }
+                    Some(Command::Deregister { key, done }) => {
+                        let r = self.deregister(&key).await;
+                        if let Some(done) = done {
+                            let _ = done.send(r);
+                        }
+                    }
+                    Some(Command::Shutdown { done }) => {
+                        self.revoke().await;
+                        let _ = done.send(());
+                        // Keep answering deregistrations (no-ops now) until
+                        // every handle is gone.
+                        while let Some(cmd) = commands.recv().await {
+                            match cmd {
+                                Command::Register { done, .. } => {
+                                    let _ = done.send(Err(RegistryError::Shutdown));
+                                }
+                                Command::Deregister { done: Some(done), .. } => {
+                                    let _ = done.send(Ok(()));
+                                }
+                                Command::Shutdown { done } => {
+                                    let _ = done.send(());
+                                }
+                                Command::Deregister { done: None, .. } => {}
+                            }
+                        }
+                        return;
+                    }
+                    None => {
+                        self.revoke().await;
+                        return;
+                    }
+                },
+                _ = beat.tick(), if self.lease.is_some() && retry_at.is_none() => {
+                    let sent = match &mut self.stream {
+                        Some((keeper, _)) => timeout(self.timeout, keeper.keep_alive()).await,
+                        None => Ok(Err(etcd_client::Error::WatchError("no keep-alive stream".into()))),
+                    };
+                    if !matches!(sent, Ok(Ok(()))) {
+                        self.lost("keep-alive could not be sent");
+                    }
+                }
+                reply = next_keep_alive(&mut self.stream), if self.stream.is_some() => match reply {
+                    Ok(Some(ttl)) if ttl > 0 => {}
+                    Ok(Some(_)) => self.lost("etcd reports the lease expired or unknown"),
+                    Ok(None) => self.lost("keep-alive stream closed"),
+                    Err(e) => self.lost(&format!("keep-alive stream failed: {e}")),
+                },
+                _ = sleep_until_opt(retry_at), if retry_at.is_some() => {
+                    self.restore().await;
+                }
+            }
+        }
+    }
+
+    /// Marks the lease as lost: the next `restore` grants a new one.
+    fn lost(&mut self, why: &str) {
+        if self.retry_at.is_some() {
+            return;
+        }
+        warn!(lease = ?self.lease, keys = self.keys.len(), reason = why, "etcd lease lost; re-registering");
+        self.stream = None;
+        for (_, state) in self.keys.values() {
+            state.send_replace(RegistrationState::Reregistering);
+        }
+        self.retry_at = Some(Instant::now());
+    }
+
+    /// Tries once to get a live lease and republish every key under it.
+    async fn restore(&mut self) {
+        match self.republish().await {
+            Ok(()) => {
+                self.retry_at = None;
+                self.backoff = BACKOFF_MIN;
+            }
+            Err(e) => {
+                debug!(error = %e, backoff = ?self.backoff, "etcd re-registration failed; retrying");
+                self.retry_at = Some(Instant::now() + self.backoff);
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+
+    async fn republish(&mut self) -> Result<(), RegistryError> {
+        self.lease = None;
+        self.stream = None;
+        if self.keys.is_empty() {
+            // Nothing to keep alive: the next registration grants a lease.
+            return Ok(());
+        }
+        let lease = self.grant().await?;
+        self.generation += 1;
+        let keys: Vec<(String, String)> = self
+            .keys
+            .iter()
+            .map(|(k, (v, _))| (k.clone(), v.clone()))
+            .collect();
+        for (key, value) in &keys {
+            self.put(key, value, lease).await?;
+        }
+        for (_, state) in self.keys.values() {
+            state.send_replace(RegistrationState::Registered {
+                generation: self.generation,
+            });
+        }
+        info!(
+            lease,
+            keys = keys.len(),
+            generation = self.generation,
+            "etcd registrations restored under a new lease"
+        );
+        Ok(())
+    }
+
+    async fn grant(&mut self) -> Result<i64, RegistryError> {
+        let t = self.timeout;
+        let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX).max(1);
+        let lease = timeout(t, self.client.lease_grant(ttl, None))
+            .await
+            .map_err(|_| timed_out("lease grant", t))?
+            .map_err(|e| unavailable("lease grant", e))?
+            .id();
+        let stream = timeout(t, self.client.lease_keep_alive(lease))
+            .await
+            .map_err(|_| timed_out("lease keep-alive", t))?
+            .map_err(|e| unavailable("lease keep-alive", e))?;
+        self.lease = Some(lease);
+        self.stream = Some(stream);
+        debug!(lease, ttl, "etcd lease granted");
+        Ok(lease)
+    }
+
+    async fn put(&mut self, key: &str, value: &str, lease: i64) -> Result<(), RegistryError> {
+        let t = self.timeout;
+        timeout(
+            t,
+            self.client
+                .put(key, value, Some(PutOptions::new().with_lease(lease))),
+        )
+        .await
+        .map_err(|_| timed_out("put", t))?
+        .map_err(|e| unavailable(format!("put {key}"), e))?;
+        Ok(())
+    }
+
+    async fn register(
+        &mut self,
+        key: String,
+        value: String,
+        state: watch::Sender<RegistrationState>,
+    ) -> Result<(), RegistryError> {
+        if self.retry_at.is_some() {
+            return Err(RegistryError::Unavailable {
+                backend: BACKEND,
+                message: "the etcd lease is lost and being restored; try again".into(),
+                source: None,
+            });
+        }
+        let lease = match self.lease {
+            Some(l) => l,
+            None => self.grant().await?,
+        };
+        self.put(&key, &value, lease).await?;
+        state.send_replace(RegistrationState::Registered {
+            generation: self.generation,
+        });
+        self.keys.insert(key, (value, state));
+        Ok(())
+    }
+
+    async fn deregister(&mut self, key: &str) -> Result<(), RegistryError> {
+        let Some((_, state)) = self.keys.remove(key) else {
+            return Ok(());
+        };
+        state.send_replace(RegistrationState::Deregistered);
+        let t = self.timeout;
+        timeout(t, self.client.delete(key, None))
+            .await
+            .map_err(|_| timed_out("delete", t))?
+            .map_err(|e| unavailable(format!("delete {key}"), e))?;
+        Ok(())
+    }
+
+    async fn revoke(&mut self) {
+        for (_, state) in self.keys.values() {
+            state.send_replace(RegistrationState::Deregistered);
+        }
+        self.keys.clear();
+        self.stream = None;
+        if let Some(lease) = self.lease.take() {
+            match timeout(self.timeout, self.client.lease_revoke(lease)).await {
+                Ok(Ok(_)) => info!(lease, "etcd lease revoked"),
+                Ok(Err(e)) => {
+                    warn!(lease, error = %e, "etcd lease revoke failed; keys expire with the TTL")
+                }
+                Err(_) => warn!(
+                    lease,
+                    "etcd lease revoke timed out; keys expire with the TTL"
+                ),
+            }
+        }
+    }
+}
+
+async fn next_keep_alive(
+    stream: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+) -> Result<Option<i64>, etcd_client::Error> {
+    match stream {
+        Some((_, s)) => s.message().await.map(|m| m.map(|r| r.ttl())),
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Discover for EtcdRegistry {
+    async fn discover(&self, service_key: &str) -> Result<Vec<ServiceMetaInfo>, RegistryError> {
+        let mut client = self.inner.client.clone();
+        Ok(Self::get_prefix(
+            &mut client,
+            &self.service_prefix(service_key),
+            self.inner.timeout,
+        )
+        .await?
+        .0)
+    }
+
+    async fn watch(&self, service_key: &str) -> Result<Watch, RegistryError> {
+        let prefix = self.service_prefix(service_key);
+        let mut client = self.inner.client.clone();
+        let t = self.inner.timeout;
+        // The first snapshot is read here so that an unreachable etcd is an
+        // error to the caller, not a silent empty list.
+        let (list, revision) = Self::get_prefix(&mut client, &prefix, t).await?;
+        let (tx, rx) = mpsc::channel(WATCH_CHANNEL_CAPACITY);
+        if tx.send(WatchEvent::Snapshot(list)).await.is_err() {
+            return Err(RegistryError::Shutdown);
+        }
+        let follower = Follower {
+            client,
+            root: self.inner.root.clone(),
+            prefix,
+            timeout: t,
+            tx,
+            revision,
+            connected: true,
+        };
+        match AbortOnDrop::spawn(follower.run()) {
+            Some(task) => Ok(Watch::with_guard(rx, task)),
+            None => Err(RegistryError::Unavailable {
+                backend: BACKEND,
+                message: "watch needs a Tokio runtime".into(),
+                source: None,
+            }),
+        }
+    }
+}
+
+/// Follows one service prefix.
+struct Follower {
+    client: Client,
+    root: String,
+    prefix: String,
+    timeout: Duration,
+    tx: mpsc::Sender<WatchEvent>,
+    /// Last revision whose events were delivered.
+    revision: i64,
+    connected: bool,
+}
+
+enum WatchEnd {
+    /// The consumer is gone.
+    Closed,
+    /// Resume from `revision + 1` after a backoff.
+    Broken(String),
+    /// Resynchronise with a fresh get first.
+    Resync(String),
+}
+
+impl Follower {
+    async fn run(mut self) {
+        let mut backoff = BACKOFF_MIN;
+        let mut resync = false;
+        loop {
+            if resync {
+                match Self::snapshot(&mut self).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => {
+                        debug!(prefix = %self.prefix, error = %e, "etcd resync failed");
+                        if !self.set_connected(false).await || !self.pause(&mut backoff).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+                resync = false;
+            }
+            match self.follow().await {
+                WatchEnd::Closed => return,
+                WatchEnd::Resync(why) => {
+                    info!(prefix = %self.prefix, reason = why, "etcd watch resynchronising");
+                    resync = true;
+                }
+                WatchEnd::Broken(why) => {
+                    debug!(prefix = %self.prefix, reason = why, "etcd watch broken");
+                    if !self.set_connected(false).await || !self.pause(&mut backoff).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
+            backoff = BACKOFF_MIN;
+        }
+    }
+
+    /// Waits `backoff` (doubling it) unless the consumer goes away first.
+    async fn pause(&self, backoff: &mut Duration) -> bool {
+        let d = *backoff;
+        *backoff = (*backoff * 2).min(BACKOFF_MAX);
+        tokio::select! {
+            _ = sleep(d) => true,
+            _ = self.tx.closed() => false,
+        }
+    }
+
+    async fn set_connected(&mut self, up: bool) -> bool {
+        if self.connected == up {
+            return true;
+        }
+        self.connected = up;
+        self.tx.send(WatchEvent::Connected(up)).await.is_ok()
+    }
+
+    /// A fresh get, delivered as a snapshot. `Ok(false)`: consumer gone.
+    async fn snapshot(&mut self) -> Result<bool, RegistryError> {
+        let (list, revision) =
+            EtcdRegistry::get_prefix(&mut self.client, &self.prefix, self.timeout).await?;
+        self.revision = revision;
+        if self.tx.send(WatchEvent::Snapshot(list)).await.is_err() {
+            return Ok(false);
+        }
+        Ok(self.set_connected(true).await)
+    }
+
+    async fn follow(&mut self) -> WatchEnd {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(self.revision + 1);
+        let mut stream = tokio::select! {
+            _ = self.tx.closed() => return WatchEnd::Closed,
+            s = timeout(self.timeout, self.client.watch(self.prefix.as_str(), Some(options))) => match s {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return WatchEnd::Broken(e.to_string()),
+                Err(_) => return WatchEnd::Broken("watch request timed out".into()),
+            },
+        };
+        loop {
+            let msg = tokio::select! {
+                _ = self.tx.closed() => return WatchEnd::Closed,
+                m = stream.message() => m,
+            };
+            let resp = match msg {
+                Ok(Some(r)) => r,
+                Ok(None) => return WatchEnd::Broken("watch stream ended".into()),
+                Err(e) => return WatchEnd::Broken(e.to_string()),
+            };
+            if resp.compact_revision() > 0 {
+                return WatchEnd::Resync(format!(
+                    "revision {} was compacted (oldest kept: {})",
+                    self.revision + 1,
+                    resp.compact_revision()
+                ));
+            }
+            if resp.canceled() {
+                return WatchEnd::Resync(format!("watch cancelled: {}", resp.cancel_reason()));
+            }
+            if resp.created() {
+                let now = resp.header().map(|h| h.revision()).unwrap_or(0);
+                if now < self.revision {
+                    // etcd lost its history (restarted from an empty data dir):
+                    // our revision means nothing there any more.
+                    return WatchEnd::Resync(format!(
+                        "cluster revision went back from {} to {now}",
+                        self.revision
+                    ));
+                }
+                if !self.set_connected(true).await {
+                    return WatchEnd::Closed;
+                }
+            }
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                self.revision = self.revision.max(kv.mod_revision());
+                let key = String::from_utf8_lossy(kv.key());
+                let event = match ev.event_type() {
+                    EventType::Put => match ServiceMetaInfo::from_json(kv.value()) {
+                        Ok(m) => WatchEvent::Upsert(m),
+                        Err(e) => {
+                            warn!(%key, error = %e, "skipping malformed instance record");
+                            continue;
+                        }
+                    },
+                    EventType::Delete => match key.strip_prefix(self.root.as_str()) {
+                        Some(node) => WatchEvent::Remove(node.to_owned()),
+                        None => continue,
+                    },
+                };
+                if self.tx.send(event).await.is_err() {
+                    return WatchEnd::Closed;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! A TCP proxy that can cut every connection through it and refuse new
+//! ones: a network partition between consumers and a real registry server,
+//! without stopping the server (providers keep talking to it directly).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// Forwards `127.0.0.1:<port>` to `upstream`. Tasks stop when it is dropped.
+pub struct FaultProxy {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    generation: watch::Sender<u64>,
+    _accept: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self._accept.abort();
+    }
+}
+
+impl FaultProxy {
+    /// Starts proxying to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let (generation, _) = watch::channel(0u64);
+        let accept = {
+            let cut = cut.clone();
+            let generation = generation.clone();
+            tokio::spawn(async move {
+                let mut conns = JoinSet::new();
+                loop {
+                    let Ok((client, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    if cut.load(Ordering::SeqCst) {
+                        drop(client); // refused: closed at once
+                        continue;
+                    }
+                    let mut cut_now = generation.subscribe();
+                    conns.spawn(async move {
+                        let Ok(mut server) = TcpStream::connect(upstream).await else {
+                            return;
+                        };
+                        let mut client = client;
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            _ = cut_now.changed() => {}
+                        }
+                    });
+                    while conns.try_join_next().is_some() {}
+                }
+            })
+        };
+        Self {
+            addr,
+            cut,
+            generation,
+            _accept: accept,
+        }
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Drops every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Installs (if missing) and runs real registry servers on loopback for tests.
+#
+#   scripts/registry-servers.sh up     [etcd|all ...]   install if missing, start, wait until ready
+#   scripts/registry-servers.sh down   [etcd|all ...]   stop exactly the processes this script started
+#   scripts/registry-servers.sh status [etcd|all ...]
+#   scripts/registry-servers.sh install [etcd|all ...]  install only (also the build tools: protoc)
+#
+# Each server keeps its pid, log and data under $RPC_SERVERS_DIR (default
+# /tmp/rpc-servers). Ports: etcd 2379/2380. A port already taken is an error:
+# readiness checks would otherwise talk to someone else's server.
+set -euo pipefail
+
+STATE="${RPC_SERVERS_DIR:-/tmp/rpc-servers}"
+ALL=(etcd)
+READY_SECS=30
+
+log() { printf '[registry-servers] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+
+read_pid() { [ -f "$STATE/$1.pid" ] && cat "$STATE/$1.pid" || true; }
+
+APT_UPDATED=0
+apt_install() {
+  # Keep Debian's maintainer scripts from starting packaged daemons on our ports.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+  fi
+  if [ "$APT_UPDATED" = 0 ]; then
+    log "apt-get update"
+    apt-get update -qq
+    APT_UPDATED=1
+  fi
+  log "installing: $*"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# Tools every build with registry features needs.
+ensure_build_tools() {
+  local missing=()
+  command -v protoc >/dev/null || missing+=(protobuf-compiler)
+  [ -e /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
+  command -v docker-compose >/dev/null || missing+=(docker-compose)
+  if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+}
+
+# Waits until "$2" (a command) succeeds, while pid "$1" lives.
+wait_ready() {
+  local name=$1 pid=$2; shift 2
+  local deadline=$((SECONDS + READY_SECS))
+  while [ $SECONDS -lt $deadline ]; do
+    pid_alive "$pid" || { tail -n 30 "$STATE/$name.log" >&2 || true; die "$name exited during start-up (log above)"; }
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 0.2
+  done
+  tail -n 30 "$STATE/$name.log" >&2 || true
+  die "$name not ready after ${READY_SECS}s"
+}
+
+stop_pid() {
+  local name=$1 pid
+  pid=$(read_pid "$name")
+  if pid_alive "$pid"; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do pid_alive "$pid" || break; sleep 0.2; done
+    if pid_alive "$pid"; then log "$name did not stop in 10s: SIGKILL"; kill -KILL "$pid" 2>/dev/null || true; fi
+    log "$name stopped (pid $pid)"
+  fi
+  rm -f "$STATE/$name.pid"
+  rm -rf "$STATE/$name.data"
+}
+
+# ---------------------------------------------------------------- etcd
+etcd_install() {
+  ensure_build_tools
+  if command -v etcd >/dev/null && command -v etcdctl >/dev/null; then
+    log "etcd present: $(etcd --version | head -n 1)"
+    return
+  fi
+  apt_install etcd-server etcd-client
+  # Should the package have started its own service anyway, stop it: the port is ours.
+  if [ -x /etc/init.d/etcd ]; then /etc/init.d/etcd stop >/dev/null 2>&1 || true; fi
+}
+
+etcd_ready() { ETCDCTL_API=3 etcdctl --endpoints=http://127.0.0.1:2379 --command-timeout=2s endpoint health; }
+
+etcd_up() {
+  if pid_alive "$(read_pid etcd)"; then log "etcd already running (pid $(read_pid etcd))"; return; fi
+  etcd_install
+  for p in 2379 2380; do port_open $p && die "port $p is taken by another process; stop it first"; done
+  rm -rf "$STATE/etcd.data"
+  etcd --name ci --data-dir "$STATE/etcd.data" \
+    --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
+    --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+    --initial-cluster ci=http://127.0.0.1:2380 --initial-cluster-state new \
+    >"$STATE/etcd.log" 2>&1 &
+  echo $! >"$STATE/etcd.pid"
+  wait_ready etcd "$!" etcd_ready
+  log "etcd ready on 127.0.0.1:2379 (pid $(read_pid etcd))"
+}
+
+etcd_status() {
+  if pid_alive "$(read_pid etcd)" && etcd_ready >/dev/null 2>&1; then echo "etcd: running (pid $(read_pid etcd))"; else echo "etcd: down"; fi
+}
+
+# ---------------------------------------------------------------- main
+action=${1:-}
+shift || true
+servers=("$@")
+if [ ${#servers[@]} -eq 0 ] || [ "${servers[0]}" = all ]; then servers=("${ALL[@]}"); fi
+mkdir -p "$STATE"
+for s in "${servers[@]}"; do
+  case " ${ALL[*]} " in *" $s "*) ;; *) die "unknown server '$s' (known: ${ALL[*]})";; esac
+done
+
+case "$action" in
+  install) for s in "${servers[@]}"; do "${s}_install"; done ;;
+  up) for s in "${servers[@]}"; do "${s}_up"; done ;;
+  down) for s in "${servers[@]}"; do stop_pid "$s"; done ;;
+  status) for s in "${servers[@]}"; do "${s}_status"; done ;;
+  *) die "usage: $0 up|down|status|install [${ALL[*]}|all]" ;;
+esac
