@@ -1,0 +1,69 @@
+//! The three systems under test. Each has a server (serving until the
+//! shutdown future completes) and a client (running one measurement).
+
+pub mod echo;
+pub mod rpc_fw;
+pub mod tarpc_sys;
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Which system.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum System {
+    /// This framework through its public facade.
+    Rpc,
+    /// tarpc 0.38, serde transport + bincode over TCP.
+    Tarpc,
+    /// A bare length-delimited echo with the same serialization.
+    Echo,
+}
+
+impl System {
+    /// Every system, in report order.
+    pub const ALL: [System; 3] = [System::Rpc, System::Tarpc, System::Echo];
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            System::Rpc => "rpc",
+            System::Tarpc => "tarpc",
+            System::Echo => "echo",
+        }
+    }
+}
+
+impl fmt::Display for System {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for System {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "rpc" => Ok(System::Rpc),
+            "tarpc" => Ok(System::Tarpc),
+            "echo" => Ok(System::Echo),
+            other => Err(format!(
+                "unknown system `{other}` (expected rpc, tarpc or echo)"
+            )),
+        }
+    }
+}
+
+/// Formats an error with its `source()` chain.
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let msg = e.to_string();
+        if !s.ends_with(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = e.source();
+    }
+    s
+}
