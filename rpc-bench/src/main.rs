@@ -90,7 +90,7 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("rpc-bench {cmd}: {e}\n\n{USAGE}");
+            eprintln!("rpc-bench {cmd}: {e}\n(`rpc-bench --help` shows the usage)");
             ExitCode::from(2)
         }
     }

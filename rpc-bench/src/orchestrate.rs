@@ -267,6 +267,7 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     }
     println!();
     print!("{}", table(a, &cells));
+    println!("\nLoad average at the end: {}", loadavg());
     let failures: Vec<String> = cells
         .iter()
         .flat_map(|(&(li, si), results)| {
@@ -433,7 +434,10 @@ fn machine(a: &RunArgs, pinning: &Pinning, size: usize) -> Vec<String> {
         "release build"
     };
     vec![
-        format!("Machine: nproc={cpus}, CPU: {model}, Linux {kernel}"),
+        format!(
+            "Machine: nproc={cpus}, CPU: {model}, Linux {kernel}, load average at start: {}",
+            loadavg()
+        ),
         format!("Runtime: {}", a.runtime.describe()),
         format!("Pinning: {}", pinning.describe()),
         format!(
@@ -451,6 +455,14 @@ fn machine(a: &RunArgs, pinning: &Pinning, size: usize) -> Vec<String> {
             }
         ),
     ]
+}
+
+/// The 1-minute load average: other work on the machine skews the numbers.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn median(v: &mut [f64]) -> f64 {
