@@ -22,11 +22,18 @@
 //! # Discovering
 //!
 //! One prefix get of `/rpc/{name:version}/`, then a prefix watch starting at
-//! the revision after it, so no event falls in between. A broken watch is
-//! re-established from the last revision seen; if that revision was
-//! compacted, or the cluster's revision went backwards (a reset cluster),
-//! the watch resynchronises with a fresh get and reports it as a snapshot.
-//! Watches are per service and end when their [`Watch`] is dropped.
+//! the revision after it, so no event falls in between. Watches are per
+//! service and end when their [`Watch`] is dropped.
+//!
+//! A broken watch is re-established with a fresh get (delivered as a
+//! snapshot, which the consumer cache diffs into adds and removes) and a
+//! watch from that get's revision. Resuming from the last revision seen
+//! would replay the missed events one by one, but it is only sound while
+//! etcd keeps its history: after compaction the revision is gone, and an
+//! etcd restarted from an empty data dir reuses revision numbers, so a
+//! resumed watch would silently skip whatever the new history wrote below
+//! our old revision. One range read per reconnect buys correctness in all
+//! three cases.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -646,7 +653,7 @@ struct Follower {
 enum WatchEnd {
     /// The consumer is gone.
     Closed,
-    /// Resume from `revision + 1` after a backoff.
+    /// The connection failed: back off, then resynchronise.
     Broken(String),
     /// Resynchronise with a fresh get first.
     Resync(String),
@@ -655,34 +662,30 @@ enum WatchEnd {
 impl Follower {
     async fn run(mut self) {
         let mut backoff = BACKOFF_MIN;
-        let mut resync = false;
         loop {
-            if resync {
-                match Self::snapshot(&mut self).await {
-                    Ok(true) => {}
-                    Ok(false) => return,
-                    Err(e) => {
-                        debug!(prefix = %self.prefix, error = %e, "etcd resync failed");
-                        if !self.set_connected(false).await || !self.pause(&mut backoff).await {
-                            return;
-                        }
-                        continue;
-                    }
-                }
-                resync = false;
-            }
             match self.follow().await {
                 WatchEnd::Closed => return,
                 WatchEnd::Resync(why) => {
                     info!(prefix = %self.prefix, reason = why, "etcd watch resynchronising");
-                    resync = true;
                 }
                 WatchEnd::Broken(why) => {
                     debug!(prefix = %self.prefix, reason = why, "etcd watch broken");
                     if !self.set_connected(false).await || !self.pause(&mut backoff).await {
                         return;
                     }
-                    continue;
+                }
+            }
+            // Every re-established watch starts from a fresh get (module docs).
+            loop {
+                match self.snapshot().await {
+                    Ok(true) => break,
+                    Ok(false) => return,
+                    Err(e) => {
+                        debug!(prefix = %self.prefix, error = %e, "etcd resync failed");
+                        if !self.set_connected(false).await || !self.pause(&mut backoff).await {
+                            return;
+                        }
+                    }
                 }
             }
             backoff = BACKOFF_MIN;

@@ -1,0 +1,392 @@
+//! etcd behaviour beyond the conformance suite, on private etcd processes
+//! this test starts and kills itself (the `etcd` binary installed by
+//! `scripts/registry-servers.sh`): a server reset to an empty data dir, a
+//! provider partitioned past its lease TTL, TLS with client certificates.
+
+#[cfg(feature = "etcd")]
+#[macro_use]
+#[allow(unused_macros)]
+mod conformance;
+
+#[cfg(not(feature = "etcd"))]
+#[test]
+fn etcd_tests_need_the_etcd_feature() {
+    let required = std::env::var("RPC_REQUIRE_SERVERS").is_ok_and(|v| v == "1");
+    assert!(
+        !required,
+        "RPC_REQUIRE_SERVERS=1 but rpc-registry was built without the `etcd` feature"
+    );
+    println!("SKIP [etcd] built without the `etcd` feature (scripts/test.sh enables it)");
+}
+
+#[cfg(feature = "etcd")]
+mod private_etcd {
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use rpc_core::config::{Addresses, TlsConfig};
+    use rpc_core::{
+        Discover, RegistrationState, Registry, RegistryConfig, RegistryKind, ServiceMetaInfo,
+    };
+    use rpc_registry::{EtcdRegistry, ServiceCache};
+
+    use crate::conformance::proxy::FaultProxy;
+    use crate::conformance::servers_required;
+
+    const WAIT: Duration = Duration::from_secs(20);
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// `etcd` on the PATH, or a skip (a failure under RPC_REQUIRE_SERVERS=1).
+    fn etcd_binary(test: &str) -> bool {
+        let found = Command::new("etcd")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            assert!(
+                !servers_required(),
+                "RPC_REQUIRE_SERVERS=1 but no `etcd` binary on the PATH"
+            );
+            println!(
+                "SKIP [etcd] {test}: no `etcd` binary (scripts/registry-servers.sh install etcd)"
+            );
+        }
+        found
+    }
+
+    struct Tls {
+        cert: PathBuf,
+        key: PathBuf,
+        ca: PathBuf,
+    }
+
+    /// One etcd member on loopback, killed on drop.
+    struct Etcd {
+        child: Child,
+        client_port: u16,
+        peer_port: u16,
+        scheme: &'static str,
+    }
+
+    impl Etcd {
+        fn start(dir: &Path, client_port: u16, peer_port: u16, tls: Option<&Tls>) -> Self {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let client = format!("{scheme}://127.0.0.1:{client_port}");
+            let peer = format!("http://127.0.0.1:{peer_port}");
+            let mut cmd = Command::new("etcd");
+            cmd.args(["--name", "t", "--data-dir"])
+                .arg(dir)
+                .args(["--listen-client-urls", &client])
+                .args(["--advertise-client-urls", &client])
+                .args(["--listen-peer-urls", &peer])
+                .args(["--initial-advertise-peer-urls", &peer])
+                .args(["--initial-cluster", &format!("t={peer}")])
+                .args(["--initial-cluster-state", "new"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            if let Some(t) = tls {
+                cmd.arg("--cert-file")
+                    .arg(&t.cert)
+                    .arg("--key-file")
+                    .arg(&t.key)
+                    .arg("--trusted-ca-file")
+                    .arg(&t.ca)
+                    .arg("--client-cert-auth");
+            }
+            Self {
+                child: cmd.spawn().unwrap(),
+                client_port,
+                peer_port,
+                scheme,
+            }
+        }
+
+        fn endpoint(&self) -> String {
+            format!("{}://127.0.0.1:{}", self.scheme, self.client_port)
+        }
+
+        fn kill(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    impl Drop for Etcd {
+        fn drop(&mut self) {
+            self.kill();
+        }
+    }
+
+    fn config(endpoint: String) -> RegistryConfig {
+        RegistryConfig {
+            kind: RegistryKind::Etcd,
+            address: Addresses(vec![endpoint]),
+            ttl_secs: 2,
+            timeout_ms: 1_000,
+            ..RegistryConfig::default()
+        }
+    }
+
+    /// Connects once the member answers (an external process: no event to
+    /// await, so poll its health with a bounded deadline).
+    async fn connect_when_ready(config: &RegistryConfig) -> EtcdRegistry {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(r) = EtcdRegistry::connect(config).await {
+                if r.discover("probe:1").await.is_ok() {
+                    return r;
+                }
+            }
+            assert!(Instant::now() < deadline, "etcd did not become ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn meta(port: u16) -> ServiceMetaInfo {
+        ServiceMetaInfo::new("Etcd.Private", "1.0", "127.0.0.1", port)
+    }
+
+    #[tokio::test]
+    async fn an_etcd_reset_to_an_empty_data_dir_gets_every_registration_back() {
+        if !etcd_binary("reset") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let (cp, pp) = (free_port(), free_port());
+        let mut etcd = Etcd::start(&tmp.path().join("d1"), cp, pp, None);
+        let cfg = config(etcd.endpoint());
+        let provider = connect_when_ready(&cfg).await;
+        let consumer = connect_when_ready(&cfg).await;
+        let (a, b) = (meta(9001), meta(9002));
+        let ra = provider.register(a.clone()).await.unwrap();
+        let _rb = provider.register(b.clone()).await.unwrap();
+        let cache = ServiceCache::new(consumer);
+        let handle = cache.service("Etcd.Private:1.0").await.unwrap();
+        tokio::time::timeout(WAIT, handle.wait_until(|l, _| l.len() == 2))
+            .await
+            .unwrap();
+
+        // Same ports, empty data: every key and lease is gone.
+        etcd.kill();
+        let reset_at = Instant::now();
+        let _etcd = Etcd::start(
+            &tmp.path().join("d2"),
+            etcd.client_port,
+            etcd.peer_port,
+            None,
+        );
+        let mut state = ra.state();
+        tokio::time::timeout(
+            WAIT,
+            state.wait_for(
+                |s| matches!(s, RegistrationState::Registered { generation } if *generation >= 1),
+            ),
+        )
+        .await
+        .expect("the provider did not re-register")
+        .unwrap();
+        let fresh = connect_when_ready(&cfg).await;
+        let mut found = fresh.discover("Etcd.Private:1.0").await.unwrap();
+        found.sort_by_key(ServiceMetaInfo::node_key);
+        assert_eq!(found, vec![a.clone(), b.clone()]);
+        // The consumer's cache resynchronised with the new history.
+        tokio::time::timeout(WAIT, handle.wait_until(|l, h| h && l.len() == 2))
+            .await
+            .unwrap();
+        println!(
+            "[etcd] reset to an empty data dir -> re-registered in {:?}",
+            reset_at.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_provider_partitioned_past_its_ttl_registers_again() {
+        if !etcd_binary("partition") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let etcd = Etcd::start(&tmp.path().join("d"), free_port(), free_port(), None);
+        let addr = format!("127.0.0.1:{}", etcd.client_port).parse().unwrap();
+        let proxy = FaultProxy::start(addr).await;
+        let provider = connect_when_ready(&config(format!("http://{}", proxy.addr()))).await;
+        let consumer = connect_when_ready(&config(etcd.endpoint())).await;
+        let m = meta(9100);
+        let reg = provider.register(m.clone()).await.unwrap();
+        let cache = ServiceCache::new(consumer);
+        let handle = cache.service("Etcd.Private:1.0").await.unwrap();
+        tokio::time::timeout(WAIT, handle.wait_until(|l, _| l.contains(&m)))
+            .await
+            .unwrap();
+
+        // Partitioned longer than the TTL: etcd expires the lease.
+        proxy.cut();
+        tokio::time::timeout(WAIT, handle.wait_until(|l, _| l.is_empty()))
+            .await
+            .expect("the lease did not expire during the partition");
+        proxy.restore();
+        let mut state = reg.state();
+        tokio::time::timeout(
+            WAIT,
+            state.wait_for(
+                |s| matches!(s, RegistrationState::Registered { generation } if *generation >= 1),
+            ),
+        )
+        .await
+        .expect("no re-registration after the partition healed")
+        .unwrap();
+        tokio::time::timeout(WAIT, handle.wait_until(|l, _| l.contains(&m)))
+            .await
+            .unwrap();
+    }
+
+    fn openssl(args: &[&str], dir: &Path) {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A CA, a server certificate for 127.0.0.1 and a client certificate.
+    fn make_certs(dir: &Path) -> Option<(Tls, PathBuf, PathBuf)> {
+        if Command::new("openssl").arg("version").output().is_err() {
+            return None;
+        }
+        openssl(
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=test-ca",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+            ],
+            dir,
+        );
+        std::fs::write(
+            dir.join("san.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .unwrap();
+        for who in ["server", "client"] {
+            openssl(
+                &[
+                    "req",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-subj",
+                    &format!("/CN={who}"),
+                    "-keyout",
+                    &format!("{who}.key"),
+                    "-out",
+                    &format!("{who}.csr"),
+                ],
+                dir,
+            );
+            openssl(
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &format!("{who}.csr"),
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-days",
+                    "1",
+                    "-extfile",
+                    "san.ext",
+                    "-out",
+                    &format!("{who}.pem"),
+                ],
+                dir,
+            );
+        }
+        Some((
+            Tls {
+                cert: dir.join("server.pem"),
+                key: dir.join("server.key"),
+                ca: dir.join("ca.pem"),
+            },
+            dir.join("client.pem"),
+            dir.join("client.key"),
+        ))
+    }
+
+    #[tokio::test]
+    async fn tls_with_a_client_certificate() {
+        if !etcd_binary("tls") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let Some((tls, client_cert, client_key)) = make_certs(tmp.path()) else {
+            assert!(!servers_required(), "no openssl to make test certificates");
+            println!("SKIP [etcd] tls: no openssl binary to make test certificates");
+            return;
+        };
+        let etcd = Etcd::start(&tmp.path().join("d"), free_port(), free_port(), Some(&tls));
+        let mut cfg = config(etcd.endpoint());
+        cfg.tls = Some(TlsConfig {
+            ca_file: Some(tls.ca.clone()),
+            cert_file: Some(client_cert),
+            key_file: Some(client_key),
+            domain: Some("localhost".into()),
+        });
+        let registry = connect_when_ready(&cfg).await;
+        let m = meta(9200);
+        let _r = registry.register(m.clone()).await.unwrap();
+        assert_eq!(
+            registry.discover("Etcd.Private:1.0").await.unwrap(),
+            vec![m]
+        );
+
+        // Without a client certificate the server refuses us: an error, not a hang.
+        let mut no_cert = cfg.clone();
+        no_cert.tls = Some(TlsConfig {
+            ca_file: Some(tls.ca),
+            ..TlsConfig::default()
+        });
+        let refused = async {
+            let r = EtcdRegistry::connect(&no_cert).await?;
+            r.discover("Etcd.Private:1.0").await
+        };
+        let outcome = tokio::time::timeout(WAIT, refused).await.expect("hung");
+        assert!(
+            outcome.is_err(),
+            "a client without a certificate was served"
+        );
+
+        // A missing file names the key.
+        let mut missing = cfg.clone();
+        if let Some(t) = missing.tls.as_mut() {
+            t.ca_file = Some("/nonexistent/ca.pem".into());
+        }
+        let err = EtcdRegistry::connect(&missing).await.unwrap_err();
+        assert!(err.to_string().contains("registry.tls.ca_file"), "{err}");
+    }
+}
