@@ -69,12 +69,8 @@ pub async fn serve(
 struct RpcCaller(BenchClient);
 
 impl Caller for RpcCaller {
-    fn echo(
-        &self,
-        msg: BenchmarkMessage,
-    ) -> impl Future<Output = Result<BenchmarkMessage, String>> + Send {
-        let client = self.0.clone();
-        async move { client.echo(msg).await.map_err(|e| chain(&e)) }
+    async fn echo(&self, msg: BenchmarkMessage) -> Result<BenchmarkMessage, String> {
+        self.0.echo(msg).await.map_err(|e| chain(&e))
     }
 }
 

@@ -85,17 +85,11 @@ pub async fn serve(
 struct TarpcCaller(TarpcBenchClient);
 
 impl Caller for TarpcCaller {
-    fn echo(
-        &self,
-        msg: BenchmarkMessage,
-    ) -> impl Future<Output = Result<BenchmarkMessage, String>> + Send {
-        let client = self.0.clone();
-        async move {
-            client
-                .echo(tarpc::context::current(), msg)
-                .await
-                .map_err(|e| super::chain(&e))
-        }
+    async fn echo(&self, msg: BenchmarkMessage) -> Result<BenchmarkMessage, String> {
+        self.0
+            .echo(tarpc::context::current(), msg)
+            .await
+            .map_err(|e| super::chain(&e))
     }
 }
 
