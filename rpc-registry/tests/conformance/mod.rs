@@ -371,6 +371,7 @@ pub async fn sigkilled_provider_disappears<B: Backend>(child_test: &str) {
     let handle = cache.service("Conf.Kill:1.0").await.unwrap();
 
     let exe = std::env::current_exe().unwrap();
+    let spawned = Instant::now();
     let mut child = tokio::process::Command::new(exe)
         .args(["--exact", child_test, "--nocapture", "--ignored"])
         .envs(env)
@@ -396,6 +397,11 @@ pub async fn sigkilled_provider_disappears<B: Backend>(child_test: &str) {
         l.contains(&meta)
     })
     .await;
+    println!(
+        "[{}] provider process start to a watching consumer seeing it: {:?}",
+        B::NAME,
+        spawned.elapsed()
+    );
 
     let killed = Instant::now();
     child.kill().await.unwrap();
