@@ -7,12 +7,12 @@
 #   scripts/registry-servers.sh install [etcd|all ...]  install only (also the build tools: protoc)
 #
 # Each server keeps its pid, log and data under $RPC_SERVERS_DIR (default
-# /tmp/rpc-servers). Ports: etcd 2379/2380. A port already taken is an error:
+# /tmp/rpc-servers). Ports: etcd 2379/2380, zookeeper 2181. A port already taken is an error:
 # readiness checks would otherwise talk to someone else's server.
 set -euo pipefail
 
 STATE="${RPC_SERVERS_DIR:-/tmp/rpc-servers}"
-ALL=(etcd)
+ALL=(etcd zookeeper)
 READY_SECS=30
 
 log() { printf '[registry-servers] %s\n' "$*" >&2; }
@@ -106,6 +106,62 @@ etcd_up() {
 
 etcd_status() {
   if pid_alive "$(read_pid etcd)" && etcd_ready >/dev/null 2>&1; then echo "etcd: running (pid $(read_pid etcd))"; else echo "etcd: down"; fi
+}
+
+# ---------------------------------------------------------------- zookeeper
+# Debian's ZooKeeper 3.8, standalone on 127.0.0.1:2181 with its own zoo.cfg and
+# a fresh data dir under $STATE, run as ZooKeeperServerMain directly (Debian's
+# zkServer.sh and service scripts insist on /etc/zookeeper and /var/log).
+# tickTime=500 rather than the usual 2000: the server clamps session timeouts
+# to [minSessionTimeout, maxSessionTimeout], by default [2, 20] ticks, so this
+# allows sessions from 1 s (the tests ask for 2 s, the etcd suite's TTL), reaps
+# expired sessions every 0.5 s, and maxSessionTimeout=60000 keeps the default
+# ttl_secs (30) as configured.
+ZK_PORT=2181
+ZK_CLASSPATH=/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-simple.jar
+
+zookeeper_install() {
+  if [ -e /usr/share/java/zookeeper.jar ] && [ -e /usr/share/java/slf4j-simple.jar ] && command -v java >/dev/null; then
+    log "zookeeper present: $(dpkg-query -W -f '${Version}' zookeeper 2>/dev/null || echo unknown version)"
+    return
+  fi
+  apt_install zookeeper
+  # Should the package have started its own service anyway, stop it: the port is ours.
+  if [ -x /etc/init.d/zookeeper ]; then /etc/init.d/zookeeper stop >/dev/null 2>&1 || true; fi
+}
+
+# A four-letter command over bash's /dev/tcp (no nc on a fresh machine).
+zookeeper_4lw() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$ZK_PORT" && printf '%s' "$1" >&3 && timeout 2 cat <&3) 2>/dev/null
+}
+
+# Ready: `srvr` reports the mode. (`ruok` answers imok before the server serves.)
+zookeeper_ready() { zookeeper_4lw srvr | grep -q 'Mode: standalone'; }
+
+zookeeper_up() {
+  if pid_alive "$(read_pid zookeeper)"; then log "zookeeper already running (pid $(read_pid zookeeper))"; return; fi
+  zookeeper_install
+  port_open $ZK_PORT && die "port $ZK_PORT is taken by another process; stop it first"
+  rm -rf "$STATE/zookeeper.data"
+  mkdir -p "$STATE/zookeeper.data"
+  cat >"$STATE/zookeeper.cfg" <<CFG
+tickTime=500
+maxSessionTimeout=60000
+dataDir=$STATE/zookeeper.data
+clientPort=$ZK_PORT
+clientPortAddress=127.0.0.1
+admin.enableServer=false
+4lw.commands.whitelist=ruok,srvr,stat,mntr,cons
+CFG
+  java -Xmx256m -cp "$ZK_CLASSPATH" org.apache.zookeeper.server.ZooKeeperServerMain "$STATE/zookeeper.cfg" \
+    >"$STATE/zookeeper.log" 2>&1 &
+  echo $! >"$STATE/zookeeper.pid"
+  wait_ready zookeeper "$!" zookeeper_ready
+  log "zookeeper ready on 127.0.0.1:$ZK_PORT (pid $(read_pid zookeeper))"
+}
+
+zookeeper_status() {
+  if pid_alive "$(read_pid zookeeper)" && zookeeper_ready; then echo "zookeeper: running (pid $(read_pid zookeeper))"; else echo "zookeeper: down"; fi
 }
 
 # ---------------------------------------------------------------- main

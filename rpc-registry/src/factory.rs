@@ -12,6 +12,8 @@ use rpc_core::{
 use crate::etcd::EtcdRegistry;
 use crate::local::LocalRegistry;
 use crate::memory::MemoryRegistry;
+#[cfg(feature = "zookeeper")]
+use crate::zookeeper::ZookeeperRegistry;
 
 /// Name of the [`MemoryRegistry::shared`] instance used when the
 /// configuration gives no address.
@@ -28,6 +30,9 @@ pub enum AnyRegistry {
     /// etcd v3 ([`EtcdRegistry`], feature `etcd`).
     #[cfg(feature = "etcd")]
     Etcd(EtcdRegistry),
+    /// Apache ZooKeeper ([`ZookeeperRegistry`], feature `zookeeper`).
+    #[cfg(feature = "zookeeper")]
+    Zookeeper(ZookeeperRegistry),
 }
 
 impl AnyRegistry {
@@ -51,8 +56,14 @@ impl AnyRegistry {
             RegistryKind::Etcd => Ok(Self::Etcd(EtcdRegistry::connect(config).await?)),
             #[cfg(not(feature = "etcd"))]
             RegistryKind::Etcd => Err(RegistryError::NotCompiled("etcd")),
+            #[cfg(feature = "zookeeper")]
+            RegistryKind::Zookeeper => {
+                Ok(Self::Zookeeper(ZookeeperRegistry::connect(config).await?))
+            }
+            #[cfg(not(feature = "zookeeper"))]
+            RegistryKind::Zookeeper => Err(RegistryError::NotCompiled("zookeeper")),
             // Not written yet: reported as not compiled in.
-            kind @ (RegistryKind::Zookeeper | RegistryKind::Consul | RegistryKind::Nacos) => {
+            kind @ (RegistryKind::Consul | RegistryKind::Nacos) => {
                 Err(RegistryError::NotCompiled(kind.as_str()))
             }
         }
@@ -65,6 +76,8 @@ impl AnyRegistry {
             Self::Local(_) => RegistryKind::Local,
             #[cfg(feature = "etcd")]
             Self::Etcd(_) => RegistryKind::Etcd,
+            #[cfg(feature = "zookeeper")]
+            Self::Zookeeper(_) => RegistryKind::Zookeeper,
         }
     }
 
@@ -76,6 +89,8 @@ impl AnyRegistry {
             Self::Memory(_) | Self::Local(_) => {}
             #[cfg(feature = "etcd")]
             Self::Etcd(r) => r.shutdown().await,
+            #[cfg(feature = "zookeeper")]
+            Self::Zookeeper(r) => r.shutdown().await,
         }
     }
 }
@@ -84,6 +99,13 @@ impl AnyRegistry {
 impl From<EtcdRegistry> for AnyRegistry {
     fn from(r: EtcdRegistry) -> Self {
         Self::Etcd(r)
+    }
+}
+
+#[cfg(feature = "zookeeper")]
+impl From<ZookeeperRegistry> for AnyRegistry {
+    fn from(r: ZookeeperRegistry) -> Self {
+        Self::Zookeeper(r)
     }
 }
 
@@ -106,6 +128,8 @@ impl rpc_core::Registry for AnyRegistry {
             Self::Local(r) => r.register(meta).await,
             #[cfg(feature = "etcd")]
             Self::Etcd(r) => r.register(meta).await,
+            #[cfg(feature = "zookeeper")]
+            Self::Zookeeper(r) => r.register(meta).await,
         }
     }
 }
@@ -117,6 +141,8 @@ impl Discover for AnyRegistry {
             Self::Local(r) => r.discover(service_key).await,
             #[cfg(feature = "etcd")]
             Self::Etcd(r) => r.discover(service_key).await,
+            #[cfg(feature = "zookeeper")]
+            Self::Zookeeper(r) => r.discover(service_key).await,
         }
     }
 
@@ -126,6 +152,8 @@ impl Discover for AnyRegistry {
             Self::Local(r) => r.watch(service_key).await,
             #[cfg(feature = "etcd")]
             Self::Etcd(r) => r.watch(service_key).await,
+            #[cfg(feature = "zookeeper")]
+            Self::Zookeeper(r) => r.watch(service_key).await,
         }
     }
 }
@@ -183,6 +211,7 @@ mod tests {
         for kind in [
             #[cfg(not(feature = "etcd"))]
             RegistryKind::Etcd,
+            #[cfg(not(feature = "zookeeper"))]
             RegistryKind::Zookeeper,
             RegistryKind::Consul,
             RegistryKind::Nacos,

@@ -22,7 +22,10 @@
 //! * `etcd` — `etcd::EtcdRegistry`: one lease per registry kept alive over
 //!   the keep-alive stream; prefix watches that resume from the last
 //!   revision. Needs `protoc` at build time.
-//! * `zookeeper`, `consul`, `nacos` — reserved; until their backends land,
+//! * `zookeeper` — `zookeeper::ZookeeperRegistry`: one session per
+//!   registry with ephemeral nodes, re-created in a new session after an
+//!   expiry; persistent recursive watches (ZooKeeper 3.6+).
+//! * `consul`, `nacos` — reserved; until their backends land,
 //!   [`AnyRegistry::from_config`] reports them as
 //!   [`rpc_core::RegistryError::NotCompiled`].
 //!
@@ -40,6 +43,8 @@ pub mod factory;
 pub mod local;
 pub mod memory;
 mod task;
+#[cfg(feature = "zookeeper")]
+pub mod zookeeper;
 
 pub use cache::{CacheError, CacheOptions, ServiceCache, ServiceHandle};
 #[cfg(feature = "etcd")]
@@ -47,3 +52,5 @@ pub use etcd::EtcdRegistry;
 pub use factory::AnyRegistry;
 pub use local::{LocalOptions, LocalRegistry};
 pub use memory::MemoryRegistry;
+#[cfg(feature = "zookeeper")]
+pub use zookeeper::ZookeeperRegistry;
