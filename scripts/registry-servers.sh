@@ -7,12 +7,12 @@
 #   scripts/registry-servers.sh install [etcd|all ...]  install only (also the build tools: protoc)
 #
 # Each server keeps its pid, log and data under $RPC_SERVERS_DIR (default
-# /tmp/rpc-servers). Ports: etcd 2379/2380, zookeeper 2181. A port already taken is an error:
+# /tmp/rpc-servers). Ports: etcd 2379/2380, zookeeper 2181, consul 8500 (+8300-8302). A port already taken is an error:
 # readiness checks would otherwise talk to someone else's server.
 set -euo pipefail
 
 STATE="${RPC_SERVERS_DIR:-/tmp/rpc-servers}"
-ALL=(etcd zookeeper)
+ALL=(etcd zookeeper consul)
 READY_SECS=30
 
 log() { printf '[registry-servers] %s\n' "$*" >&2; }
@@ -162,6 +162,81 @@ CFG
 
 zookeeper_status() {
   if pid_alive "$(read_pid zookeeper)" && zookeeper_ready; then echo "zookeeper: running (pid $(read_pid zookeeper))"; else echo "zookeeper: down"; fi
+}
+
+# ---------------------------------------------------------------- consul
+# Consul is not in bookworm: take the MPL-licensed 1.8.7 from Debian bullseye's
+# package, through a private apt configuration pointed at the machine's own
+# Debian mirror (read from its apt sources, never written here), check the
+# sha256, and extract the binary (no dpkg -i: its postinst starts a daemon on
+# 8500). When bullseye cannot be reached, the same .deb is taken from
+# shared/vendor/ beside the repository.
+CONSUL_DEB_VERSION=1.8.7+dfsg1-2+b3
+CONSUL_DEB_SHA256=e4e888bba104daba1d9161f49bfc52649a7e4efd45b1a7ead5bc54f2cb9c89d9
+CONSUL_HTTP=127.0.0.1:8500
+
+debian_mirror() {
+  local f=/etc/apt/sources.list.d/debian.sources
+  if [ -f "$f" ]; then awk '/^URIs:/{print $2; exit}' "$f"; return; fi
+  [ -f /etc/apt/sources.list ] && awk '$1=="deb"{for(i=2;i<=NF;i++) if($i ~ /^https?:/){print $i; exit}}' /etc/apt/sources.list
+}
+
+consul_install() {
+  command -v curl >/dev/null || apt_install curl ca-certificates
+  if command -v consul >/dev/null; then
+    log "consul present: $(consul version | head -n 1) ($(command -v consul))"
+    return
+  fi
+  [ "$(dpkg --print-architecture)" = amd64 ] || die "the pinned consul package is amd64 only"
+  local w uri deb vendor
+  w=$(mktemp -d)
+  mkdir -p "$w/lists/partial" "$w/cache/archives/partial" "$w/x"
+  uri=$(debian_mirror || true)
+  if [ -n "$uri" ]; then
+    echo "deb $uri bullseye main" >"$w/sources.list"
+    local o=(-o Dir::Etc::SourceList="$w/sources.list" -o Dir::Etc::SourceParts=/dev/null
+      -o Dir::State::Lists="$w/lists" -o Dir::Cache="$w/cache" -o APT::Sandbox::User=root -qq)
+    log "downloading consul $CONSUL_DEB_VERSION from Debian bullseye"
+    if apt-get "${o[@]}" update >/dev/null 2>&1; then
+      (cd "$w" && apt-get "${o[@]}" download "consul=$CONSUL_DEB_VERSION" >/dev/null 2>&1) || true
+    fi
+  fi
+  deb=$(find "$w" -maxdepth 1 -name 'consul_*.deb' | head -n 1)
+  if [ -z "$deb" ]; then
+    deb="$w/consul_${CONSUL_DEB_VERSION}_amd64.deb"
+    # In CI the clone sits next to a copy of shared/: resolve from the repository's parent.
+    vendor="$(cd "$(dirname "$0")/../.." && pwd)/shared/vendor/consul_${CONSUL_DEB_VERSION}_amd64.deb"
+    [ -f "$vendor" ] || die "cannot download consul $CONSUL_DEB_VERSION and no fallback at $vendor"
+    log "bullseye unreachable: using $vendor"
+    cp "$vendor" "$deb"
+  fi
+  echo "$CONSUL_DEB_SHA256  $deb" | sha256sum -c --quiet - || die "consul package checksum mismatch"
+  dpkg-deb -x "$deb" "$w/x"
+  install -m 0755 "$w/x/usr/bin/consul" /usr/local/bin/consul
+  rm -rf "$w"
+  log "installed $(consul version | head -n 1) to /usr/local/bin/consul"
+}
+
+# Ready: the leader endpoint answers with a non-empty quoted address.
+consul_ready() { curl -fsS --max-time 2 "http://$CONSUL_HTTP/v1/status/leader" | grep -Eq '^"[^"]+"$'; }
+
+consul_up() {
+  if pid_alive "$(read_pid consul)"; then log "consul already running (pid $(read_pid consul))"; return; fi
+  consul_install
+  for p in 8500 8300 8301 8302; do port_open $p && die "port $p is taken by another process; stop it first"; done
+  rm -rf "$STATE/consul.data"
+  mkdir -p "$STATE/consul.data"
+  # Dev mode: one server, state in memory. No DNS, no gRPC, no update check.
+  consul agent -dev -bind 127.0.0.1 -client 127.0.0.1 -http-port 8500 -dns-port -1 -grpc-port -1 -log-level info \
+    -data-dir "$STATE/consul.data" -hcl 'disable_update_check = true' \
+    >"$STATE/consul.log" 2>&1 &
+  echo $! >"$STATE/consul.pid"
+  wait_ready consul "$!" consul_ready
+  log "consul ready on $CONSUL_HTTP (pid $(read_pid consul))"
+}
+
+consul_status() {
+  if pid_alive "$(read_pid consul)" && consul_ready; then echo "consul: running (pid $(read_pid consul))"; else echo "consul: down"; fi
 }
 
 # ---------------------------------------------------------------- main

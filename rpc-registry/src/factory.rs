@@ -8,6 +8,8 @@ use rpc_core::{
     Discover, Registration, RegistryConfig, RegistryError, RegistryKind, ServiceMetaInfo, Watch,
 };
 
+#[cfg(feature = "consul")]
+use crate::consul::ConsulRegistry;
 #[cfg(feature = "etcd")]
 use crate::etcd::EtcdRegistry;
 use crate::local::LocalRegistry;
@@ -30,6 +32,9 @@ pub enum AnyRegistry {
     /// etcd v3 ([`EtcdRegistry`], feature `etcd`).
     #[cfg(feature = "etcd")]
     Etcd(EtcdRegistry),
+    /// A Consul agent ([`ConsulRegistry`], feature `consul`).
+    #[cfg(feature = "consul")]
+    Consul(ConsulRegistry),
     /// Apache ZooKeeper ([`ZookeeperRegistry`], feature `zookeeper`).
     #[cfg(feature = "zookeeper")]
     Zookeeper(ZookeeperRegistry),
@@ -56,6 +61,10 @@ impl AnyRegistry {
             RegistryKind::Etcd => Ok(Self::Etcd(EtcdRegistry::connect(config).await?)),
             #[cfg(not(feature = "etcd"))]
             RegistryKind::Etcd => Err(RegistryError::NotCompiled("etcd")),
+            #[cfg(feature = "consul")]
+            RegistryKind::Consul => Ok(Self::Consul(ConsulRegistry::connect(config).await?)),
+            #[cfg(not(feature = "consul"))]
+            RegistryKind::Consul => Err(RegistryError::NotCompiled("consul")),
             #[cfg(feature = "zookeeper")]
             RegistryKind::Zookeeper => {
                 Ok(Self::Zookeeper(ZookeeperRegistry::connect(config).await?))
@@ -63,9 +72,7 @@ impl AnyRegistry {
             #[cfg(not(feature = "zookeeper"))]
             RegistryKind::Zookeeper => Err(RegistryError::NotCompiled("zookeeper")),
             // Not written yet: reported as not compiled in.
-            kind @ (RegistryKind::Consul | RegistryKind::Nacos) => {
-                Err(RegistryError::NotCompiled(kind.as_str()))
-            }
+            kind @ RegistryKind::Nacos => Err(RegistryError::NotCompiled(kind.as_str())),
         }
     }
 
@@ -76,6 +83,8 @@ impl AnyRegistry {
             Self::Local(_) => RegistryKind::Local,
             #[cfg(feature = "etcd")]
             Self::Etcd(_) => RegistryKind::Etcd,
+            #[cfg(feature = "consul")]
+            Self::Consul(_) => RegistryKind::Consul,
             #[cfg(feature = "zookeeper")]
             Self::Zookeeper(_) => RegistryKind::Zookeeper,
         }
@@ -89,6 +98,8 @@ impl AnyRegistry {
             Self::Memory(_) | Self::Local(_) => {}
             #[cfg(feature = "etcd")]
             Self::Etcd(r) => r.shutdown().await,
+            #[cfg(feature = "consul")]
+            Self::Consul(r) => r.shutdown().await,
             #[cfg(feature = "zookeeper")]
             Self::Zookeeper(r) => r.shutdown().await,
         }
@@ -99,6 +110,13 @@ impl AnyRegistry {
 impl From<EtcdRegistry> for AnyRegistry {
     fn from(r: EtcdRegistry) -> Self {
         Self::Etcd(r)
+    }
+}
+
+#[cfg(feature = "consul")]
+impl From<ConsulRegistry> for AnyRegistry {
+    fn from(r: ConsulRegistry) -> Self {
+        Self::Consul(r)
     }
 }
 
@@ -128,6 +146,8 @@ impl rpc_core::Registry for AnyRegistry {
             Self::Local(r) => r.register(meta).await,
             #[cfg(feature = "etcd")]
             Self::Etcd(r) => r.register(meta).await,
+            #[cfg(feature = "consul")]
+            Self::Consul(r) => r.register(meta).await,
             #[cfg(feature = "zookeeper")]
             Self::Zookeeper(r) => r.register(meta).await,
         }
@@ -141,6 +161,8 @@ impl Discover for AnyRegistry {
             Self::Local(r) => r.discover(service_key).await,
             #[cfg(feature = "etcd")]
             Self::Etcd(r) => r.discover(service_key).await,
+            #[cfg(feature = "consul")]
+            Self::Consul(r) => r.discover(service_key).await,
             #[cfg(feature = "zookeeper")]
             Self::Zookeeper(r) => r.discover(service_key).await,
         }
@@ -152,6 +174,8 @@ impl Discover for AnyRegistry {
             Self::Local(r) => r.watch(service_key).await,
             #[cfg(feature = "etcd")]
             Self::Etcd(r) => r.watch(service_key).await,
+            #[cfg(feature = "consul")]
+            Self::Consul(r) => r.watch(service_key).await,
             #[cfg(feature = "zookeeper")]
             Self::Zookeeper(r) => r.watch(service_key).await,
         }
@@ -213,6 +237,7 @@ mod tests {
             RegistryKind::Etcd,
             #[cfg(not(feature = "zookeeper"))]
             RegistryKind::Zookeeper,
+            #[cfg(not(feature = "consul"))]
             RegistryKind::Consul,
             RegistryKind::Nacos,
         ] {

@@ -25,8 +25,12 @@
 //! * `zookeeper` — `zookeeper::ZookeeperRegistry`: one session per
 //!   registry with ephemeral nodes, re-created in a new session after an
 //!   expiry; persistent recursive watches (ZooKeeper 3.6+).
-//! * `consul`, `nacos` — reserved; until their backends land,
-//!   [`AnyRegistry::from_config`] reports them as
+//! * `consul` — `consul::ConsulRegistry`: agent service registration with
+//!   a TTL check passed by one keeper task, re-registered when the agent
+//!   forgets it; passing-only discovery, watched with blocking queries
+//!   (Consul 1.8+).
+//! * `nacos` — reserved; until its backend lands,
+//!   [`AnyRegistry::from_config`] reports it as
 //!   [`rpc_core::RegistryError::NotCompiled`].
 //!
 //! Every backend passes the conformance suite in `tests/conformance/`, which
@@ -37,6 +41,8 @@
 #![warn(missing_debug_implementations, unreachable_pub)]
 
 pub mod cache;
+#[cfg(feature = "consul")]
+pub mod consul;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod factory;
@@ -47,6 +53,8 @@ mod task;
 pub mod zookeeper;
 
 pub use cache::{CacheError, CacheOptions, ServiceCache, ServiceHandle};
+#[cfg(feature = "consul")]
+pub use consul::ConsulRegistry;
 #[cfg(feature = "etcd")]
 pub use etcd::EtcdRegistry;
 pub use factory::AnyRegistry;

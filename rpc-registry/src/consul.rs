@@ -1,0 +1,1240 @@
+//! [`ConsulRegistry`]: a Consul agent as the registry (cargo feature `consul`).
+//!
+//! Written against Consul 1.8 (the version CI runs) and using only API that
+//! 1.8 has: agent service registration with a TTL check, check passes,
+//! agent deregistration, and blocking queries on the health endpoint. No
+//! streaming backend (1.10+), no `ns`/partitions (Enterprise), no peering.
+//!
+//! # Names
+//!
+//! A service key `name:version` becomes the Consul service name
+//! `[{namespace}-]{name}-{version}`, lowercased, with every run of
+//! characters other than `a-z0-9` turned into one `-` (DNS-friendly):
+//! `UserService:1.0` is `userservice-1-0`, and with
+//! `registry.namespace = "team-a"` it is `team-a-userservice-1-0`. Versions
+//! thus never share a Consul service. Each instance registers with the
+//! service ID `[{namespace}/]{name:version}/{host:port}` (its node key), so
+//! two keys that happen to map to one Consul name never mix: discovery keeps
+//! only instances whose ID is the one their record implies.
+//!
+//! # Records
+//!
+//! The full [`ServiceMetaInfo`] travels as JSON in one tag,
+//! `rpc-record={json}`: Consul tags have no length or character limits
+//! (`Meta` allows 64 keys of `[A-Za-z0-9_-]`, values up to 512 bytes, and
+//! `rs-consul` does not return it). The tags `rpc-version=` and `rpc-group=`
+//! and the `Meta` keys `rpc_service_key`, `rpc_version`, `rpc_group`,
+//! `rpc_weight` (plus every metadata entry that fits Consul's `Meta` rules)
+//! are there for operators; the weight is also Consul's passing weight.
+//!
+//! # Registering
+//!
+//! Each instance is an agent service with a TTL check of `ttl_secs`,
+//! registered passing, with `DeregisterCriticalServiceAfter` of the larger
+//! of one minute (Consul's minimum) and three TTLs. A keeper task per
+//! registry passes every check each `ttl / 3` (at most 10 s). A pass the
+//! agent rejects (it answers 500 "does not have associated TTL" once it has
+//! forgotten the service: agent restarted, or someone deregistered it)
+//! re-registers the service, with backoff, and bumps its generation; an
+//! unreachable agent is simply tried again on the next beat. Deregistering
+//! (explicitly, on drop, or [`ConsulRegistry::shutdown`]) deregisters from
+//! the agent.
+//!
+//! # Discovering
+//!
+//! `GET /v1/health/service/{name}?passing` through `rs-consul`: only
+//! instances whose checks all pass. Consul keeps a killed provider critical
+//! for at least a minute before reaping it, so hiding it within the TTL is
+//! the `passing` filter's job. Watches are blocking queries (`index` +
+//! `wait`), diffed into upserts and removes. Following the Consul docs, an
+//! index that goes backwards is reset to 0 and an index of 0 is raised to 1;
+//! queries are spaced by a minimum interval. Errors emit
+//! `Connected(false)` and back off exponentially; the first good answer
+//! after them is a snapshot followed by `Connected(true)`.
+//!
+//! The agent endpoints `rs-consul` lacks go over the same hyper client
+//! stack `rs-consul` uses (one client, shared with it).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_rustls::{FixedServerNameResolver, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rpc_core::config::TlsConfig;
+use rpc_core::discover::WATCH_CHANNEL_CAPACITY;
+use rpc_core::{
+    BoxFuture, Deregister, Discover, Registration, RegistrationState, RegistryConfig,
+    RegistryError, ServiceMetaInfo, Watch, WatchEvent,
+};
+use rs_consul::{Consul, ConsulBuilder, GetServiceNodesRequest, HttpsClient, QueryOptions};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Instant, sleep, timeout};
+use tracing::{debug, info, warn};
+
+use crate::task::AbortOnDrop;
+
+const BACKEND: &str = "consul";
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const COMMAND_CAPACITY: usize = 64;
+/// How long one blocking query waits for a change (Consul adds up to 1/16).
+const WATCH_WAIT: Duration = Duration::from_secs(30);
+/// Least time between two blocking queries of one watch.
+const MIN_QUERY_INTERVAL: Duration = Duration::from_millis(50);
+/// Longest heartbeat interval, whatever the TTL.
+const BEAT_MAX: Duration = Duration::from_secs(10);
+/// Consul reaps critical services no sooner than this.
+const DEREGISTER_CRITICAL_MIN: Duration = Duration::from_secs(60);
+/// Tag carrying the instance record as JSON.
+pub const RECORD_TAG: &str = "rpc-record=";
+
+fn unavailable(message: impl Into<String>, e: impl Into<rpc_core::BoxError>) -> RegistryError {
+    RegistryError::unavailable(BACKEND, message, e)
+}
+
+fn failed(message: impl Into<String>) -> RegistryError {
+    RegistryError::Unavailable {
+        backend: BACKEND,
+        message: message.into(),
+        source: None,
+    }
+}
+
+fn timed_out(what: &str, t: Duration) -> RegistryError {
+    failed(format!("{what} timed out after {t:?}"))
+}
+
+/// Appends `s` as lowercase `a-z0-9` runs joined by single dashes (and
+/// separated from what `out` holds by one).
+fn dns_part(s: &str, out: &mut String) {
+    let mut dash = true;
+    for c in s.chars().map(|c| c.to_ascii_lowercase()) {
+        if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            if dash && !out.is_empty() {
+                out.push('-');
+            }
+            dash = false;
+            out.push(c);
+        } else {
+            dash = true;
+        }
+    }
+}
+
+fn clean_namespace(namespace: Option<&str>) -> Option<&str> {
+    namespace
+        .map(|n| n.trim_matches('/'))
+        .filter(|n| !n.is_empty())
+}
+
+/// The Consul service name for a service key (module docs, "Names").
+pub fn service_name(namespace: Option<&str>, service_key: &str) -> String {
+    let mut out = String::new();
+    if let Some(ns) = clean_namespace(namespace) {
+        dns_part(ns, &mut out);
+    }
+    let (name, version) = service_key.rsplit_once(':').unwrap_or((service_key, ""));
+    dns_part(name, &mut out);
+    dns_part(version, &mut out);
+    if out.is_empty() {
+        out.push_str("rpc-service");
+    }
+    out
+}
+
+/// The Consul service ID of an instance: `[{namespace}/]{node key}`.
+pub fn service_id(namespace: Option<&str>, meta: &ServiceMetaInfo) -> String {
+    match clean_namespace(namespace) {
+        Some(ns) => format!("{ns}/{}", meta.node_key()),
+        None => meta.node_key(),
+    }
+}
+
+/// The ID of an instance's TTL check (Consul's default for a service's only
+/// check).
+fn check_id(service_id: &str) -> String {
+    format!("service:{service_id}")
+}
+
+/// Percent-encodes a path segment (Consul decodes it, `/` included).
+fn encode_path(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b':') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Go duration syntax for whole milliseconds.
+fn go_duration(d: Duration) -> String {
+    format!("{}ms", d.as_millis().max(1))
+}
+
+/// Whether a metadata entry may be copied into Consul's `Meta`.
+fn fits_meta(key: &str, value: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 128
+        && value.len() <= 512
+        && !key.starts_with("consul-")
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct ServiceDefinition<'a> {
+    #[serde(rename = "ID")]
+    id: &'a str,
+    name: &'a str,
+    tags: Vec<String>,
+    address: &'a str,
+    port: u16,
+    meta: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    weights: Option<Weights>,
+    check: CheckDefinition<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct Weights {
+    passing: u32,
+    warning: u32,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct CheckDefinition<'a> {
+    #[serde(rename = "CheckID")]
+    check_id: &'a str,
+    name: &'static str,
+    #[serde(rename = "TTL")]
+    ttl: String,
+    status: &'static str,
+    deregister_critical_service_after: String,
+}
+
+/// The agent registration body of an instance.
+fn definition(
+    namespace: Option<&str>,
+    meta: &ServiceMetaInfo,
+    ttl: Duration,
+) -> (String, String, Vec<u8>) {
+    let id = service_id(namespace, meta);
+    let check = check_id(&id);
+    let name = service_name(namespace, &meta.service_key());
+    let mut m = BTreeMap::new();
+    for (k, v) in &meta.metadata {
+        if m.len() < 60 && fits_meta(k, v) {
+            m.insert(k.clone(), v.clone());
+        }
+    }
+    // Ours win over metadata of the same name.
+    let mut put = |k: &str, v: String| {
+        if fits_meta(k, &v) {
+            m.insert(k.to_owned(), v);
+        }
+    };
+    put("rpc_service_key", meta.service_key());
+    put("rpc_version", meta.service_version.clone());
+    put("rpc_group", meta.service_group.clone());
+    put("rpc_weight", meta.weight.to_string());
+    let def = ServiceDefinition {
+        id: &id,
+        name: &name,
+        tags: vec![
+            format!("rpc-version={}", meta.service_version),
+            format!("rpc-group={}", meta.service_group),
+            format!("{RECORD_TAG}{}", meta.to_json()),
+        ],
+        address: &meta.service_host,
+        port: meta.service_port,
+        meta: m,
+        weights: (meta.weight > 0).then_some(Weights {
+            passing: meta.weight,
+            warning: 1,
+        }),
+        check: CheckDefinition {
+            check_id: &check,
+            name: "rpc heartbeat",
+            ttl: go_duration(ttl),
+            status: "passing",
+            deregister_critical_service_after: go_duration((ttl * 3).max(DEREGISTER_CRITICAL_MIN)),
+        },
+    };
+    // Strings, integers and maps only: serialization cannot fail.
+    let body = serde_json::to_vec(&def).unwrap_or_default();
+    (id, check, body)
+}
+
+/// The agent's HTTP API on the client `rs-consul` uses.
+#[derive(Clone)]
+struct Agent {
+    client: HttpsClient,
+    base: String,
+    token: Option<String>,
+}
+
+impl Agent {
+    /// One request; `Ok` carries any status the agent answered with.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        t: Duration,
+    ) -> Result<(StatusCode, Bytes), RegistryError> {
+        let what = format!("{method} {path}");
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        if let Some(token) = &self.token {
+            req = req.header("X-Consul-Token", token);
+        }
+        let body = match body {
+            Some(b) => Full::new(Bytes::from(b)).boxed(),
+            None => Empty::<Bytes>::new().boxed(),
+        };
+        let req = req
+            .body(body)
+            .map_err(|e| unavailable(format!("{what}: bad request"), e))?;
+        let exchange = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| unavailable(what.clone(), e))?;
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| unavailable(format!("{what}: reading the answer"), e))?
+                .to_bytes();
+            Ok((status, bytes))
+        };
+        timeout(t, exchange)
+            .await
+            .map_err(|_| timed_out(&what, t))?
+    }
+
+    /// A request that must answer 200.
+    async fn ok(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        t: Duration,
+    ) -> Result<Bytes, RegistryError> {
+        let (status, bytes) = self.call(method.clone(), path, body, t).await?;
+        if status == StatusCode::OK {
+            Ok(bytes)
+        } else {
+            Err(rejected(&format!("{method} {path}"), status, &bytes))
+        }
+    }
+
+    async fn register(&self, body: &[u8], t: Duration) -> Result<(), RegistryError> {
+        self.ok(
+            Method::PUT,
+            "/v1/agent/service/register",
+            Some(body.to_vec()),
+            t,
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn deregister(&self, id: &str, t: Duration) -> Result<(), RegistryError> {
+        let path = format!("/v1/agent/service/deregister/{}", encode_path(id));
+        self.ok(Method::PUT, &path, None, t).await.map(drop)
+    }
+
+    async fn pass(&self, check: &str, t: Duration) -> Result<(StatusCode, Bytes), RegistryError> {
+        let path = format!("/v1/agent/check/pass/{}", encode_path(check));
+        self.call(Method::PUT, &path, None, t).await
+    }
+}
+
+fn rejected(what: &str, status: StatusCode, body: &[u8]) -> RegistryError {
+    let body = String::from_utf8_lossy(body);
+    failed(format!("{what}: HTTP {status}: {}", body.trim()))
+}
+
+fn read_pem(path: &std::path::Path, key: &str) -> Result<Vec<u8>, RegistryError> {
+    std::fs::read(path).map_err(|e| RegistryError::Unavailable {
+        backend: BACKEND,
+        message: format!("cannot read registry.tls.{key} {}", path.display()),
+        source: Some(Box::new(e)),
+    })
+}
+
+/// The HTTP(S) client: webpki roots by default; `registry.tls` gives a CA,
+/// an optional client certificate and an optional server name.
+fn http_client(tls: Option<&TlsConfig>, t: Duration) -> Result<HttpsClient, RegistryError> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(t));
+    http.set_nodelay(true);
+    let builder = match tls {
+        None => HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(provider)
+            .map_err(|e| unavailable("TLS set-up", e))?
+            .https_or_http()
+            .enable_http1(),
+        Some(tls) => {
+            let Some(ca) = &tls.ca_file else {
+                return Err(failed(
+                    "registry.tls needs ca_file for consul (without [registry.tls], https uses the public web roots)",
+                ));
+            };
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(&read_pem(ca, "ca_file")?) {
+                let cert = cert.map_err(|e| unavailable("registry.tls.ca_file", e))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| unavailable("registry.tls.ca_file", e))?;
+            }
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| unavailable("TLS set-up", e))?
+                .with_root_certificates(roots);
+            let config = match (&tls.cert_file, &tls.key_file) {
+                (Some(cert), Some(key)) => {
+                    let chain = CertificateDer::pem_slice_iter(&read_pem(cert, "cert_file")?)
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| unavailable("registry.tls.cert_file", e))?;
+                    let key = PrivateKeyDer::from_pem_slice(&read_pem(key, "key_file")?)
+                        .map_err(|e| unavailable("registry.tls.key_file", e))?;
+                    config
+                        .with_client_auth_cert(chain, key)
+                        .map_err(|e| unavailable("registry.tls client certificate", e))?
+                }
+                (None, None) => config.with_no_client_auth(),
+                _ => {
+                    return Err(failed(
+                        "registry.tls needs both cert_file and key_file for a client certificate",
+                    ));
+                }
+            };
+            let mut b = HttpsConnectorBuilder::new()
+                .with_tls_config(config)
+                .https_or_http();
+            if let Some(domain) = &tls.domain {
+                let name = ServerName::try_from(domain.clone())
+                    .map_err(|e| unavailable("registry.tls.domain", e))?;
+                b = b.with_server_name_resolver(FixedServerNameResolver::new(name));
+            }
+            b.enable_http1()
+        }
+    };
+    let connector = builder.wrap_connector(http);
+    // No pooled idle connections (as rs-consul's own default): a connection
+    // the agent closed while idle cannot fail the next heartbeat.
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::ZERO)
+        .pool_max_idle_per_host(0)
+        .build(connector))
+}
+
+/// The agent's base URL: `http://` is assumed when no scheme is given.
+fn base_url(address: &str) -> String {
+    let a = address.trim().trim_end_matches('/');
+    if a.starts_with("http://") || a.starts_with("https://") {
+        a.to_owned()
+    } else {
+        format!("http://{a}")
+    }
+}
+
+/// A Consul agent as a registry. Cheap to clone; clones share one client and
+/// one keeper task.
+#[derive(Clone)]
+pub struct ConsulRegistry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    agent: Agent,
+    consul: Consul,
+    namespace: Option<String>,
+    datacenter: Option<String>,
+    ttl: Duration,
+    timeout: Duration,
+    commands: mpsc::Sender<Command>,
+}
+
+impl fmt::Debug for ConsulRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsulRegistry")
+            .field("address", &self.inner.agent.base)
+            .field("namespace", &self.inner.namespace)
+            .field("datacenter", &self.inner.datacenter)
+            .field("ttl", &self.inner.ttl)
+            .finish()
+    }
+}
+
+enum Command {
+    Register {
+        id: String,
+        check: String,
+        body: Vec<u8>,
+        state: watch::Sender<RegistrationState>,
+        done: oneshot::Sender<Result<(), RegistryError>>,
+    },
+    Deregister {
+        id: String,
+        done: Option<oneshot::Sender<Result<(), RegistryError>>>,
+    },
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
+}
+
+impl ConsulRegistry {
+    /// Talks to the agent at `config.address` (one address; `http://` is
+    /// assumed without a scheme) with `timeout_ms`, the optional ACL `token`,
+    /// `datacenter` (for discovery), `namespace` (a service-name prefix) and
+    /// `tls`. Fails if the agent does not answer.
+    pub async fn connect(config: &RegistryConfig) -> Result<Self, RegistryError> {
+        let address = match config.address.as_slice() {
+            [one] => base_url(one),
+            [] => return Err(failed("registry.address names no Consul agent")),
+            many => {
+                return Err(failed(format!(
+                    "registry.address must name one Consul agent (services belong to the agent they register with), got {}",
+                    many.join(",")
+                )));
+            }
+        };
+        let t = config.timeout();
+        let ttl = config.ttl().max(Duration::from_secs(1));
+        let token = config.token.clone().filter(|s| !s.is_empty());
+        let client = http_client(config.tls.as_ref(), t)?;
+        let consul = ConsulBuilder::new(rs_consul::Config {
+            address: address.clone(),
+            token: token.clone(),
+            ..rs_consul::Config::default()
+        })
+        .with_https_client(client.clone())
+        .build();
+        let agent = Agent {
+            client,
+            base: address,
+            token,
+        };
+        agent
+            .ok(Method::GET, "/v1/status/leader", None, t)
+            .await
+            .map_err(|e| match e {
+                RegistryError::Unavailable {
+                    message, source, ..
+                } => RegistryError::Unavailable {
+                    backend: BACKEND,
+                    message: format!("Consul agent at {} does not answer: {message}", agent.base),
+                    source,
+                },
+                other => other,
+            })?;
+        let (tx, rx) = mpsc::channel(COMMAND_CAPACITY);
+        let keeper = Keeper {
+            agent: agent.clone(),
+            timeout: t,
+            beat: beat_interval(ttl),
+            entries: HashMap::new(),
+            retry_at: None,
+            backoff: BACKOFF_MIN,
+            unreachable: false,
+        };
+        // The keeper heartbeats every registration. It ends when every
+        // handle is gone, after deregistering what is left.
+        tokio::spawn(keeper.run(rx));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                agent,
+                consul,
+                namespace: clean_namespace(config.namespace.as_deref()).map(str::to_owned),
+                datacenter: config.datacenter.clone().filter(|s| !s.is_empty()),
+                ttl,
+                timeout: t,
+                commands: tx,
+            }),
+        })
+    }
+
+    /// The Consul service name `service_key` maps to.
+    pub fn consul_name(&self, service_key: &str) -> String {
+        service_name(self.inner.namespace.as_deref(), service_key)
+    }
+
+    /// The Consul service ID an instance registers with.
+    pub fn instance_id(&self, meta: &ServiceMetaInfo) -> String {
+        service_id(self.inner.namespace.as_deref(), meta)
+    }
+
+    /// The TTL of the instances' checks.
+    pub fn ttl(&self) -> Duration {
+        self.inner.ttl
+    }
+
+    /// The agent's base URL.
+    pub fn address(&self) -> &str {
+        &self.inner.agent.base
+    }
+
+    /// Deregisters every instance this registry published and stops
+    /// heartbeating.
+    pub async fn shutdown(&self) {
+        let (done, rx) = oneshot::channel();
+        if self
+            .inner
+            .commands
+            .send(Command::Shutdown { done })
+            .await
+            .is_ok()
+        {
+            let _ = timeout(self.inner.timeout * 2, rx).await;
+        }
+    }
+
+    /// One health query for `name` (passing instances only). `index` makes
+    /// it a blocking query.
+    async fn health(
+        &self,
+        service_key: &str,
+        index: Option<u64>,
+    ) -> Result<(Vec<ServiceMetaInfo>, u64), RegistryError> {
+        let name = self.consul_name(service_key);
+        let wait = index.map(|_| WATCH_WAIT);
+        // Consul adds up to wait/16 of jitter.
+        let t = self.inner.timeout + wait.map_or(Duration::ZERO, |w| w + w / 16);
+        let request = GetServiceNodesRequest {
+            service: &name,
+            passing: true,
+            ..GetServiceNodesRequest::default()
+        };
+        let options = QueryOptions {
+            namespace: None,
+            datacenter: self.inner.datacenter.clone(),
+            timeout: Some(t),
+            index,
+            wait,
+        };
+        let resp = timeout(
+            t + Duration::from_secs(1),
+            self.inner.consul.get_service_nodes(request, Some(options)),
+        )
+        .await
+        .map_err(|_| timed_out("health query", t))?
+        .map_err(|e| unavailable(format!("health query for {name}"), e))?;
+        let mut found = BTreeMap::new();
+        for node in resp.response {
+            let Some(json) = node
+                .service
+                .tags
+                .iter()
+                .find_map(|t| t.strip_prefix(RECORD_TAG))
+            else {
+                debug!(id = %node.service.id, "skipping a service without an rpc record");
+                continue;
+            };
+            match ServiceMetaInfo::from_json(json.as_bytes()) {
+                Ok(m)
+                    if m.service_key() == service_key
+                        && self.instance_id(&m) == node.service.id =>
+                {
+                    found.insert(m.node_key(), m);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(id = %node.service.id, error = %e, "skipping malformed instance record")
+                }
+            }
+        }
+        Ok((found.into_values().collect(), resp.index))
+    }
+
+    /// Waits (bounded by the timeout) until discovery shows `id` present or
+    /// absent: on a cluster the agent syncs to the servers asynchronously.
+    async fn settle(&self, meta: &ServiceMetaInfo, present: bool) {
+        let key = meta.service_key();
+        let node = meta.node_key();
+        let deadline = Instant::now() + self.inner.timeout;
+        let mut index = None;
+        while Instant::now() < deadline {
+            match timeout(
+                deadline.saturating_duration_since(Instant::now()),
+                self.health(&key, index),
+            )
+            .await
+            {
+                Ok(Ok((list, i))) => {
+                    if list.iter().any(|m| m.node_key() == node) == present {
+                        return;
+                    }
+                    index = Some(i.max(1));
+                }
+                Ok(Err(e)) => {
+                    debug!(%node, error = %e, "consul: cannot confirm the catalog");
+                    return;
+                }
+                Err(_) => break,
+            }
+        }
+        debug!(%node, present, "consul: the catalog did not confirm in time");
+    }
+}
+
+fn beat_interval(ttl: Duration) -> Duration {
+    (ttl / 3).clamp(Duration::from_millis(100), BEAT_MAX)
+}
+
+impl rpc_core::Registry for ConsulRegistry {
+    async fn register(&self, meta: ServiceMetaInfo) -> Result<Registration, RegistryError> {
+        let (id, check, body) = definition(self.inner.namespace.as_deref(), &meta, self.inner.ttl);
+        let (state_tx, state_rx) = watch::channel(RegistrationState::Reregistering);
+        let (done, rx) = oneshot::channel();
+        let t = self.inner.timeout;
+        self.inner
+            .commands
+            .send(Command::Register {
+                id: id.clone(),
+                check,
+                body,
+                state: state_tx,
+                done,
+            })
+            .await
+            .map_err(|_| RegistryError::Shutdown)?;
+        timeout(t * 2, rx)
+            .await
+            .map_err(|_| timed_out("register", t * 2))?
+            .map_err(|_| RegistryError::Shutdown)??;
+        self.settle(&meta, true).await;
+        let meta_for_settle = meta.clone();
+        Ok(Registration::new(
+            meta,
+            state_rx,
+            ConsulDeregister {
+                id,
+                meta: meta_for_settle,
+                registry: self.clone(),
+            },
+        ))
+    }
+}
+
+struct ConsulDeregister {
+    id: String,
+    meta: ServiceMetaInfo,
+    registry: ConsulRegistry,
+}
+
+impl Deregister for ConsulDeregister {
+    fn deregister(self: Box<Self>) -> BoxFuture<'static, Result<(), RegistryError>> {
+        Box::pin(async move {
+            let inner = &self.registry.inner;
+            let (done, rx) = oneshot::channel();
+            let cmd = Command::Deregister {
+                id: self.id.clone(),
+                done: Some(done),
+            };
+            if inner.commands.send(cmd).await.is_err() {
+                // The keeper is gone: it deregistered everything on its way out.
+                return Ok(());
+            }
+            timeout(inner.timeout * 2, rx)
+                .await
+                .map_err(|_| timed_out("deregister", inner.timeout * 2))?
+                .unwrap_or(Ok(()))?;
+            self.registry.settle(&self.meta, false).await;
+            Ok(())
+        })
+    }
+
+    fn deregister_on_drop(self: Box<Self>) {
+        let commands = self.registry.inner.commands.clone();
+        let cmd = Command::Deregister {
+            id: self.id,
+            done: None,
+        };
+        if let Err(mpsc::error::TrySendError::Full(cmd)) = commands.try_send(cmd) {
+            // A burst of drops: hand the send to the runtime rather than lose it.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = commands.send(cmd).await;
+                });
+            }
+        }
+    }
+}
+
+/// One registered instance, as the keeper holds it.
+struct Entry {
+    check: String,
+    body: Vec<u8>,
+    state: watch::Sender<RegistrationState>,
+    generation: u64,
+    /// The agent forgot it: re-register at the next retry.
+    lost: bool,
+}
+
+/// Heartbeats every registration of one registry and restores lost ones.
+struct Keeper {
+    agent: Agent,
+    timeout: Duration,
+    beat: Duration,
+    entries: HashMap<String, Entry>,
+    /// Set while some entry is lost: when to re-register next.
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    /// The agent did not answer the last beat (logged once per outage).
+    unreachable: bool,
+}
+
+impl Keeper {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut beat = tokio::time::interval(self.beat);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let retry_at = self.retry_at;
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(Command::Register { id, check, body, state, done }) => {
+                        let r = self.register(id, check, body, state).await;
+                        let _ = done.send(r);
+                    }
+                    Some(Command::Deregister { id, done }) => {
+                        let r = self.deregister(&id).await;
+                        if let Some(done) = done {
+                            let _ = done.send(r);
+                        }
+                    }
+                    Some(Command::Shutdown { done }) => {
+                        self.deregister_all().await;
+                        let _ = done.send(());
+                        // Keep answering (no-ops now) until every handle is gone.
+                        while let Some(cmd) = commands.recv().await {
+                            match cmd {
+                                Command::Register { done, .. } => {
+                                    let _ = done.send(Err(RegistryError::Shutdown));
+                                }
+                                Command::Deregister { done: Some(done), .. } => {
+                                    let _ = done.send(Ok(()));
+                                }
+                                Command::Shutdown { done } => {
+                                    let _ = done.send(());
+                                }
+                                Command::Deregister { done: None, .. } => {}
+                            }
+                        }
+                        return;
+                    }
+                    None => {
+                        self.deregister_all().await;
+                        return;
+                    }
+                },
+                _ = beat.tick(), if !self.entries.is_empty() => self.beat_all().await,
+                _ = sleep_until_opt(retry_at), if retry_at.is_some() => self.restore().await,
+            }
+        }
+    }
+
+    /// Passes every live check once, concurrently.
+    async fn beat_all(&mut self) {
+        // A pass must not outlive the beat: the other checks wait for it.
+        let t = self.timeout.min(self.beat);
+        let agent = &self.agent;
+        let passes = self
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.lost)
+            .map(|(id, e)| async move { (id.clone(), agent.pass(&e.check, t).await) });
+        let results = futures_util::future::join_all(passes).await;
+        let mut reached = false;
+        let mut unreachable = None;
+        for (id, result) in results {
+            match result {
+                Ok((StatusCode::OK, _)) => reached = true,
+                Ok((status, body)) => {
+                    reached = true;
+                    let why = rejected("check pass", status, &body);
+                    self.lost(&id, &why.to_string());
+                }
+                Err(e) => unreachable = Some(e),
+            }
+        }
+        match unreachable {
+            Some(e) if !self.unreachable => {
+                warn!(error = %e, "consul agent unreachable; heartbeats go on");
+                self.unreachable = true;
+            }
+            None if reached && self.unreachable => {
+                info!("consul agent reachable again");
+                self.unreachable = false;
+            }
+            _ => {}
+        }
+    }
+
+    fn lost(&mut self, id: &str, why: &str) {
+        let Some(entry) = self.entries.get_mut(id) else {
+            return;
+        };
+        if entry.lost {
+            return;
+        }
+        warn!(%id, reason = why, "consul agent lost the registration; re-registering");
+        entry.lost = true;
+        entry.state.send_replace(RegistrationState::Reregistering);
+        if self.retry_at.is_none() {
+            self.retry_at = Some(Instant::now());
+        }
+    }
+
+    /// Re-registers every lost entry once; backs off if any fails.
+    async fn restore(&mut self) {
+        let t = self.timeout;
+        let mut failure = None;
+        for (id, entry) in self.entries.iter_mut().filter(|(_, e)| e.lost) {
+            match self.agent.register(&entry.body, t).await {
+                Ok(()) => {
+                    entry.lost = false;
+                    entry.generation += 1;
+                    entry.state.send_replace(RegistrationState::Registered {
+                        generation: entry.generation,
+                    });
+                    info!(%id, generation = entry.generation, "consul registration restored");
+                }
+                Err(e) => failure = Some(e),
+            }
+        }
+        match failure {
+            None => {
+                self.retry_at = None;
+                self.backoff = BACKOFF_MIN;
+            }
+            Some(e) => {
+                debug!(error = %e, backoff = ?self.backoff, "consul re-registration failed; retrying");
+                self.retry_at = Some(Instant::now() + self.backoff);
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+
+    async fn register(
+        &mut self,
+        id: String,
+        check: String,
+        body: Vec<u8>,
+        state: watch::Sender<RegistrationState>,
+    ) -> Result<(), RegistryError> {
+        self.agent.register(&body, self.timeout).await?;
+        state.send_replace(RegistrationState::Registered { generation: 0 });
+        debug!(%id, "consul service registered");
+        self.entries.insert(
+            id,
+            Entry {
+                check,
+                body,
+                state,
+                generation: 0,
+                lost: false,
+            },
+        );
+        Ok(())
+    }
+
+    async fn deregister(&mut self, id: &str) -> Result<(), RegistryError> {
+        let Some(entry) = self.entries.remove(id) else {
+            return Ok(());
+        };
+        entry.state.send_replace(RegistrationState::Deregistered);
+        self.agent.deregister(id, self.timeout).await
+    }
+
+    async fn deregister_all(&mut self) {
+        let entries: Vec<(String, Entry)> = self.entries.drain().collect();
+        let agent = &self.agent;
+        let t = self.timeout;
+        let calls = entries.iter().map(|(id, e)| async move {
+            e.state.send_replace(RegistrationState::Deregistered);
+            (id, agent.deregister(id, t).await)
+        });
+        for (id, r) in futures_util::future::join_all(calls).await {
+            match r {
+                Ok(()) => debug!(%id, "consul service deregistered"),
+                Err(e) => {
+                    warn!(%id, error = %e, "consul deregistration failed; the check expires with the TTL")
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The blocking-query index to send next, per the Consul docs: reset to 0
+/// when it went backwards, never 0 after a first answer.
+fn next_index(previous: u64, returned: u64) -> u64 {
+    if returned < previous {
+        0
+    } else {
+        returned.max(1)
+    }
+}
+
+impl Discover for ConsulRegistry {
+    async fn discover(&self, service_key: &str) -> Result<Vec<ServiceMetaInfo>, RegistryError> {
+        Ok(self.health(service_key, None).await?.0)
+    }
+
+    async fn watch(&self, service_key: &str) -> Result<Watch, RegistryError> {
+        // The first snapshot is read here so that an unreachable agent is an
+        // error to the caller, not a silent empty list.
+        let (list, index) = self.health(service_key, None).await?;
+        let (tx, rx) = mpsc::channel(WATCH_CHANNEL_CAPACITY);
+        if tx.send(WatchEvent::Snapshot(list.clone())).await.is_err() {
+            return Err(RegistryError::Shutdown);
+        }
+        let follower = Follower {
+            registry: self.clone(),
+            service_key: service_key.to_owned(),
+            tx,
+            index: next_index(0, index),
+            current: list.into_iter().map(|m| (m.node_key(), m)).collect(),
+            connected: true,
+        };
+        match AbortOnDrop::spawn(follower.run()) {
+            Some(task) => Ok(Watch::with_guard(rx, task)),
+            None => Err(failed("watch needs a Tokio runtime")),
+        }
+    }
+}
+
+/// Follows one service with blocking queries.
+struct Follower {
+    registry: ConsulRegistry,
+    service_key: String,
+    tx: mpsc::Sender<WatchEvent>,
+    /// Index for the next blocking query (0: answer at once).
+    index: u64,
+    /// What the consumer was last told, by node key.
+    current: BTreeMap<String, ServiceMetaInfo>,
+    connected: bool,
+}
+
+impl Follower {
+    async fn run(mut self) {
+        let mut backoff = BACKOFF_MIN;
+        let mut last_query: Option<Instant> = None;
+        loop {
+            if let Some(at) = last_query {
+                let next = at + MIN_QUERY_INTERVAL;
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next) => {}
+                    _ = self.tx.closed() => return,
+                }
+            }
+            last_query = Some(Instant::now());
+            let index = (self.index > 0).then_some(self.index);
+            let answer = tokio::select! {
+                a = self.registry.health(&self.service_key, index) => a,
+                _ = self.tx.closed() => return,
+            };
+            match answer {
+                Ok((list, returned)) => {
+                    if returned < self.index {
+                        info!(service = %self.service_key, from = self.index, to = returned, "consul index went backwards; resetting");
+                    }
+                    self.index = next_index(self.index, returned);
+                    backoff = BACKOFF_MIN;
+                    if !self.deliver(list).await {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    debug!(service = %self.service_key, error = %e, "consul watch query failed");
+                    // Resynchronise from scratch once the agent answers again.
+                    self.index = 0;
+                    if self.connected {
+                        self.connected = false;
+                        if self.tx.send(WatchEvent::Connected(false)).await.is_err() {
+                            return;
+                        }
+                    }
+                    let d = backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    tokio::select! {
+                        _ = sleep(d) => {}
+                        _ = self.tx.closed() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tells the consumer about `list`: a snapshot after an outage, else
+    /// the differences. `false`: the consumer is gone.
+    async fn deliver(&mut self, list: Vec<ServiceMetaInfo>) -> bool {
+        let next: BTreeMap<String, ServiceMetaInfo> =
+            list.into_iter().map(|m| (m.node_key(), m)).collect();
+        if !self.connected {
+            let snapshot = next.values().cloned().collect();
+            self.current = next;
+            if self.tx.send(WatchEvent::Snapshot(snapshot)).await.is_err() {
+                return false;
+            }
+            self.connected = true;
+            return self.tx.send(WatchEvent::Connected(true)).await.is_ok();
+        }
+        let mut events = Vec::new();
+        for key in self.current.keys() {
+            if !next.contains_key(key) {
+                events.push(WatchEvent::Remove(key.clone()));
+            }
+        }
+        for (key, meta) in &next {
+            if self.current.get(key) != Some(meta) {
+                events.push(WatchEvent::Upsert(meta.clone()));
+            }
+        }
+        self.current = next;
+        for event in events {
+            if self.tx.send(event).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names_are_dns_friendly_and_keep_versions_apart() {
+        assert_eq!(service_name(None, "UserService:1.0"), "userservice-1-0");
+        assert_eq!(
+            service_name(Some("team-a"), "UserService:1.0"),
+            "team-a-userservice-1-0"
+        );
+        assert_eq!(
+            service_name(None, "Conf.Fields:2.1-beta"),
+            "conf-fields-2-1-beta"
+        );
+        assert_ne!(
+            service_name(None, "Conf.Apart:1.0"),
+            service_name(None, "Conf.Apart:2.0")
+        );
+        assert_eq!(service_name(Some("/"), "::"), "rpc-service");
+        assert_eq!(service_name(None, "__A__b:--1"), "a-b-1");
+    }
+
+    #[test]
+    fn ids_are_node_keys_under_the_namespace() {
+        let m = ServiceMetaInfo::new("S", "1.0", "127.0.0.1", 9);
+        assert_eq!(service_id(None, &m), "S:1.0/127.0.0.1:9");
+        assert_eq!(service_id(Some("/ns/"), &m), "ns/S:1.0/127.0.0.1:9");
+        assert_eq!(check_id("S:1.0/h:1"), "service:S:1.0/h:1");
+    }
+
+    #[test]
+    fn path_segments_are_percent_encoded() {
+        assert_eq!(
+            encode_path("service:ns/S:1.0/[::1]:9"),
+            "service:ns%2FS:1.0%2F%5B::1%5D:9"
+        );
+        assert_eq!(encode_path("ü x"), "%C3%BC%20x");
+    }
+
+    #[test]
+    fn the_index_resets_when_it_goes_backwards_and_is_never_zero() {
+        assert_eq!(next_index(0, 17), 17);
+        assert_eq!(next_index(17, 17), 17);
+        assert_eq!(next_index(17, 30), 30);
+        assert_eq!(next_index(30, 5), 0);
+        assert_eq!(next_index(0, 0), 1);
+        assert_eq!(next_index(12, 0), 0);
+    }
+
+    #[test]
+    fn heartbeats_stay_well_inside_the_ttl() {
+        assert_eq!(
+            beat_interval(Duration::from_secs(3)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(beat_interval(Duration::from_secs(300)), BEAT_MAX);
+        assert_eq!(
+            beat_interval(Duration::from_millis(150)),
+            Duration::from_millis(100)
+        );
+    }
+
+    #[test]
+    fn the_definition_carries_the_record_and_a_ttl_check() {
+        let mut m = ServiceMetaInfo::new("Conf.Fields", "2.1", "10.0.0.1", 80);
+        m.weight = 7;
+        m.metadata.insert("zone".into(), "a".into());
+        m.metadata.insert("bad key".into(), "x".into());
+        m.metadata.insert("note".into(), "\"ü\"".into());
+        let (id, check, body) = definition(Some("ns"), &m, Duration::from_secs(3));
+        assert_eq!(id, "ns/Conf.Fields:2.1/10.0.0.1:80");
+        assert_eq!(check, "service:ns/Conf.Fields:2.1/10.0.0.1:80");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["ID"], id.as_str());
+        assert_eq!(v["Name"], "ns-conf-fields-2-1");
+        assert_eq!(v["Address"], "10.0.0.1");
+        assert_eq!(v["Port"], 80);
+        assert_eq!(v["Weights"]["Passing"], 7);
+        assert_eq!(v["Meta"]["zone"], "a");
+        assert_eq!(v["Meta"]["rpc_version"], "2.1");
+        assert!(v["Meta"].get("bad key").is_none());
+        assert_eq!(v["Check"]["TTL"], "3000ms");
+        assert_eq!(v["Check"]["Status"], "passing");
+        assert_eq!(v["Check"]["DeregisterCriticalServiceAfter"], "60000ms");
+        let tags: Vec<&str> = v["Tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|t| t.as_str())
+            .collect();
+        let record = tags
+            .iter()
+            .find_map(|t| t.strip_prefix(RECORD_TAG))
+            .unwrap();
+        assert_eq!(ServiceMetaInfo::from_json(record.as_bytes()).unwrap(), m);
+        assert!(tags.contains(&"rpc-version=2.1"));
+    }
+
+    #[test]
+    fn addresses_get_a_scheme() {
+        assert_eq!(base_url("127.0.0.1:8500"), "http://127.0.0.1:8500");
+        assert_eq!(base_url("https://c:8501/"), "https://c:8501");
+    }
+}
