@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 export RPC_REQUIRE_SERVERS=1
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
-SERVERS=(etcd consul)
+SERVERS=(etcd zookeeper consul)
 
 scripts/registry-servers.sh install "${SERVERS[@]}"
 trap 'scripts/registry-servers.sh down "${SERVERS[@]}"' EXIT
