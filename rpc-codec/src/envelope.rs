@@ -121,7 +121,31 @@ pub fn encode_request<A: Serialize + ?Sized>(
     args: &A,
     max_frame_len: usize,
 ) -> Result<BytesMut, CodecError> {
-    let mut f = FrameBuf::with_capacity(64 + head.service.len() + head.method.len());
+    encode_request_with(head, 64, max_frame_len, |b| {
+        serializer::encode(head.serializer, args, b)
+    })
+}
+
+/// Encodes a request frame around arguments already serialized with
+/// `head.serializer` (so a retry does not serialize them again).
+pub fn encode_request_raw(
+    head: &RequestHead<'_>,
+    args: &[u8],
+    max_frame_len: usize,
+) -> Result<BytesMut, CodecError> {
+    encode_request_with(head, args.len(), max_frame_len, |b| {
+        b.put_slice(args);
+        Ok(())
+    })
+}
+
+fn encode_request_with(
+    head: &RequestHead<'_>,
+    args_hint: usize,
+    max_frame_len: usize,
+    args: impl FnOnce(&mut BytesMut) -> Result<(), CodecError>,
+) -> Result<BytesMut, CodecError> {
+    let mut f = FrameBuf::with_capacity(32 + head.service.len() + head.method.len() + args_hint);
     let b = f.body_mut();
     let deadline_us = head
         .deadline
@@ -137,7 +161,7 @@ pub fn encode_request<A: Serialize + ?Sized>(
         put_str(b, k, "metadata key longer than 65535 bytes")?;
         put_str(b, v, "metadata value longer than 65535 bytes")?;
     }
-    serializer::encode(head.serializer, args, b)?;
+    args(b)?;
     f.finish(
         serializer::id_of(head.serializer),
         MessageType::Request,
@@ -219,6 +243,23 @@ mod tests {
         assert_eq!(env.metadata, vec![("trace", "abc")]);
         let args: (u64, String) = serializer::decode(SerializerKind::Bincode, env.args).unwrap();
         assert_eq!(args, (7, "x".to_owned()));
+    }
+
+    #[test]
+    fn raw_and_typed_requests_encode_identically() {
+        let head = RequestHead {
+            request_id: 9,
+            serializer: SerializerKind::Bincode,
+            deadline: Some(Duration::from_millis(5)),
+            service: "S:1",
+            method: "m",
+            metadata: &[],
+        };
+        let typed = encode_request(&head, &(1u8, "two"), 1 << 20).unwrap();
+        let mut args = BytesMut::new();
+        serializer::encode(SerializerKind::Bincode, &(1u8, "two"), &mut args).unwrap();
+        let raw = encode_request_raw(&head, &args, 1 << 20).unwrap();
+        assert_eq!(typed, raw);
     }
 
     #[test]

@@ -39,7 +39,9 @@ pub mod frame;
 pub mod serializer;
 
 pub use codec::FrameCodec;
-pub use envelope::{RequestEnvelope, RequestHead, encode_error, encode_request, encode_response};
+pub use envelope::{
+    RequestEnvelope, RequestHead, encode_error, encode_request, encode_request_raw, encode_response,
+};
 pub use error::CodecError;
 pub use frame::{Frame, FrameBuf, HEADER_LEN, Header, MAGIC, MessageType, VERSION, encode_empty};
 pub use serializer::{Bincode, Json, Serializer};

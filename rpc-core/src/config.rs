@@ -7,6 +7,7 @@
 //! `RPC_CLIENT_TIMEOUT_MS=500`). Unknown keys and bad values fail loudly,
 //! naming the file (or variable) and the dotted key.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -265,6 +266,75 @@ pub enum LoadBalancerKind {
     RoundRobin,
     /// A uniformly random instance per call.
     Random,
+    /// Smooth weighted round robin by `ServiceMetaInfo.weight`.
+    Weighted,
+    /// A hash of the call's arguments picks the instance; a key keeps its
+    /// instance when others join or leave (a ring of virtual nodes).
+    ConsistentHash,
+    /// Power of two choices: of two random instances, the one with fewer
+    /// calls in flight (ties: lower latency EWMA). Best under load.
+    P2c,
+}
+
+/// What a call does when its attempt fails.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultTolerance {
+    /// Return the first error.
+    FailFast,
+    /// Retry on ANOTHER instance, but only when that cannot run the call
+    /// twice (not sent, refused, overloaded) or the method is listed as
+    /// idempotent. Bounded by `retries`, the deadline and the retry budget.
+    /// The default.
+    #[default]
+    FailOver,
+    /// On failure, log and return the method's configured default
+    /// (`fail_safe`, JSON); without one, the error.
+    FailSafe,
+}
+
+/// Per-service overrides of `[client]` (`[client.services."Name:1.0"]`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceOverrides {
+    /// Per-call deadline.
+    pub timeout_ms: Option<u64>,
+    /// Load balancer.
+    pub load_balancer: Option<LoadBalancerKind>,
+    /// Fault tolerance.
+    pub fault_tolerance: Option<FaultTolerance>,
+    /// Extra attempts for `fail_over`.
+    pub retries: Option<u32>,
+    /// Methods that may be retried after any provider failure.
+    pub idempotent: Option<Vec<String>>,
+    /// `fail_safe` defaults: method name -> JSON value.
+    pub fail_safe: Option<BTreeMap<String, String>>,
+    /// Serializer.
+    pub serializer: Option<SerializerKind>,
+}
+
+/// The policy one service is called with: `[client]` merged with its
+/// `[client.services."key"]` overrides.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CallPolicy {
+    /// Per-call deadline (covers every retry).
+    pub timeout: Duration,
+    /// Load balancer.
+    pub load_balancer: LoadBalancerKind,
+    /// Fault tolerance.
+    pub fault_tolerance: FaultTolerance,
+    /// Extra attempts for `fail_over`.
+    pub retries: u32,
+    /// First retry backoff; doubles per attempt, full jitter.
+    pub retry_backoff: Duration,
+    /// Largest retry backoff.
+    pub retry_backoff_max: Duration,
+    /// Methods safe to retry after any provider failure.
+    pub idempotent: Vec<String>,
+    /// `fail_safe` defaults: method -> JSON.
+    pub fail_safe: BTreeMap<String, String>,
+    /// Serializer.
+    pub serializer: SerializerKind,
 }
 
 /// `[client]`
@@ -273,8 +343,38 @@ pub enum LoadBalancerKind {
 pub struct ClientConfig {
     /// `bincode` (default) or `json`.
     pub serializer: SerializerKind,
-    /// `round_robin` (default) or `random`.
+    /// `round_robin` (default), `random`, `weighted`, `consistent_hash`, `p2c`.
     pub load_balancer: LoadBalancerKind,
+    /// `fail_over` (default), `fail_fast`, `fail_safe`.
+    pub fault_tolerance: FaultTolerance,
+    /// Extra attempts for `fail_over` (each on another instance when one exists).
+    pub retries: u32,
+    /// First retry backoff; doubles per attempt, with full jitter.
+    pub retry_backoff_ms: u64,
+    /// Largest retry backoff.
+    pub retry_backoff_max_ms: u64,
+    /// Retries allowed, as a fraction of calls over the last 10 s ...
+    pub retry_budget_ratio: f64,
+    /// ... plus this many retries per second regardless.
+    pub retry_budget_min_per_sec: u32,
+    /// Methods (by name, any service) safe to retry after any provider failure.
+    pub idempotent: Vec<String>,
+    /// `fail_safe` defaults: method name -> JSON value returned on failure.
+    pub fail_safe: BTreeMap<String, String>,
+    /// Consecutive provider failures that eject an instance.
+    pub outlier_failures: u32,
+    /// First ejection; doubles for an instance ejected again, up to 60 s.
+    pub outlier_cooldown_ms: u64,
+    /// Never eject more than this share of a service's instances (0-100).
+    pub outlier_max_ejected_percent: u32,
+    /// Empty-push protection: an update that would empty a non-empty
+    /// instance list while the registry connection is unhealthy is held back.
+    pub empty_protection: bool,
+    /// Optional file where the consumer keeps its last good instance lists,
+    /// so it can start and call while the registry is down.
+    pub snapshot_file: Option<PathBuf>,
+    /// Per-service overrides, keyed by `name:version`.
+    pub services: BTreeMap<String, ServiceOverrides>,
     /// Per-call deadline.
     pub timeout_ms: u64,
     /// Dial timeout.
@@ -292,6 +392,20 @@ impl Default for ClientConfig {
         Self {
             serializer: SerializerKind::Bincode,
             load_balancer: LoadBalancerKind::RoundRobin,
+            fault_tolerance: FaultTolerance::FailOver,
+            retries: 2,
+            retry_backoff_ms: 5,
+            retry_backoff_max_ms: 200,
+            retry_budget_ratio: 0.2,
+            retry_budget_min_per_sec: 10,
+            idempotent: Vec::new(),
+            fail_safe: BTreeMap::new(),
+            outlier_failures: 5,
+            outlier_cooldown_ms: 5_000,
+            outlier_max_ejected_percent: 50,
+            empty_protection: true,
+            snapshot_file: None,
+            services: BTreeMap::new(),
             timeout_ms: 3_000,
             connect_timeout_ms: 1_000,
             connections_per_endpoint: 1,
@@ -309,6 +423,28 @@ impl ClientConfig {
     /// [`ClientConfig::connect_timeout_ms`] as a duration.
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// The policy for `service_key`: these settings with its overrides applied.
+    pub fn policy_for(&self, service_key: &str) -> CallPolicy {
+        let o = self.services.get(service_key).cloned().unwrap_or_default();
+        let mut idempotent = self.idempotent.clone();
+        idempotent.extend(o.idempotent.unwrap_or_default());
+        let mut fail_safe = self.fail_safe.clone();
+        fail_safe.extend(o.fail_safe.unwrap_or_default());
+        CallPolicy {
+            timeout: Duration::from_millis(o.timeout_ms.unwrap_or(self.timeout_ms)),
+            load_balancer: o.load_balancer.unwrap_or(self.load_balancer),
+            fault_tolerance: o.fault_tolerance.unwrap_or(self.fault_tolerance),
+            retries: o.retries.unwrap_or(self.retries),
+            retry_backoff: Duration::from_millis(self.retry_backoff_ms),
+            retry_backoff_max: Duration::from_millis(
+                self.retry_backoff_max_ms.max(self.retry_backoff_ms),
+            ),
+            idempotent,
+            fail_safe,
+            serializer: o.serializer.unwrap_or(self.serializer),
+        }
     }
 }
 
@@ -448,6 +584,56 @@ impl RpcConfig {
                 ));
             }
         }
+        if !(0.0..=10.0).contains(&self.client.retry_budget_ratio) {
+            return Err(ConfigError::new(
+                origin,
+                "client.retry_budget_ratio",
+                "must be between 0 and 10 (retries per call)",
+            ));
+        }
+        if self.client.outlier_max_ejected_percent > 100 {
+            return Err(ConfigError::new(
+                origin,
+                "client.outlier_max_ejected_percent",
+                "must be between 0 and 100",
+            ));
+        }
+        for (key, o) in &self.client.services {
+            if !key.contains(':') {
+                return Err(ConfigError::new(
+                    origin,
+                    format!("client.services.{key}"),
+                    "service keys are `name:version`",
+                ));
+            }
+            if o.timeout_ms == Some(0) {
+                return Err(ConfigError::new(
+                    origin,
+                    format!("client.services.\"{key}\".timeout_ms"),
+                    "must be greater than 0",
+                ));
+            }
+        }
+        let all_fail_safe = self
+            .client
+            .fail_safe
+            .iter()
+            .map(|(m, v)| (String::from("client.fail_safe"), m, v))
+            .chain(self.client.services.iter().flat_map(|(k, o)| {
+                o.fail_safe
+                    .iter()
+                    .flatten()
+                    .map(move |(m, v)| (format!("client.services.\"{k}\".fail_safe"), m, v))
+            }));
+        for (section, method, json) in all_fail_safe {
+            if let Err(e) = serde_json::from_str::<serde_json::Value>(json) {
+                return Err(ConfigError::new(
+                    origin,
+                    format!("{section}.{method}"),
+                    format!("is not valid JSON: {e}"),
+                ));
+            }
+        }
         if self.server.host.trim().is_empty() {
             return Err(ConfigError::new(origin, "server.host", "must not be empty"));
         }
@@ -583,6 +769,53 @@ mod tests {
     fn remote_backends_need_an_address() {
         let e = RpcConfig::from_toml_str("[registry]\ntype = \"consul\"\n", "t").unwrap_err();
         assert_eq!(e.key, "registry.address");
+    }
+
+    #[test]
+    fn per_service_overrides_merge_with_client_defaults() {
+        let c = RpcConfig::from_toml_str(
+            r#"
+            [client]
+            timeout_ms = 900
+            load_balancer = "p2c"
+            idempotent = ["ping"]
+            fail_safe = { list = "[]" }
+            [client.services."UserService:1.0"]
+            timeout_ms = 200
+            fault_tolerance = "fail_safe"
+            idempotent = ["get_user"]
+            fail_safe = { get_user = "null" }
+            "#,
+            "t",
+        )
+        .unwrap();
+        let p = c.client.policy_for("UserService:1.0");
+        assert_eq!(p.timeout, Duration::from_millis(200));
+        assert_eq!(p.load_balancer, LoadBalancerKind::P2c);
+        assert_eq!(p.fault_tolerance, FaultTolerance::FailSafe);
+        assert_eq!(p.idempotent, vec!["ping".to_owned(), "get_user".to_owned()]);
+        assert_eq!(p.fail_safe.len(), 2);
+        let other = c.client.policy_for("Other:1.0");
+        assert_eq!(other.timeout, Duration::from_millis(900));
+        assert_eq!(other.fault_tolerance, FaultTolerance::FailOver);
+    }
+
+    #[test]
+    fn bad_fail_safe_json_names_the_method() {
+        let e = RpcConfig::from_toml_str(
+            "[client.services.\"S:1.0\"]\nfail_safe = { get = \"{nope\" }\n",
+            "t",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "client.services.\"S:1.0\".fail_safe.get");
+    }
+
+    #[test]
+    fn unknown_policy_names_are_rejected() {
+        let e =
+            RpcConfig::from_toml_str("[client]\nfault_tolerance = \"pray\"\n", "t").unwrap_err();
+        assert_eq!(e.key, "client.fault_tolerance");
+        assert!(e.message.contains("fail_over"), "{e}");
     }
 
     #[test]

@@ -56,7 +56,18 @@ pub enum RpcError {
         #[source]
         source: std::io::Error,
     },
-    /// The connection died before the response arrived.
+    /// The request was never written to the provider (its connection died
+    /// first): it certainly did not run, so it is safe to send elsewhere.
+    #[error("request to {addr} was not sent: the connection closed first")]
+    Unsent {
+        /// Provider address.
+        addr: String,
+        /// Why the connection closed, if known.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The connection died after the request was written, before the
+    /// response arrived: the call may or may not have run.
     #[error("connection to {addr} closed before the response arrived")]
     ConnectionClosed {
         /// Provider address.
@@ -86,6 +97,15 @@ pub enum RpcError {
     /// The client or server was shut down.
     #[error("shut down")]
     Shutdown,
+    /// Every instance is ejected by the outlier detector or refused by the
+    /// retry budget: the call was not attempted.
+    #[error("no healthy provider for `{service}`: {reason}")]
+    Unavailable {
+        /// Service key.
+        service: String,
+        /// Why no attempt was made.
+        reason: String,
+    },
 }
 
 impl RpcError {
@@ -97,11 +117,34 @@ impl RpcError {
         }
     }
 
+    /// Whether the provider (rather than the caller's own input) is to blame:
+    /// what an outlier detector counts against an instance.
+    pub fn is_provider_failure(&self) -> bool {
+        match self {
+            Self::Connect { .. }
+            | Self::Unsent { .. }
+            | Self::ConnectionClosed { .. }
+            | Self::Timeout { .. } => true,
+            Self::Remote { code, .. } => matches!(
+                code,
+                StatusCode::Overloaded
+                    | StatusCode::ShuttingDown
+                    | StatusCode::Handler
+                    | StatusCode::Timeout
+                    | StatusCode::ServiceNotFound
+            ),
+            _ => false,
+        }
+    }
+
     /// Whether the request certainly did not run on the server, so a retry on
     /// another instance cannot execute it twice.
     pub fn is_safe_to_retry(&self) -> bool {
         match self {
-            Self::Connect { .. } | Self::Overloaded(_) | Self::NoProvider { .. } => true,
+            Self::Connect { .. }
+            | Self::Unsent { .. }
+            | Self::Overloaded(_)
+            | Self::NoProvider { .. } => true,
             Self::Remote { code, .. } => code.is_safe_to_retry(),
             _ => false,
         }

@@ -29,8 +29,8 @@ pub mod registry;
 pub mod status;
 
 pub use config::{
-    ClientConfig, LoadBalancerKind, RegistryConfig, RegistryKind, RpcConfig, SerializerKind,
-    ServerConfig,
+    CallPolicy, ClientConfig, FaultTolerance, LoadBalancerKind, RegistryConfig, RegistryKind,
+    RpcConfig, SerializerKind, ServerConfig, ServiceOverrides,
 };
 pub use discover::{Discover, Watch, WatchEvent};
 pub use error::{BoxError, ConfigError, RegistryError, RpcError};

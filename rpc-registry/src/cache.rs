@@ -33,6 +33,10 @@ use tokio::sync::watch;
 
 use crate::task::AbortOnDrop;
 
+/// How long a lookup waits for the registry when the snapshot file has a
+/// list for the service.
+const SEED_WAIT: Duration = Duration::from_secs(2);
+
 /// Default bound on the number of service keys a cache follows.
 pub const DEFAULT_MAX_SERVICES: usize = 4096;
 
@@ -49,6 +53,14 @@ pub struct CacheOptions {
     pub backoff_min: Duration,
     /// Longest delay between attempts to watch again.
     pub backoff_max: Duration,
+    /// Empty-push protection: an update that would empty a non-empty list
+    /// while the registry connection is unhealthy is held back until the
+    /// backend reports the connection healthy again (which confirms it).
+    pub empty_protection: bool,
+    /// Where to keep the last good lists, so that a consumer started while
+    /// the registry is down can use them. Written atomically, at most once
+    /// a second.
+    pub snapshot_file: Option<std::path::PathBuf>,
 }
 
 impl Default for CacheOptions {
@@ -58,6 +70,8 @@ impl Default for CacheOptions {
             ready_timeout: Duration::from_secs(3),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            empty_protection: true,
+            snapshot_file: None,
         }
     }
 }
@@ -101,6 +115,11 @@ impl From<CacheError> for RegistryError {
 /// One service's cached state, shared by its watch task and its handles.
 struct Entry {
     key: String,
+    empty_protection: bool,
+    /// An emptying update held back by empty-push protection.
+    held: Mutex<Option<Vec<ServiceMetaInfo>>>,
+    /// Wakes the snapshot-file writer, if there is one.
+    persist: Option<Arc<tokio::sync::Notify>>,
     list: ArcSwap<Vec<ServiceMetaInfo>>,
     ready: AtomicBool,
     healthy: AtomicBool,
@@ -109,9 +128,12 @@ struct Entry {
 }
 
 impl Entry {
-    fn new(key: &str) -> Self {
+    fn new(key: &str, empty_protection: bool, persist: Option<Arc<tokio::sync::Notify>>) -> Self {
         Self {
             key: key.to_owned(),
+            empty_protection,
+            held: Mutex::new(None),
+            persist,
             list: ArcSwap::from_pointee(Vec::new()),
             ready: AtomicBool::new(false),
             healthy: AtomicBool::new(false),
@@ -122,6 +144,27 @@ impl Entry {
 
     fn bump(&self) {
         self.version.send_modify(|v| *v += 1);
+    }
+
+    fn version(&self) -> u64 {
+        *self.version.borrow()
+    }
+
+    /// Lists `seed` (from the snapshot file) if nothing arrived yet.
+    fn seed(&self, seed: Vec<ServiceMetaInfo>) -> bool {
+        if self.ready.load(Ordering::Acquire) {
+            return false;
+        }
+        self.list.store(Arc::new(self.own(seed)));
+        if self
+            .ready
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        self.bump();
+        true
     }
 
     /// Returns whether health changed.
@@ -145,10 +188,18 @@ impl Entry {
 
     /// Applies one event; only the service's watch task calls this, so a
     /// load followed by a store cannot lose a concurrent update.
-    fn apply(&self, event: WatchEvent) {
+    /// `trusted`: the first event of a freshly established watch, which the
+    /// backend produced over a connection that just worked.
+    fn apply(&self, event: WatchEvent, trusted: bool) {
         let current = self.list.load();
         let mut health = None;
         let mut first = false;
+        let was_healthy = self.healthy.load(Ordering::Acquire);
+        let confirms = trusted || matches!(event, WatchEvent::Connected(true));
+        if !matches!(event, WatchEvent::Connected(_)) {
+            // Any newer list event supersedes a held one.
+            *self.held.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        }
         let next = match event {
             WatchEvent::Snapshot(snapshot) => {
                 health = Some(true);
@@ -175,8 +226,42 @@ impl Entry {
                     tracing::warn!(service = %self.key, "registry connection lost; keeping the last known instances");
                 }
                 health = Some(connected);
+                // A healthy connection confirms an update held back while it was not.
+                let held = self
+                    .held
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
+                match held {
+                    Some(list) if connected => {
+                        tracing::info!(service = %self.key, "registry healthy again: applying the held-back empty update");
+                        Some(list)
+                    }
+                    Some(list) => {
+                        *self.held.lock().unwrap_or_else(PoisonError::into_inner) = Some(list);
+                        None
+                    }
+                    None => None,
+                }
+            }
+        };
+        // Empty-push protection: never let an unhealthy registry connection
+        // wipe a good list.
+        let next = match next {
+            Some(list)
+                if self.empty_protection
+                    && list.is_empty()
+                    && !current.is_empty()
+                    && !was_healthy
+                    && !confirms =>
+            {
+                tracing::warn!(service = %self.key, instances = current.len(), "holding back an update that would empty the list while the registry is unhealthy");
+                *self.held.lock().unwrap_or_else(PoisonError::into_inner) = Some(list);
+                // A held snapshot does not vouch for the connection either.
+                health = None;
                 None
             }
+            other => other,
         };
         drop(current);
         // Publish the list before the flags and the version: whoever sees
@@ -397,8 +482,13 @@ struct Inner<D> {
     options: CacheOptions,
     // Copy-on-write: lookups are lock-free; inserting a new key (rare)
     // copies the map under `insert`.
-    services: ArcSwap<HashMap<String, Slot>>,
+    services: Arc<ArcSwap<HashMap<String, Slot>>>,
     insert: Mutex<()>,
+    /// Lists read from the snapshot file at start-up.
+    seed: HashMap<String, Vec<ServiceMetaInfo>>,
+    /// Wakes the snapshot-file writer.
+    persist: Option<Arc<tokio::sync::Notify>>,
+    _writer: Option<AbortOnDrop>,
 }
 
 /// The consumer-side cache of service instances. Cheap to clone; the watch
@@ -432,12 +522,32 @@ impl<D: Discover> ServiceCache<D> {
 
     /// A cache over `discover`.
     pub fn with_options(discover: D, options: CacheOptions) -> Self {
+        let services = Arc::new(ArcSwap::from_pointee(HashMap::new()));
+        let (seed, persist, writer) = match &options.snapshot_file {
+            Some(path) => {
+                let seed = snapshot::load(path);
+                let notify = Arc::new(tokio::sync::Notify::new());
+                let writer = AbortOnDrop::spawn(snapshot::writer(
+                    path.clone(),
+                    Arc::clone(&services),
+                    Arc::clone(&notify),
+                ));
+                if writer.is_none() {
+                    tracing::warn!(path = %path.display(), "no Tokio runtime: the instance snapshot file will not be written");
+                }
+                (seed, Some(notify), writer)
+            }
+            None => (HashMap::new(), None, None),
+        };
         Self {
             inner: Arc::new(Inner {
                 discover: Arc::new(discover),
                 options,
-                services: ArcSwap::from_pointee(HashMap::new()),
+                services,
                 insert: Mutex::new(()),
+                seed,
+                persist,
+                _writer: writer,
             }),
         }
     }
@@ -499,18 +609,31 @@ impl<D: Discover> ServiceCache<D> {
         if handle.is_ready() {
             return Ok(handle);
         }
-        let timeout = self.inner.options.ready_timeout;
+        let seed = self.inner.seed.get(service_key);
+        // With a saved list to fall back on, do not keep the caller waiting
+        // long for a registry that may be down.
+        let timeout = match seed {
+            Some(_) => self.inner.options.ready_timeout.min(SEED_WAIT),
+            None => self.inner.options.ready_timeout,
+        };
         let entry = Arc::clone(&handle.entry);
         let mut changes = handle.changes();
         let ready = changes.wait_for(|_| entry.ready.load(Ordering::Acquire));
-        match tokio::time::timeout(timeout, ready).await {
-            Ok(Ok(_)) => Ok(handle),
-            _ => Err(CacheError::NotReady {
-                service: service_key.to_owned(),
-                waited: timeout,
-                last_error: handle.last_error(),
-            }),
+        let arrived = matches!(tokio::time::timeout(timeout, ready).await, Ok(Ok(_)));
+        if arrived || handle.is_ready() {
+            return Ok(handle);
         }
+        if let Some(seed) = seed {
+            if handle.entry.seed(seed.clone()) {
+                tracing::warn!(service = service_key, instances = seed.len(), last_error = ?handle.last_error(), "registry unavailable: starting from the instance snapshot file");
+            }
+            return Ok(handle);
+        }
+        Err(CacheError::NotReady {
+            service: service_key.to_owned(),
+            waited: timeout,
+            last_error: handle.last_error(),
+        })
     }
 
     fn follow(&self, service_key: &str) -> Result<ServiceHandle, CacheError> {
@@ -530,7 +653,11 @@ impl<D: Discover> ServiceCache<D> {
             tracing::warn!(service = service_key, limit, "service cache is full");
             return Err(CacheError::TooManyServices { limit });
         }
-        let entry = Arc::new(Entry::new(service_key));
+        let entry = Arc::new(Entry::new(
+            service_key,
+            self.inner.options.empty_protection,
+            self.inner.persist.clone(),
+        ));
         let task = AbortOnDrop::spawn(follow(
             Arc::clone(&self.inner.discover),
             Arc::clone(&entry),
@@ -564,11 +691,18 @@ async fn follow<D: Discover>(
     loop {
         match discover.watch(&entry.key).await {
             Ok(mut watch) => {
+                let mut first = true;
                 while let Some(event) = watch.next().await {
                     if matches!(event, WatchEvent::Snapshot(_)) {
                         backoff = backoff_min;
                     }
-                    entry.apply(event);
+                    let before = entry.version();
+                    entry.apply(event, std::mem::take(&mut first));
+                    if entry.version() != before {
+                        if let Some(persist) = &entry.persist {
+                            persist.notify_one();
+                        }
+                    }
                 }
                 tracing::warn!(service = %entry.key, retry_in = ?backoff, "registry watch ended; keeping the last known instances");
                 entry.set_last_error(Some("watch ended".into()));
@@ -583,6 +717,83 @@ async fn follow<D: Discover>(
         }
         tokio::time::sleep(backoff).await;
         backoff = backoff.saturating_mul(2).min(backoff_max);
+    }
+}
+
+/// The instance snapshot file: the last good lists, for starting while
+/// the registry is down.
+mod snapshot {
+    use std::collections::{BTreeMap, HashMap};
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use arc_swap::ArcSwap;
+    use rpc_core::ServiceMetaInfo;
+    use serde::{Deserialize, Serialize};
+
+    use super::Slot;
+
+    /// Writes happen at most this often, however busy discovery is.
+    const MIN_INTERVAL: Duration = Duration::from_secs(1);
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct File {
+        saved_at_ms: u64,
+        services: BTreeMap<String, Vec<ServiceMetaInfo>>,
+    }
+
+    /// Reads the file; a missing or unreadable file is an empty seed (logged).
+    pub(super) fn load(path: &Path) -> HashMap<String, Vec<ServiceMetaInfo>> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return HashMap::new(),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the instance snapshot file");
+                return HashMap::new();
+            }
+        };
+        match serde_json::from_slice::<File>(&bytes) {
+            Ok(f) => f.services.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring a malformed instance snapshot file");
+                HashMap::new()
+            }
+        }
+    }
+
+    pub(super) async fn writer(
+        path: PathBuf,
+        services: Arc<ArcSwap<HashMap<String, Slot>>>,
+        notify: Arc<tokio::sync::Notify>,
+    ) {
+        loop {
+            notify.notified().await;
+            let file = File {
+                saved_at_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0),
+                services: services
+                    .load()
+                    .iter()
+                    .filter(|(_, slot)| slot.entry.ready.load(std::sync::atomic::Ordering::Acquire))
+                    .map(|(k, slot)| (k.clone(), slot.entry.list.load().to_vec()))
+                    .collect(),
+            };
+            if let Err(e) = write_atomically(&path, &file) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write the instance snapshot file");
+            }
+            tokio::time::sleep(MIN_INTERVAL).await;
+        }
+    }
+
+    fn write_atomically(path: &Path, file: &File) -> std::io::Result<()> {
+        let json = serde_json::to_vec_pretty(file).map_err(std::io::Error::other)?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(&tmp, path)
     }
 }
 
@@ -689,6 +900,7 @@ mod tests {
             ready_timeout: Duration::from_millis(300),
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(40),
+            ..CacheOptions::default()
         }
     }
 
@@ -760,6 +972,114 @@ mod tests {
             ports(&cache.instances("Echo:1.0").await.unwrap()),
             vec![3, 4]
         );
+    }
+
+    #[tokio::test]
+    async fn an_empty_push_while_unhealthy_is_held_until_confirmed() {
+        let backend = Scripted::default();
+        let w = backend.push();
+        w.send(WatchEvent::Snapshot(vec![meta(1), meta(2)]))
+            .await
+            .unwrap();
+        let cache = ServiceCache::with_options(backend.clone(), options());
+        let handle = cache.service("Echo:1.0").await.unwrap();
+
+        // A healthy connection may empty the list: that is news, not noise.
+        w.send(WatchEvent::Remove(meta(1).node_key()))
+            .await
+            .unwrap();
+        w.send(WatchEvent::Remove(meta(2).node_key()))
+            .await
+            .unwrap();
+        assert_eq!(until(&handle, |l, _| l.is_empty()).await, Vec::<u16>::new());
+        w.send(WatchEvent::Snapshot(vec![meta(1), meta(2)]))
+            .await
+            .unwrap();
+        until(&handle, |l, _| l.len() == 2).await;
+
+        // Unhealthy: an empty snapshot (a restarting server) and removing the
+        // last instances are both held back.
+        w.send(WatchEvent::Connected(false)).await.unwrap();
+        w.send(WatchEvent::Snapshot(vec![])).await.unwrap();
+        w.send(WatchEvent::Remove(meta(1).node_key()))
+            .await
+            .unwrap();
+        // A marker event proves the ones before it were processed.
+        w.send(WatchEvent::Upsert(meta(9))).await.unwrap();
+        assert_eq!(
+            until(&handle, |l, _| l.len() == 2 && l[1].service_port == 9).await,
+            vec![2, 9]
+        );
+        w.send(WatchEvent::Snapshot(vec![])).await.unwrap();
+        w.send(WatchEvent::Connected(false)).await.unwrap();
+        w.send(WatchEvent::Upsert(meta(2))).await.unwrap();
+        assert_eq!(ports(&handle.instances()), vec![2, 9]);
+        w.send(WatchEvent::Snapshot(vec![])).await.unwrap();
+        assert!(!handle.is_healthy());
+
+        // The connection is healthy again: the held update was true after all.
+        w.send(WatchEvent::Connected(true)).await.unwrap();
+        assert_eq!(
+            until(&handle, |l, h| h && l.is_empty()).await,
+            Vec::<u16>::new()
+        );
+    }
+
+    #[tokio::test]
+    async fn without_protection_an_empty_push_applies_at_once() {
+        let backend = Scripted::default();
+        let w = backend.push();
+        w.send(WatchEvent::Snapshot(vec![meta(1)])).await.unwrap();
+        let cache = ServiceCache::with_options(
+            backend.clone(),
+            CacheOptions {
+                empty_protection: false,
+                ..options()
+            },
+        );
+        let handle = cache.service("Echo:1.0").await.unwrap();
+        w.send(WatchEvent::Connected(false)).await.unwrap();
+        w.send(WatchEvent::Snapshot(vec![])).await.unwrap();
+        assert_eq!(until(&handle, |l, _| l.is_empty()).await, Vec::<u16>::new());
+    }
+
+    #[tokio::test]
+    async fn the_snapshot_file_lets_a_consumer_start_while_the_registry_is_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("instances.json");
+        let opts = CacheOptions {
+            snapshot_file: Some(file.clone()),
+            ..options()
+        };
+        {
+            // A run with a working registry writes the file.
+            let backend = Scripted::default();
+            let w = backend.push();
+            w.send(WatchEvent::Snapshot(vec![meta(1), meta(2)]))
+                .await
+                .unwrap();
+            let cache = ServiceCache::with_options(backend, opts.clone());
+            let _h = cache.service("Echo:1.0").await.unwrap();
+            tokio::time::timeout(WAIT, async {
+                while !file.exists() {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .expect("the snapshot file was not written");
+        }
+        // A new consumer, registry down: it starts from the file.
+        let down = Scripted::default();
+        let cache = ServiceCache::with_options(down.clone(), opts);
+        let handle = cache.service("Echo:1.0").await.unwrap();
+        assert_eq!(ports(&handle.instances()), vec![1, 2]);
+        assert!(!handle.is_healthy());
+        // Another service is not in the file: it fails as before.
+        assert!(cache.service("Other:1.0").await.is_err());
+        // The registry comes back: its truth replaces the saved list.
+        let w = down.push();
+        w.send(WatchEvent::Snapshot(vec![meta(3)])).await.unwrap();
+        assert_eq!(until(&handle, |l, h| h && l.len() == 1).await, vec![3]);
     }
 
     #[tokio::test]

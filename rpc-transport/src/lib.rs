@@ -20,6 +20,6 @@ pub mod client;
 pub mod error;
 pub mod server;
 
-pub use client::{CallOptions, Endpoint, EndpointConfig};
+pub use client::{CallOptions, Endpoint, EndpointConfig, RawReply, encode_args};
 pub use error::TransportError;
 pub use server::{Server, ServerBuilder, ServiceHandler};

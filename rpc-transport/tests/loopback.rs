@@ -421,7 +421,7 @@ async fn reconnects_after_the_server_restarts() {
     assert!(
         matches!(
             err,
-            RpcError::ConnectionClosed { .. } | RpcError::Connect { .. }
+            RpcError::ConnectionClosed { .. } | RpcError::Connect { .. } | RpcError::Unsent { .. }
         ),
         "{err}"
     );
@@ -436,7 +436,11 @@ async fn reconnects_after_the_server_restarts() {
         loop {
             match ep.call::<_, i32>(&opts("add", WAIT), &(2, 3)).await {
                 Ok(v) => return v,
-                Err(RpcError::Connect { .. } | RpcError::ConnectionClosed { .. }) => {
+                Err(
+                    RpcError::Connect { .. }
+                    | RpcError::ConnectionClosed { .. }
+                    | RpcError::Unsent { .. },
+                ) => {
                     // Backoff gate: the endpoint itself decides when to dial.
                     tokio::task::yield_now().await;
                 }

@@ -1,9 +1,25 @@
-//! Consumers: discovery cache, load balancing, pooled multiplexed connections.
+//! Consumers: discovery cache, client policies, pooled multiplexed connections.
 //!
-//! The call path: [`ServiceClient::call`] reads the service's endpoint list
-//! (rebuilt only when the discovery cache reports a change), lets the load
-//! balancer pick one, and calls it through the transport. Nothing on that
-//! path locks or allocates besides encoding the request.
+//! # The call stack
+//!
+//! A call's arguments are encoded once, then go through these layers, outer
+//! to inner (the order is [`ServiceClient::call_raw`], in one place):
+//!
+//! 1. **deadline** — fixed once per call (`timeout_ms`); every attempt gets
+//!    what is left, and it travels to the provider with the request;
+//! 2. **fault tolerance** ([`crate::retry`]) — fail-fast, fail-over (another
+//!    instance, safe errors or idempotent methods only, backoff with jitter,
+//!    retry budget) or fail-safe (a configured default, applied by
+//!    [`ServiceClient::call`] where the return type is known);
+//! 3. **load balancing** ([`crate::balance`]) — picks an instance from the
+//!    current set, skipping ejected and already-tried ones;
+//! 4. **outlier detection** ([`crate::outlier`]) — records each attempt's
+//!    outcome against its instance, ejecting repeat offenders;
+//! 5. **transport** — the instance's pooled, multiplexed connection.
+//!
+//! The instance set is rebuilt only when the discovery cache reports a
+//! change; reading it, picking and counting take no lock and allocate
+//! nothing.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -11,15 +27,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use rpc_core::{ClientConfig, RpcConfig, RpcError, SerializerKind};
+use rpc_core::{CallPolicy, ClientConfig, FaultTolerance, RpcConfig, RpcError, SerializerKind};
 use rpc_registry::{AnyRegistry, CacheOptions, ServiceCache, ServiceHandle};
-use rpc_transport::{CallOptions, Endpoint, EndpointConfig};
+use rpc_transport::{CallOptions, Endpoint, EndpointConfig, RawReply, encode_args};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::OnceCell;
-use tracing::debug;
+use tokio::time::Instant;
+use tracing::{debug, warn};
 
-use crate::balance::{self, LoadBalancer};
+use crate::balance::{Balancer, Instance, InstanceSet, Tried, call_hash};
+use crate::outlier::{Health, OutlierPolicy};
+use crate::retry::{RetryBudget, backoff, should_retry};
 
 /// Shared consumer state: registry cache and connection pool. One per
 /// process is typical; clients of several services share it.
@@ -31,10 +50,18 @@ pub struct Consumer {
 struct ConsumerInner {
     config: ClientConfig,
     endpoint_config: EndpointConfig,
+    outlier: OutlierPolicy,
     cache: ServiceCache<AnyRegistry>,
-    /// Endpoints by address. Pruned whenever a service's list is rebuilt, so
-    /// it never holds more than the instances some service still lists.
-    pool: Mutex<HashMap<String, Arc<Endpoint>>>,
+    /// Connections and breaker state by address. Pruned whenever a
+    /// service's set is rebuilt, so it never holds more than the instances
+    /// some service still lists.
+    pool: Mutex<HashMap<String, Pooled>>,
+}
+
+#[derive(Clone)]
+struct Pooled {
+    endpoint: Arc<Endpoint>,
+    health: Arc<Health>,
 }
 
 impl fmt::Debug for Consumer {
@@ -69,12 +96,19 @@ impl Consumer {
             registry,
             CacheOptions {
                 ready_timeout,
+                empty_protection: config.empty_protection,
+                snapshot_file: config.snapshot_file.clone(),
                 ..CacheOptions::default()
             },
         );
         Self {
             inner: Arc::new(ConsumerInner {
                 endpoint_config: EndpointConfig::from(&config),
+                outlier: OutlierPolicy {
+                    failures: config.outlier_failures,
+                    cooldown: Duration::from_millis(config.outlier_cooldown_ms),
+                    max_ejected_percent: config.outlier_max_ejected_percent,
+                },
                 config,
                 cache,
                 pool: Mutex::new(HashMap::new()),
@@ -87,51 +121,53 @@ impl Consumer {
         &self.inner.cache
     }
 
-    /// A proxy for one service, with the configured load balancer.
+    /// A proxy for one service, with the policy `[client]` (and its
+    /// `[client.services."name:version"]` overrides) gives it.
     pub fn service(&self, name: &str, version: &str) -> ServiceClient {
-        self.service_with(
-            name,
-            version,
-            balance::from_kind(self.inner.config.load_balancer),
-        )
+        let key = rpc_core::service_key(name, version);
+        let policy = self.inner.config.policy_for(&key);
+        self.service_with_policy(name, version, policy)
     }
 
-    /// A proxy for one service with a given load balancer.
-    pub fn service_with(
+    /// A proxy for one service with an explicit policy.
+    pub fn service_with_policy(
         &self,
         name: &str,
         version: &str,
-        balancer: Arc<dyn LoadBalancer>,
+        policy: CallPolicy,
     ) -> ServiceClient {
+        let c = &self.inner.config;
         ServiceClient {
             route: Arc::new(Route {
                 consumer: self.clone(),
                 service_key: rpc_core::service_key(name, version),
                 handle: OnceCell::new(),
-                endpoints: ArcSwap::from_pointee(Endpoints::default()),
+                set: ArcSwap::from_pointee(Versioned::default()),
                 rebuild: Mutex::new(()),
-                balancer,
+                balancer: Balancer::new(policy.load_balancer),
+                budget: RetryBudget::new(c.retry_budget_ratio, c.retry_budget_min_per_sec),
+                policy,
             }),
-            serializer: self.inner.config.serializer,
-            timeout: self.inner.config.timeout(),
         }
     }
 }
 
-/// The endpoint list of one service at one discovery version.
+/// The instance set of one service at one discovery version.
 #[derive(Default)]
-struct Endpoints {
+struct Versioned {
     version: Option<u64>,
-    list: Vec<Arc<Endpoint>>,
+    set: InstanceSet,
 }
 
 struct Route {
     consumer: Consumer,
     service_key: String,
     handle: OnceCell<ServiceHandle>,
-    endpoints: ArcSwap<Endpoints>,
+    set: ArcSwap<Versioned>,
     rebuild: Mutex<()>,
-    balancer: Arc<dyn LoadBalancer>,
+    balancer: Balancer,
+    budget: RetryBudget,
+    policy: CallPolicy,
 }
 
 impl Route {
@@ -148,61 +184,67 @@ impl Route {
             .await
     }
 
-    /// The current endpoint list; rebuilt when discovery's version moved.
-    fn endpoints(&self, handle: &ServiceHandle) -> Arc<Endpoints> {
+    /// The current instance set; rebuilt when discovery's version moved.
+    async fn instances(&self) -> Result<Arc<Versioned>, RpcError> {
+        let handle = self.handle().await?;
         let version = handle.version();
-        let current = self.endpoints.load_full();
+        let current = self.set.load_full();
         if current.version == Some(version) {
-            return current;
+            return Ok(current);
         }
         let _guard = self.rebuild.lock().unwrap_or_else(|p| p.into_inner());
-        let current = self.endpoints.load_full();
+        let current = self.set.load_full();
         if current.version == Some(version) {
-            return current;
+            return Ok(current);
         }
-        let instances = handle.instances();
+        let metas = handle.instances();
         let inner = &self.consumer.inner;
         let mut pool = inner.pool.lock().unwrap_or_else(|p| p.into_inner());
-        let list: Vec<Arc<Endpoint>> = instances
+        let instances: Vec<Instance> = metas
             .iter()
             .map(|m| {
                 let addr = m.address();
-                pool.entry(addr.clone())
-                    .or_insert_with(|| Arc::new(Endpoint::new(addr, inner.endpoint_config.clone())))
-                    .clone()
+                let pooled = pool
+                    .entry(addr.clone())
+                    .or_insert_with(|| Pooled {
+                        endpoint: Arc::new(Endpoint::new(addr, inner.endpoint_config.clone())),
+                        health: Arc::new(Health::default()),
+                    })
+                    .clone();
+                Instance {
+                    meta: m.clone(),
+                    endpoint: pooled.endpoint,
+                    health: pooled.health,
+                }
             })
             .collect();
-        let fresh = Arc::new(Endpoints {
+        let fresh = Arc::new(Versioned {
             version: Some(version),
-            list,
+            set: InstanceSet::new(instances, self.balancer.kind()),
         });
-        self.endpoints.store(fresh.clone());
-        // Endpoints no route lists any more (only the pool holds them) go,
+        self.set.store(fresh.clone());
+        // Addresses no service lists any more (only the pool holds them) go,
         // closing their connections.
         let before = pool.len();
-        pool.retain(|_, ep| Arc::strong_count(ep) > 1);
+        pool.retain(|_, p| Arc::strong_count(&p.endpoint) > 1);
         if pool.len() != before {
             debug!(service = %self.service_key, closed = before - pool.len(), "pruned endpoints");
         }
-        fresh
+        Ok(fresh)
     }
 }
 
-/// An untyped proxy for one service; generated clients wrap it.
+/// A proxy for one service; generated clients wrap it.
 #[derive(Clone)]
 pub struct ServiceClient {
     route: Arc<Route>,
-    serializer: SerializerKind,
-    timeout: Duration,
 }
 
 impl fmt::Debug for ServiceClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServiceClient")
             .field("service", &self.route.service_key)
-            .field("serializer", &self.serializer)
-            .field("timeout", &self.timeout)
-            .field("balancer", &self.route.balancer)
+            .field("policy", &self.route.policy)
             .finish()
     }
 }
@@ -213,20 +255,36 @@ impl ServiceClient {
         &self.route.service_key
     }
 
-    /// A copy that calls with another per-call deadline.
-    pub fn with_timeout(&self, timeout: Duration) -> Self {
-        Self {
-            timeout,
-            ..self.clone()
-        }
+    /// The policy calls use.
+    pub fn policy(&self) -> &CallPolicy {
+        &self.route.policy
     }
 
-    /// A copy that encodes with another serializer.
+    /// A proxy with another policy (a fresh balancer and retry budget).
+    pub fn with_policy(&self, policy: CallPolicy) -> Self {
+        let (name, version) = self.route.service_key.rsplit_once(':').unwrap_or((
+            self.route.service_key.as_str(),
+            rpc_core::meta::DEFAULT_VERSION,
+        ));
+        self.route
+            .consumer
+            .service_with_policy(name, version, policy)
+    }
+
+    /// A proxy whose calls have another deadline.
+    pub fn with_timeout(&self, timeout: Duration) -> Self {
+        self.with_policy(CallPolicy {
+            timeout,
+            ..self.route.policy.clone()
+        })
+    }
+
+    /// A proxy that encodes with another serializer.
     pub fn with_serializer(&self, serializer: SerializerKind) -> Self {
-        Self {
+        self.with_policy(CallPolicy {
             serializer,
-            ..self.clone()
-        }
+            ..self.route.policy.clone()
+        })
     }
 
     /// The providers currently known for this service, in node-key order.
@@ -234,29 +292,123 @@ impl ServiceClient {
         Ok(self.route.handle().await?.instances())
     }
 
-    /// Calls `method` with the argument tuple `args`.
+    /// Calls `method` with the argument tuple `args` through the whole stack
+    /// (module docs), decoding the reply. Under `fail_safe`, a failure
+    /// returns the method's configured default instead, if it has one.
     pub async fn call<A, R>(&self, method: &'static str, args: &A) -> Result<R, RpcError>
     where
         A: Serialize + Sync + ?Sized,
         R: DeserializeOwned,
     {
-        let route = &self.route;
-        let handle = route.handle().await?;
-        let endpoints = route.endpoints(handle);
-        if endpoints.list.is_empty() {
+        let policy = &self.route.policy;
+        let key = &self.route.service_key;
+        let outcome = match encode_args(policy.serializer, args, key, method) {
+            Ok(encoded) => self.call_raw(method, &encoded).await,
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(reply) => reply.decode(key, method),
+            Err(e) if policy.fault_tolerance == FaultTolerance::FailSafe => {
+                let Some(json) = policy.fail_safe.get(method) else {
+                    return Err(e);
+                };
+                match serde_json::from_str::<R>(json) {
+                    Ok(v) => {
+                        warn!(service = %key, method, error = %crate::error::report(&e), "call failed: returning the fail-safe default");
+                        Ok(v)
+                    }
+                    Err(de) => {
+                        warn!(service = %key, method, error = %de, "fail-safe default does not fit the return type");
+                        Err(e)
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The stack below encoding: deadline, fault tolerance, load balancing,
+    /// outlier detection, transport (module docs). `args` is the argument
+    /// tuple encoded with the policy's serializer.
+    pub async fn call_raw(&self, method: &'static str, args: &[u8]) -> Result<RawReply, RpcError> {
+        let route = &*self.route;
+        let policy = &route.policy;
+        // 1. deadline
+        let deadline = Instant::now() + policy.timeout;
+        let versioned = route.instances().await?;
+        let set = &versioned.set;
+        if set.is_empty() {
             return Err(RpcError::NoProvider {
                 service: route.service_key.clone(),
             });
         }
-        let i = route.balancer.pick(&endpoints.list);
-        let endpoint = &endpoints.list[i % endpoints.list.len()];
-        let opts = CallOptions {
-            service: &route.service_key,
-            method,
-            serializer: self.serializer,
-            timeout: self.timeout,
-            metadata: &[],
+        let hash = if route.balancer.needs_hash() {
+            call_hash(method, args)
+        } else {
+            0
         };
-        endpoint.call(&opts, args).await
+        route.budget.record_call();
+        let mut tried = Tried::default();
+        let mut attempt = 0u32;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(RpcError::Timeout {
+                    service: route.service_key.clone(),
+                    method: method.to_owned(),
+                    timeout: policy.timeout,
+                });
+            }
+            // 3. load balancing
+            let Some(idx) = route.balancer.pick(set, hash, tried) else {
+                return Err(RpcError::NoProvider {
+                    service: route.service_key.clone(),
+                });
+            };
+            let instance = &set.instances[idx];
+            let opts = CallOptions {
+                service: &route.service_key,
+                method,
+                serializer: policy.serializer,
+                timeout: remaining,
+                metadata: &[],
+            };
+            // 5. transport, 4. outlier detection
+            let err = match instance.endpoint.call_raw(&opts, args).await {
+                Ok(reply) => {
+                    instance.health.success(instance.endpoint.addr());
+                    return Ok(reply);
+                }
+                Err(e) => {
+                    let ejected = set
+                        .instances
+                        .iter()
+                        .filter(|i| i.health.is_ejected())
+                        .count();
+                    instance.health.failure(
+                        &e,
+                        instance.endpoint.addr(),
+                        &route.consumer.inner.outlier,
+                        ejected,
+                        set.len(),
+                    );
+                    e
+                }
+            };
+            // 2. fault tolerance
+            if !should_retry(policy, method, &err, attempt) {
+                return Err(err);
+            }
+            if !route.budget.try_retry() {
+                debug!(service = %route.service_key, method, "retry budget exhausted");
+                return Err(err);
+            }
+            tried.add(idx);
+            attempt += 1;
+            let pause =
+                backoff(policy, attempt).min(deadline.saturating_duration_since(Instant::now()));
+            debug!(service = %route.service_key, method, attempt, ?pause, error = %err, "retrying on another instance");
+            tokio::time::sleep(pause).await;
+        }
     }
 }

@@ -20,7 +20,11 @@
 //!   clients wrap.
 //! * [`provider`] — [`Provider`]: bind, register, serve, shut down in order;
 //!   [`shutdown_signal`] (Ctrl-C / SIGTERM).
-//! * [`balance`] — the [`balance::LoadBalancer`] seam: round robin, random.
+//! * [`balance`] — load balancers: round robin, random, weighted,
+//!   consistent hash, power of two choices.
+//! * [`retry`] — fault tolerance: fail-fast, fail-over with backoff and a
+//!   retry budget, fail-safe defaults.
+//! * [`outlier`] — a circuit breaker per provider address.
 //! * [`error`] — [`Error`], what starting or running a provider reports.
 //! * Re-exports: `rpc_core` types (config, metadata, errors), the registry
 //!   factory, the transport.
@@ -36,14 +40,16 @@
 pub mod balance;
 pub mod consumer;
 pub mod error;
+pub mod outlier;
 pub mod provider;
+pub mod retry;
 
 pub use consumer::{Consumer, ServiceClient};
 pub use error::Error;
 pub use provider::{Provider, ProviderBuilder, shutdown_signal};
 pub use rpc_core::{
-    ClientConfig, LoadBalancerKind, RegistryConfig, RegistryError, RegistryKind, RpcConfig,
-    RpcError, SerializerKind, ServerConfig, ServiceMetaInfo, StatusCode,
+    CallPolicy, ClientConfig, FaultTolerance, LoadBalancerKind, RegistryConfig, RegistryError,
+    RegistryKind, RpcConfig, RpcError, SerializerKind, ServerConfig, ServiceMetaInfo, StatusCode,
 };
 pub use rpc_macros::service;
 pub use rpc_registry as registry;

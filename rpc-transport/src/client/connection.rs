@@ -28,11 +28,16 @@ const WRITE_HIGH_WATER: usize = 256 * 1024;
 
 /// Why a connection ended, handed to every call still waiting on it.
 #[derive(Clone, Debug)]
-pub(crate) struct Closed(pub(crate) Arc<str>);
+pub(crate) struct Closed {
+    pub(crate) reason: Arc<str>,
+    /// Whether this call's request had been handed to the socket: if not,
+    /// it certainly did not run.
+    pub(crate) written: bool,
+}
 
 impl std::fmt::Display for Closed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.reason)
     }
 }
 
@@ -210,13 +215,23 @@ async fn drive(
 
     closed.store(true, Ordering::Release);
     debug!(%addr, reason, pending = pending.len(), "connection closed");
-    let why = Closed(Arc::from(format!("{addr}: {reason}")));
+    let reason: Arc<str> = Arc::from(format!("{addr}: {reason}"));
+    // Pending calls may have reached the server (partly written buffers
+    // included): their outcome is unknown.
+    let written = Closed {
+        reason: reason.clone(),
+        written: true,
+    };
     for (_, p) in pending.drain() {
-        let _ = p.reply.send(Err(why.clone()));
+        let _ = p.reply.send(Err(written.clone()));
     }
-    // Calls queued but never written fail the same way, fast.
+    // Calls still queued were never written: they fail fast, as unsent.
+    let unsent = Closed {
+        reason,
+        written: false,
+    };
     rx.close();
     while let Ok(out) = rx.try_recv() {
-        let _ = out.reply.send(Err(why.clone()));
+        let _ = out.reply.send(Err(unsent.clone()));
     }
 }

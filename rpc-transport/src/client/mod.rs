@@ -14,8 +14,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use std::sync::atomic::AtomicU64;
+
 use arc_swap::ArcSwapOption;
-use rpc_codec::{RequestHead, encode_request, serializer};
+use bytes::{Bytes, BytesMut};
+use rpc_codec::{RequestHead, encode_request_raw, serializer};
 use rpc_core::{ClientConfig, RpcError, SerializerKind, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -95,12 +98,48 @@ struct Slot {
     dial: tokio::sync::Mutex<DialState>,
 }
 
+/// A successful reply, still encoded: the caller decodes it into its type.
+#[derive(Clone, Debug)]
+pub struct RawReply {
+    /// The serializer the provider answered with (the request's).
+    pub serializer: SerializerKind,
+    /// The encoded return value.
+    pub body: Bytes,
+}
+
+impl RawReply {
+    /// Decodes the return value.
+    pub fn decode<R: DeserializeOwned>(&self, service: &str, method: &str) -> Result<R, RpcError> {
+        serializer::decode(self.serializer, &self.body).map_err(|e| RpcError::Serialization {
+            context: format!("reply of `{service}.{method}`"),
+            source: Box::new(e),
+        })
+    }
+}
+
+/// Encodes an argument tuple once, for [`Endpoint::call_raw`] (and retries).
+pub fn encode_args<A: Serialize + ?Sized>(
+    serializer: SerializerKind,
+    args: &A,
+    service: &str,
+    method: &str,
+) -> Result<BytesMut, RpcError> {
+    let mut buf = BytesMut::with_capacity(128);
+    serializer::encode(serializer, args, &mut buf).map_err(|e| RpcError::Serialization {
+        context: format!("arguments of `{service}.{method}`"),
+        source: Box::new(e),
+    })?;
+    Ok(buf)
+}
+
 /// One provider address and its connections.
 pub struct Endpoint {
     addr: Arc<str>,
     config: EndpointConfig,
     slots: Box<[Slot]>,
     next: AtomicUsize,
+    /// Latency EWMA in nanoseconds (f64 bits), for latency-aware balancers.
+    ewma_nanos: AtomicU64,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -126,7 +165,26 @@ impl Endpoint {
             config,
             slots,
             next: AtomicUsize::new(0),
+            ewma_nanos: AtomicU64::new(0f64.to_bits()),
         }
+    }
+
+    /// Exponentially weighted moving average of successful call latency
+    /// (zero until the first call).
+    pub fn latency_ewma(&self) -> Duration {
+        Duration::from_nanos(f64::from_bits(self.ewma_nanos.load(Ordering::Relaxed)) as u64)
+    }
+
+    fn record_latency(&self, took: Duration) {
+        // Weight 0.1 per sample; a racing update loses one sample at worst.
+        let old = f64::from_bits(self.ewma_nanos.load(Ordering::Relaxed));
+        let sample = took.as_nanos() as f64;
+        let new = if old == 0.0 {
+            sample
+        } else {
+            old + 0.1 * (sample - old)
+        };
+        self.ewma_nanos.store(new.to_bits(), Ordering::Relaxed);
     }
 
     /// `host:port`.
@@ -151,29 +209,44 @@ impl Endpoint {
         A: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        let deadline = Instant::now() + opts.timeout;
-        match tokio::time::timeout_at(deadline, self.call_inner(opts, args, deadline)).await {
-            Ok(r) => r,
-            Err(_) => Err(RpcError::Timeout {
-                service: opts.service.to_owned(),
-                method: opts.method.to_owned(),
-                timeout: opts.timeout,
-            }),
-        }
+        let encoded = encode_args(opts.serializer, args, opts.service, opts.method)?;
+        self.call_raw(opts, &encoded)
+            .await?
+            .decode(opts.service, opts.method)
     }
 
-    async fn call_inner<A, R>(
+    /// Calls `opts.method` with arguments already encoded by
+    /// `opts.serializer` (see [`encode_args`]) and returns the raw reply.
+    pub async fn call_raw(
         &self,
         opts: &CallOptions<'_>,
-        args: &A,
+        args: &[u8],
+    ) -> Result<RawReply, RpcError> {
+        let started = Instant::now();
+        let deadline = started + opts.timeout;
+        let outcome =
+            match tokio::time::timeout_at(deadline, self.call_inner(opts, args, deadline)).await {
+                Ok(r) => r,
+                Err(_) => Err(RpcError::Timeout {
+                    service: opts.service.to_owned(),
+                    method: opts.method.to_owned(),
+                    timeout: opts.timeout,
+                }),
+            };
+        if outcome.is_ok() {
+            self.record_latency(started.elapsed());
+        }
+        outcome
+    }
+
+    async fn call_inner(
+        &self,
+        opts: &CallOptions<'_>,
+        args: &[u8],
         deadline: Instant,
-    ) -> Result<R, RpcError>
-    where
-        A: Serialize + ?Sized,
-        R: DeserializeOwned,
-    {
+    ) -> Result<RawReply, RpcError> {
         let conn = self.connection().await?;
-        let closed = |source| RpcError::ConnectionClosed {
+        let unsent = |source| RpcError::Unsent {
             addr: self.addr.to_string(),
             source,
         };
@@ -182,7 +255,7 @@ impl Endpoint {
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| closed(None))?;
+            .map_err(|_| unsent(None))?;
         let id = conn.next_id();
         let head = RequestHead {
             request_id: id,
@@ -192,9 +265,9 @@ impl Endpoint {
             method: opts.method,
             metadata: opts.metadata,
         };
-        let frame = encode_request(&head, args, self.config.max_frame_len).map_err(|e| {
+        let frame = encode_request_raw(&head, args, self.config.max_frame_len).map_err(|e| {
             RpcError::Serialization {
-                context: format!("arguments of `{}.{}`", opts.service, opts.method),
+                context: format!("request for `{}.{}`", opts.service, opts.method),
                 source: Box::new(e),
             }
         })?;
@@ -206,12 +279,23 @@ impl Endpoint {
             permit,
         };
         if conn.send(out).await.is_err() {
-            return Err(closed(None));
+            return Err(unsent(None));
         }
         let frame = match rx.await {
             Ok(Ok(frame)) => frame,
-            Ok(Err(why)) => return Err(closed(Some(why.boxed()))),
-            Err(_) => return Err(closed(None)),
+            Ok(Err(why)) if !why.written => return Err(unsent(Some(why.boxed()))),
+            Ok(Err(why)) => {
+                return Err(RpcError::ConnectionClosed {
+                    addr: self.addr.to_string(),
+                    source: Some(why.boxed()),
+                });
+            }
+            Err(_) => {
+                return Err(RpcError::ConnectionClosed {
+                    addr: self.addr.to_string(),
+                    source: None,
+                });
+            }
         };
         let h = frame.header;
         if h.status != StatusCode::Ok {
@@ -223,13 +307,14 @@ impl Endpoint {
                 message: String::from_utf8_lossy(&frame.body).into_owned(),
             });
         }
-        let ser = serializer::from_id(h.serializer).map_err(|e| RpcError::Serialization {
-            context: format!("reply of `{}.{}`", opts.service, opts.method),
-            source: Box::new(e),
-        })?;
-        serializer::decode(ser, &frame.body).map_err(|e| RpcError::Serialization {
-            context: format!("reply of `{}.{}`", opts.service, opts.method),
-            source: Box::new(e),
+        let serializer =
+            serializer::from_id(h.serializer).map_err(|e| RpcError::Serialization {
+                context: format!("reply of `{}.{}`", opts.service, opts.method),
+                source: Box::new(e),
+            })?;
+        Ok(RawReply {
+            serializer,
+            body: frame.body,
         })
     }
 
