@@ -1,0 +1,485 @@
+//! Consul behaviour beyond the conformance suite, on private dev agents
+//! this test starts and kills itself (the `consul` binary installed by
+//! `scripts/registry-servers.sh`): an agent restart that forgets every
+//! service, a provider whose heartbeats stop (hidden by the passing filter
+//! while Consul still lists it as critical), HTTPS with client certificates.
+
+#[cfg(feature = "consul")]
+#[macro_use]
+#[allow(unused_macros)]
+mod conformance;
+#[cfg(feature = "consul")]
+mod consul_support;
+
+#[cfg(not(feature = "consul"))]
+#[test]
+fn consul_tests_need_the_consul_feature() {
+    let required = std::env::var("RPC_REQUIRE_SERVERS").is_ok_and(|v| v == "1");
+    assert!(
+        !required,
+        "RPC_REQUIRE_SERVERS=1 but rpc-registry was built without the `consul` feature"
+    );
+    println!("SKIP [consul] built without the `consul` feature (scripts/test.sh enables it)");
+}
+
+#[cfg(feature = "consul")]
+mod private_consul {
+    use std::net::SocketAddr;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use rpc_core::config::{Addresses, TlsConfig};
+    use rpc_core::{
+        Discover, RegistrationState, Registry, RegistryConfig, RegistryKind, ServiceMetaInfo,
+    };
+    use rpc_registry::{AnyRegistry, ConsulRegistry, ServiceCache};
+
+    use crate::conformance::proxy::FaultProxy;
+    use crate::conformance::servers_required;
+    use crate::consul_support;
+
+    const WAIT: Duration = Duration::from_secs(20);
+    const TTL: Duration = Duration::from_secs(2);
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// `consul` on the PATH, or a skip (a failure under RPC_REQUIRE_SERVERS=1).
+    fn consul_binary(test: &str) -> bool {
+        let found = Command::new("consul")
+            .arg("version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            assert!(
+                !servers_required(),
+                "RPC_REQUIRE_SERVERS=1 but no `consul` binary on the PATH"
+            );
+            println!(
+                "SKIP [consul] {test}: no `consul` binary (scripts/registry-servers.sh install consul)"
+            );
+        }
+        found
+    }
+
+    struct Tls {
+        cert: PathBuf,
+        key: PathBuf,
+        ca: PathBuf,
+    }
+
+    /// One dev agent on loopback with ports of its own, killed on drop.
+    struct Agent {
+        child: Child,
+        http: u16,
+        ports: [u16; 3],
+        https: Option<u16>,
+    }
+
+    impl Agent {
+        fn start(http: u16, ports: [u16; 3], tls: Option<(&Tls, u16)>) -> Self {
+            let mut cmd = Command::new("consul");
+            cmd.args([
+                "agent",
+                "-dev",
+                "-bind",
+                "127.0.0.1",
+                "-client",
+                "127.0.0.1",
+            ])
+            .args(["-http-port", &http.to_string()])
+            .args(["-server-port", &ports[0].to_string()])
+            .args(["-serf-lan-port", &ports[1].to_string()])
+            .args(["-serf-wan-port", &ports[2].to_string()])
+            .args(["-dns-port", "-1", "-grpc-port", "-1"])
+            .args(["-hcl", "disable_update_check = true"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+            if let Some((t, port)) = tls {
+                cmd.args([
+                    "-hcl",
+                    &format!(
+                        "ports {{ https = {port} }}\nverify_incoming_https = true\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
+                        t.ca.display(),
+                        t.cert.display(),
+                        t.key.display()
+                    ),
+                ]);
+            }
+            Self {
+                child: cmd.spawn().unwrap(),
+                http,
+                ports,
+                https: tls.map(|(_, p)| p),
+            }
+        }
+
+        fn fresh(tls: Option<&Tls>) -> Self {
+            Self::start(
+                free_port(),
+                [free_port(), free_port(), free_port()],
+                tls.map(|t| (t, free_port())),
+            )
+        }
+
+        fn http_addr(&self) -> SocketAddr {
+            SocketAddr::from(([127, 0, 0, 1], self.http))
+        }
+
+        fn address(&self) -> String {
+            format!("http://{}", self.http_addr())
+        }
+
+        /// Waits (bounded) until the agent has elected itself leader.
+        async fn ready(&mut self) {
+            let deadline = Instant::now() + WAIT;
+            loop {
+                if consul_support::leader(self.http_addr()).await.is_ok() {
+                    return;
+                }
+                assert!(
+                    self.child.try_wait().unwrap().is_none(),
+                    "the consul agent exited during start-up"
+                );
+                assert!(Instant::now() < deadline, "consul did not become ready");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+
+        fn kill(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    impl Drop for Agent {
+        fn drop(&mut self) {
+            self.kill();
+        }
+    }
+
+    fn config(address: String) -> RegistryConfig {
+        RegistryConfig {
+            kind: RegistryKind::Consul,
+            address: Addresses(vec![address]),
+            ttl_secs: TTL.as_secs(),
+            timeout_ms: 1_000,
+            ..RegistryConfig::default()
+        }
+    }
+
+    fn meta(port: u16) -> ServiceMetaInfo {
+        ServiceMetaInfo::new("Consul.Private", "1.0", "127.0.0.1", port)
+    }
+
+    async fn registered_again(state: &mut tokio::sync::watch::Receiver<RegistrationState>) {
+        tokio::time::timeout(
+            WAIT,
+            state.wait_for(
+                |s| matches!(s, RegistrationState::Registered { generation } if *generation >= 1),
+            ),
+        )
+        .await
+        .expect("the provider did not re-register")
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_agent_restart_gets_every_registration_back() {
+        if !consul_binary("restart") {
+            return;
+        }
+        let mut agent = Agent::fresh(None);
+        agent.ready().await;
+        let cfg = config(agent.address());
+        let provider = ConsulRegistry::connect(&cfg).await.unwrap();
+        let consumer = ConsulRegistry::connect(&cfg).await.unwrap();
+        let (a, b) = (meta(9001), meta(9002));
+        let ra = provider.register(a.clone()).await.unwrap();
+        let rb = provider.register(b.clone()).await.unwrap();
+        let cache = ServiceCache::new(consumer);
+        let handle = cache.service("Consul.Private:1.0").await.unwrap();
+        tokio::time::timeout(WAIT, handle.wait_until(|l, _| l.len() == 2))
+            .await
+            .unwrap();
+
+        // A dev agent keeps everything in memory: a restart forgets every
+        // service, and the index starts over.
+        agent.kill();
+        let restarted = Instant::now();
+        let mut agent = Agent::start(agent.http, agent.ports, None);
+        agent.ready().await;
+        registered_again(&mut ra.state()).await;
+        registered_again(&mut rb.state()).await;
+        let fresh = ConsulRegistry::connect(&cfg).await.unwrap();
+        assert_eq!(
+            fresh.discover("Consul.Private:1.0").await.unwrap(),
+            vec![a, b]
+        );
+        // The consumer's watch resynchronised with the new agent.
+        tokio::time::timeout(WAIT, handle.wait_until(|l, h| h && l.len() == 2))
+            .await
+            .unwrap();
+        println!(
+            "[consul] agent restart -> re-registered and rediscovered in {:?}",
+            restarted.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_provider_whose_heartbeats_stop_is_hidden_within_the_ttl() {
+        if !consul_binary("heartbeats") {
+            return;
+        }
+        let mut agent = Agent::fresh(None);
+        agent.ready().await;
+        let proxy = FaultProxy::start(agent.http_addr()).await;
+        let provider = ConsulRegistry::connect(&config(format!("http://{}", proxy.addr())))
+            .await
+            .unwrap();
+        let consumer = ConsulRegistry::connect(&config(agent.address()))
+            .await
+            .unwrap();
+        let m = meta(9100);
+        let reg = provider.register(m.clone()).await.unwrap();
+        let cache = ServiceCache::new(consumer.clone());
+        let handle = cache.service("Consul.Private:1.0").await.unwrap();
+        tokio::time::timeout(WAIT, handle.wait_until(|l, _| l.contains(&m)))
+            .await
+            .unwrap();
+
+        // The provider lives on but cannot reach its agent: no check passes.
+        proxy.cut();
+        let cut = Instant::now();
+        tokio::time::timeout(WAIT, handle.wait_until(|l, _| l.is_empty()))
+            .await
+            .expect("the instance stayed visible");
+        let took = cut.elapsed();
+        assert!(
+            took <= TTL + Duration::from_millis(1_500),
+            "hidden after {took:?}, TTL {TTL:?}"
+        );
+        assert!(
+            consumer
+                .discover("Consul.Private:1.0")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // Consul still lists it, critical: only the passing filter hides it.
+        let states = consul_support::health_states(
+            agent.http_addr(),
+            &consumer.consul_name(&m.service_key()),
+        )
+        .await;
+        assert_eq!(
+            states,
+            vec![(consumer.instance_id(&m), "critical".to_owned())]
+        );
+        println!("[consul] heartbeats stopped -> hidden from discovery in {took:?} (ttl {TTL:?})");
+
+        // Heartbeats resume: passing again, without a re-registration.
+        proxy.restore();
+        tokio::time::timeout(WAIT, handle.wait_until(|l, _| l.contains(&m)))
+            .await
+            .expect("the instance did not come back");
+        assert_eq!(
+            *reg.state().borrow(),
+            RegistrationState::Registered { generation: 0 }
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_deregisters_everything_and_configuration_errors_are_clear() {
+        if !consul_binary("shutdown") {
+            return;
+        }
+        let mut agent = Agent::fresh(None);
+        agent.ready().await;
+        let cfg = config(agent.address());
+        let registry = AnyRegistry::from_config(&cfg).await.unwrap();
+        assert_eq!(registry.kind(), RegistryKind::Consul);
+        let r1 = registry.register(meta(9301)).await.unwrap();
+        let _r2 = registry.register(meta(9302)).await.unwrap();
+        assert_eq!(
+            registry.discover("Consul.Private:1.0").await.unwrap().len(),
+            2
+        );
+        registry.shutdown().await;
+        assert_eq!(*r1.state().borrow(), RegistrationState::Deregistered);
+        assert!(
+            consul_support::health_states(agent.http_addr(), "consul-private-1-0")
+                .await
+                .is_empty(),
+            "shutdown left services on the agent"
+        );
+
+        let mut two = cfg.clone();
+        two.address = Addresses(vec![agent.address(), agent.address()]);
+        let err = ConsulRegistry::connect(&two).await.unwrap_err();
+        assert!(err.to_string().contains("one Consul agent"), "{err}");
+        let gone = config(format!("http://127.0.0.1:{}", free_port()));
+        let err = ConsulRegistry::connect(&gone).await.unwrap_err();
+        assert!(err.to_string().contains("does not answer"), "{err}");
+    }
+
+    fn openssl(args: &[&str], dir: &Path) {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A CA, a server certificate for 127.0.0.1/localhost and a client
+    /// certificate.
+    fn make_certs(dir: &Path) -> Option<(Tls, PathBuf, PathBuf)> {
+        if Command::new("openssl").arg("version").output().is_err() {
+            return None;
+        }
+        openssl(
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=test-ca",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+            ],
+            dir,
+        );
+        std::fs::write(
+            dir.join("san.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .unwrap();
+        for who in ["server", "client"] {
+            openssl(
+                &[
+                    "req",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-subj",
+                    &format!("/CN={who}"),
+                    "-keyout",
+                    &format!("{who}.key"),
+                    "-out",
+                    &format!("{who}.csr"),
+                ],
+                dir,
+            );
+            openssl(
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &format!("{who}.csr"),
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-days",
+                    "1",
+                    "-extfile",
+                    "san.ext",
+                    "-out",
+                    &format!("{who}.pem"),
+                ],
+                dir,
+            );
+        }
+        Some((
+            Tls {
+                cert: dir.join("server.pem"),
+                key: dir.join("server.key"),
+                ca: dir.join("ca.pem"),
+            },
+            dir.join("client.pem"),
+            dir.join("client.key"),
+        ))
+    }
+
+    #[tokio::test]
+    async fn https_with_a_client_certificate() {
+        if !consul_binary("tls") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let Some((tls, client_cert, client_key)) = make_certs(tmp.path()) else {
+            assert!(!servers_required(), "no openssl to make test certificates");
+            println!("SKIP [consul] tls: no openssl binary to make test certificates");
+            return;
+        };
+        let mut agent = Agent::fresh(Some(&tls));
+        agent.ready().await;
+        let Some(https) = agent.https else {
+            unreachable!("started with TLS")
+        };
+        let mut cfg = config(format!("https://127.0.0.1:{https}"));
+        cfg.tls = Some(TlsConfig {
+            ca_file: Some(tls.ca.clone()),
+            cert_file: Some(client_cert),
+            key_file: Some(client_key),
+            domain: Some("localhost".into()),
+        });
+        let registry = ConsulRegistry::connect(&cfg).await.unwrap();
+        let m = meta(9200);
+        let reg = registry.register(m.clone()).await.unwrap();
+        assert_eq!(
+            registry.discover("Consul.Private:1.0").await.unwrap(),
+            vec![m]
+        );
+        // Heartbeats go over HTTPS too: still passing after two TTLs.
+        tokio::time::sleep(TTL * 2).await;
+        assert_eq!(
+            registry.discover("Consul.Private:1.0").await.unwrap().len(),
+            1
+        );
+        reg.deregister().await.unwrap();
+
+        // Without a client certificate the agent refuses us: an error, not a hang.
+        let mut no_cert = cfg.clone();
+        no_cert.tls = Some(TlsConfig {
+            ca_file: Some(tls.ca.clone()),
+            domain: Some("localhost".into()),
+            ..TlsConfig::default()
+        });
+        let outcome = tokio::time::timeout(WAIT, ConsulRegistry::connect(&no_cert))
+            .await
+            .expect("hung");
+        assert!(
+            outcome.is_err(),
+            "a client without a certificate was served"
+        );
+
+        // A missing file names the key.
+        let mut missing = cfg.clone();
+        if let Some(t) = missing.tls.as_mut() {
+            t.ca_file = Some("/nonexistent/ca.pem".into());
+        }
+        let err = ConsulRegistry::connect(&missing).await.unwrap_err();
+        assert!(err.to_string().contains("registry.tls.ca_file"), "{err}");
+    }
+}
