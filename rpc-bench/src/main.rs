@@ -12,6 +12,7 @@
 //! ```
 
 mod args;
+mod cpuload;
 mod driver;
 mod histogram;
 mod message;

@@ -16,6 +16,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::args::Flavour;
+use crate::cpuload;
 use crate::message::{self, BenchmarkMessage};
 use crate::systems::System;
 
@@ -48,6 +49,8 @@ struct Sample {
     p50_us: f64,
     p99_us: f64,
     errors: u64,
+    /// CPUs' worth of time other processes used during the run.
+    others: Option<f64>,
 }
 
 /// A child process, killed (and reaped) on drop unless it already exited.
@@ -240,11 +243,12 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
                 let result = run_one(a, &exe, &pinning, system, inflight);
                 match &result {
                     Ok(s) => eprintln!(
-                        "[{n}/{total}] {system:<5} inflight={inflight:<4} rep={}: qps={:.0} p50={:.1}us p99={:.1}us{}",
+                        "[{n}/{total}] {system:<5} inflight={inflight:<4} rep={}: qps={:.0} p50={:.1}us p99={:.1}us others={}{}",
                         rep + 1,
                         s.qps,
                         s.p50_us,
                         s.p99_us,
+                        percent(s.others),
                         if s.errors > 0 {
                             format!(" ERRORS={}", s.errors)
                         } else {
@@ -267,7 +271,26 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     }
     println!();
     print!("{}", table(a, &cells));
-    println!("\nLoad average at the end: {}", loadavg());
+    println!("\nLoad average at the end: {}  ", loadavg());
+    let mut others: Vec<f64> = cells
+        .values()
+        .flatten()
+        .filter_map(|r| r.as_ref().ok().and_then(|s| s.others))
+        .collect();
+    if !others.is_empty() {
+        let worst = others.iter().copied().fold(0.0, f64::max);
+        let mid = median(&mut others);
+        println!(
+            "CPU used by other processes during the runs: median {}, worst {} of one CPU{}",
+            percent(Some(mid)),
+            percent(Some(worst)),
+            if worst > DISTURBED {
+                " (runs above ~5 % were disturbed: rerun on a quiet machine or use --repeat)"
+            } else {
+                ""
+            }
+        );
+    }
     let failures: Vec<String> = cells
         .iter()
         .flat_map(|(&(li, si), results)| {
@@ -320,6 +343,7 @@ fn run_one(
         _ => None,
     };
     let registry_dir: Option<PathBuf> = registry.as_ref().map(|d| d.path().to_path_buf());
+    let load = cpuload::Snapshot::take();
     // The server outlives a normal run comfortably, but not forever if this
     // process dies without stopping it.
     let lifetime = a.warmup + a.duration + Duration::from_secs(120);
@@ -378,13 +402,15 @@ fn run_one(
         }
     }
     let stopped = server.terminate(SERVER_STOP_TIMEOUT);
+    let others = load.others_since();
     drop(registry);
 
     if !status.success() {
         return Err(format!("the {system} client exited with {status}"));
     }
     let line = result.ok_or_else(|| format!("the {system} client printed no RESULT line"))?;
-    let sample = parse_result(&line)?;
+    let mut sample = parse_result(&line)?;
+    sample.others = others;
     match stopped {
         Ok(s) if s.success() => {}
         Ok(s) => eprintln!("warning: the {system} server exited with {s} after SIGTERM"),
@@ -411,6 +437,7 @@ fn parse_result(line: &str) -> Result<Sample, String> {
         p50_us: num("p50_us")?,
         p99_us: num("p99_us")?,
         errors: num("errors")? as u64,
+        others: None,
     })
 }
 
@@ -455,6 +482,16 @@ fn machine(a: &RunArgs, pinning: &Pinning, size: usize) -> Vec<String> {
             }
         ),
     ]
+}
+
+/// Other processes' CPU use above which a run counts as disturbed.
+const DISTURBED: f64 = 0.05;
+
+fn percent(x: Option<f64>) -> String {
+    match x {
+        Some(x) => format!("{:.0}%", x * 100.0),
+        None => "n/a".into(),
+    }
 }
 
 /// The 1-minute load average: other work on the machine skews the numbers.
