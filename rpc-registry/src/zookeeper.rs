@@ -43,11 +43,13 @@
 //! first, then reads the children and their data (one multi-read), so no
 //! change falls between the read and the watch. Node created or data changed
 //! becomes an upsert (after reading the node), node deleted a remove. A
-//! disconnect is reported as `Connected(false)`; on reconnection the watch is
-//! still armed on the server, but events that happened in between are not
-//! replayed (ZOOKEEPER-4698), so the follower reads a fresh snapshot. After a
-//! session expiry it waits for the keeper's new session, arms the watch again
-//! and reads a snapshot.
+//! disconnect is reported as `Connected(false)`. On reconnection the follower
+//! arms a new persistent watch and reads a fresh snapshot: events that
+//! happened in between are never replayed (ZOOKEEPER-4698), and
+//! zookeeper-client 0.11.2 does not even carry persistent watches over a
+//! reconnection (its `SetWatches` request leaves them out), so the old watch
+//! would stay silent. After a session expiry it waits for the keeper's new
+//! session, arms the watch again and reads a snapshot.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -150,7 +152,9 @@ pub fn parse_address(addresses: &[String]) -> Result<(String, Option<String>), R
             }
         }
         if host.is_empty() {
-            return Err(failed(format!("registry.address entry `{entry}` has no host")));
+            return Err(failed(format!(
+                "registry.address entry `{entry}` has no host"
+            )));
         }
         hosts.push(host.to_owned());
     }
@@ -350,7 +354,9 @@ impl ZookeeperRegistry {
             .session
             .borrow()
             .as_ref()
-            .map_or(self.inner.spec.session_timeout, |s| s.client.session_timeout())
+            .map_or(self.inner.spec.session_timeout, |s| {
+                s.client.session_timeout()
+            })
     }
 
     /// The current session's id and password, if one is open: for tools
@@ -882,7 +888,9 @@ impl Discover for ZookeeperRegistry {
         let watcher = bounded(
             t,
             format!("watch {path}"),
-            session.client.watch(&path, AddWatchMode::PersistentRecursive),
+            session
+                .client
+                .watch(&path, AddWatchMode::PersistentRecursive),
         )
         .await?;
         let list = read_service(&session.client, &path, t).await?;
@@ -1039,6 +1047,8 @@ impl Follower {
     async fn follow(&mut self, session: &Session, watcher: &mut PersistentWatcher) -> FollowEnd {
         let client = &session.client;
         let mut resync_at: Option<Instant> = None;
+        // Whether the server still has our watch (not after a reconnection).
+        let mut armed = true;
         let mut backoff = BACKOFF_MIN;
         let mut sessions = self.sessions.clone();
         loop {
@@ -1060,21 +1070,42 @@ impl Follower {
                 }
                 _ = sleep_until_opt(resync_at), if resync_at.is_some() => {
                     resync_at = None;
-                    match self.snapshot(client).await {
-                        Ok(true) => backoff = BACKOFF_MIN,
-                        Ok(false) => return FollowEnd::Closed,
-                        Err(e) => {
-                            debug!(path = %self.path, error = %e, "zookeeper resync failed");
-                            if client.state().is_terminated() {
-                                return FollowEnd::SessionGone;
-                            }
-                            if !self.set_connected(false).await {
-                                return FollowEnd::Closed;
-                            }
-                            resync_at = Some(Instant::now() + backoff);
-                            backoff = (backoff * 2).min(BACKOFF_MAX);
+                    let rearmed = if armed {
+                        Ok(())
+                    } else {
+                        // The new watcher goes in before the old one is
+                        // dropped, so the client keeps the path watched.
+                        bounded(
+                            self.timeout,
+                            format!("watch {}", self.path),
+                            client.watch(&self.path, AddWatchMode::PersistentRecursive),
+                        )
+                        .await
+                        .map(|w| {
+                            *watcher = w;
+                            armed = true;
+                        })
+                    };
+                    let outcome = match rearmed {
+                        Ok(()) => self.snapshot(client).await,
+                        Err(e) => Err(e),
+                    };
+                    match outcome {
+                        Ok(true) => {
+                            backoff = BACKOFF_MIN;
+                            continue;
                         }
+                        Ok(false) => return FollowEnd::Closed,
+                        Err(e) => debug!(path = %self.path, error = %e, "zookeeper resync failed"),
                     }
+                    if client.state().is_terminated() {
+                        return FollowEnd::SessionGone;
+                    }
+                    if !self.set_connected(false).await {
+                        return FollowEnd::Closed;
+                    }
+                    resync_at = Some(Instant::now() + backoff);
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
                     continue;
                 }
                 e = watcher.changed() => e,
@@ -1092,6 +1123,7 @@ impl Follower {
                         // Events during the disconnect are not replayed:
                         // read what is there now.
                         SessionState::SyncConnected | SessionState::ConnectedReadOnly => {
+                            armed = false;
                             resync_at = Some(Instant::now());
                         }
                         SessionState::Expired | SessionState::Closed | SessionState::AuthFailed => {

@@ -131,10 +131,9 @@ mod zookeeper {
             let provider = ZookeeperRegistry::connect(&config(format!("{addr}{chroot}")))
                 .await
                 .unwrap();
-            let consumer =
-                ZookeeperRegistry::connect(&config(format!("{}{chroot}", proxy.addr())))
-                    .await
-                    .unwrap();
+            let consumer = ZookeeperRegistry::connect(&config(format!("{}{chroot}", proxy.addr())))
+                .await
+                .unwrap();
             Self {
                 chroot,
                 provider,
