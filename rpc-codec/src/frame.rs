@@ -24,6 +24,11 @@ pub enum MessageType {
     Heartbeat = 3,
     /// The caller gave up on request `request_id`; the server may stop it. Empty body.
     Cancel = 4,
+    /// The server is shutting down: it read every request up to and
+    /// including `request_id` (which it will answer) and will read no more.
+    /// Requests after it were not read: the caller may send them elsewhere.
+    /// Empty body.
+    GoAway = 5,
 }
 
 impl MessageType {
@@ -34,6 +39,7 @@ impl MessageType {
             2 => Ok(Self::Response),
             3 => Ok(Self::Heartbeat),
             4 => Ok(Self::Cancel),
+            5 => Ok(Self::GoAway),
             other => Err(CodecError::UnknownMessageType(other)),
         }
     }

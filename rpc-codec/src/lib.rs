@@ -8,7 +8,7 @@
 //! | 0      | 2    | magic          | `0x4D52` (`"MR"`)                                          |
 //! | 2      | 1    | version        | `1`                                                        |
 //! | 3      | 1    | serializer id  | `0` bincode 2 (standard config), `1` JSON                  |
-//! | 4      | 1    | message type   | `1` request, `2` response, `3` heartbeat, `4` cancel       |
+//! | 4      | 1    | message type   | `1` request, `2` response, `3` heartbeat, `4` cancel, `5` go-away |
 //! | 5      | 1    | status         | [`rpc_core::StatusCode`]; `0` except in error responses    |
 //! | 6      | 8    | request id     | chosen by the caller, echoed in the response               |
 //! | 14     | 4    | body length    | bytes after the header; header + body <= max frame length  |

@@ -96,6 +96,10 @@ fn heartbeat_and_cancel() {
     let mut c = BytesMut::new();
     encode_empty(&mut c, MessageType::Cancel, 9);
     golden("cancel.bin", &c);
+    let mut g = BytesMut::new();
+    encode_empty(&mut g, MessageType::GoAway, 41);
+    assert_eq!(g[4], 5, "message type 5 = go-away");
+    golden("goaway.bin", &g);
 }
 
 #[test]

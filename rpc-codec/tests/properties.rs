@@ -18,6 +18,7 @@ fn message_type() -> impl Strategy<Value = MessageType> {
         Just(MessageType::Response),
         Just(MessageType::Heartbeat),
         Just(MessageType::Cancel),
+        Just(MessageType::GoAway),
     ]
 }
 

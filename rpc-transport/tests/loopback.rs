@@ -479,6 +479,16 @@ async fn graceful_shutdown_drains_in_flight_calls() {
     assert!(refused.is_ok(), "listener still accepting after shutdown");
     assert!(!s.done.is_finished(), "server stopped before draining");
 
+    // A call on the draining connection is not read; the server's go-away
+    // tells the client so, and the error says it is safe to send elsewhere.
+    for _ in 0..3 {
+        let err = ep
+            .call::<_, i32>(&opts("add", WAIT), &(1, 1))
+            .await
+            .unwrap_err();
+        assert!(err.is_safe_to_retry(), "{err:?}");
+    }
+
     s.svc.gate(3).notify_one();
     let v = tokio::time::timeout(WAIT, in_flight)
         .await

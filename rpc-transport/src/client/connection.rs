@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -51,9 +51,10 @@ impl Closed {
 
 pub(crate) type Reply = Result<Frame, Closed>;
 
-/// A call handed to the connection task.
+/// A call handed to the connection task. Its frame's request id is a
+/// placeholder: the task numbers requests in the order it writes them, which
+/// is what lets a server's go-away separate read from unread requests.
 pub(crate) struct Outgoing {
-    pub(crate) id: u64,
     pub(crate) frame: BytesMut,
     pub(crate) reply: oneshot::Sender<Reply>,
     /// Held until the call is answered or abandoned: the in-flight bound
@@ -80,7 +81,6 @@ pub(crate) struct Liveness {
 pub(crate) struct Connection {
     tx: mpsc::Sender<Outgoing>,
     closed: Arc<AtomicBool>,
-    next_id: AtomicU64,
     pub(crate) in_flight: Arc<Semaphore>,
     _task: tokio_util::task::AbortOnDropHandle<()>,
 }
@@ -106,7 +106,6 @@ impl Connection {
         Self {
             tx,
             closed,
-            next_id: AtomicU64::new(1),
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
             _task: tokio_util::task::AbortOnDropHandle::new(task),
         }
@@ -114,10 +113,6 @@ impl Connection {
 
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire) || self.tx.is_closed()
-    }
-
-    pub(crate) fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Queues a call. `Err` returns it untouched if the connection is gone:
@@ -145,6 +140,7 @@ async fn drive(
     let mut last_read = Instant::now();
     let mut heartbeat_sent: Option<Instant> = None;
     let mut accepting = true;
+    let mut next_id: u64 = 0;
 
     let reason: String = loop {
         if !accepting && pending.is_empty() && wbuf.is_empty() {
@@ -164,6 +160,27 @@ async fn drive(
                             }
                         }
                         MessageType::Heartbeat => {}
+                        MessageType::GoAway => {
+                            let line = frame.header.request_id;
+                            // New calls go to a new connection from now on.
+                            closed.store(true, Ordering::Release);
+                            accepting = false;
+                            let unread: Vec<u64> = pending.keys().copied().filter(|id| *id > line).collect();
+                            debug!(%addr, line, unread = unread.len(), "server going away");
+                            let why = Closed {
+                                reason: Arc::from(format!("{addr}: server shutting down (go-away)")),
+                                written: false,
+                            };
+                            for id in unread {
+                                if let Some(p) = pending.remove(&id) {
+                                    let _ = p.reply.send(Err(why.clone()));
+                                }
+                            }
+                            rx.close();
+                            while let Ok(out) = rx.try_recv() {
+                                let _ = out.reply.send(Err(why.clone()));
+                            }
+                        }
                         other => break format!("protocol violation: server sent a {other:?} frame"),
                     }
                 }
@@ -176,12 +193,16 @@ async fn drive(
                     accepting = false;
                     continue;
                 }
-                for out in batch.drain(..) {
+                for mut out in batch.drain(..) {
                     if out.reply.is_closed() {
                         continue; // gave up before it was written
                     }
+                    next_id += 1;
+                    if let Some(id_field) = out.frame.get_mut(6..14) {
+                        id_field.copy_from_slice(&next_id.to_be_bytes());
+                    }
                     wbuf.extend_from_slice(&out.frame);
-                    pending.insert(out.id, Pending { reply: out.reply, _permit: out.permit });
+                    pending.insert(next_id, Pending { reply: out.reply, _permit: out.permit });
                 }
             }
             written = wr.write(&wbuf), if !wbuf.is_empty() => match written {

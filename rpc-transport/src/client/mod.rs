@@ -256,9 +256,9 @@ impl Endpoint {
             .acquire_owned()
             .await
             .map_err(|_| unsent(None))?;
-        let id = conn.next_id();
         let head = RequestHead {
-            request_id: id,
+            // Numbered by the connection task, in write order.
+            request_id: 0,
             serializer: opts.serializer,
             deadline: Some(deadline.saturating_duration_since(Instant::now())),
             service: opts.service,
@@ -273,7 +273,6 @@ impl Endpoint {
         })?;
         let (tx, rx) = oneshot::channel();
         let out = Outgoing {
-            id,
             frame,
             reply: tx,
             permit,

@@ -39,6 +39,8 @@ pub(crate) async fn serve(
     let mut running: HashMap<u64, AbortHandle> = HashMap::new();
     let mut wbuf = BytesMut::with_capacity(16 * 1024);
     let mut reading = true;
+    // Highest request id read: a go-away promises answers up to it.
+    let mut last_read: u64 = 0;
     let limit = shared.max_in_flight_per_connection;
     debug!(%peer, "connection opened");
 
@@ -62,6 +64,9 @@ pub(crate) async fn serve(
             next = frames.next(), if reading && handlers.len() < limit && wbuf.len() < WRITE_HIGH_WATER => {
                 match next {
                     Some(Ok(frame)) => {
+                        if frame.header.message_type == MessageType::Request {
+                            last_read = last_read.max(frame.header.request_id);
+                        }
                         if let Err(reason) = dispatch(frame, &shared, &mut handlers, &mut running, &mut wbuf) {
                             warn!(%peer, reason, "closing connection: protocol violation");
                             break;
@@ -91,8 +96,11 @@ pub(crate) async fn serve(
                 }
             }
             _ = stop.cancelled(), if reading => {
-                // Graceful shutdown: answer what was asked, take nothing new.
+                // Graceful shutdown: answer what was read, read nothing new,
+                // and tell the client where the line is so it can resend the
+                // rest elsewhere.
                 reading = false;
+                encode_empty(&mut wbuf, MessageType::GoAway, last_read);
             }
         }
     }
@@ -125,6 +133,7 @@ fn dispatch(
             return Ok(());
         }
         MessageType::Response => return Err("a client sent a response frame"),
+        MessageType::GoAway => return Err("a client sent a go-away frame"),
     }
     let id = h.request_id;
     let fail = |wbuf: &mut BytesMut, status: StatusCode, msg: &str| {
