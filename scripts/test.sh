@@ -5,7 +5,7 @@
 # servers on loopback, runs formatting, lints and every test with every
 # backend compiled in and real servers REQUIRED (RPC_REQUIRE_SERVERS=1: a
 # missing server fails instead of skipping), validates the docker compose
-# files, runs the quick start and the etcd cluster test, and stops the
+# files, runs the quick start and the etcd and Consul cluster tests, and stops the
 # servers again, even when something fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,3 +44,6 @@ scripts/quickstart.sh --calls 200 --concurrency 8
 
 echo "== examples on a three-member etcd cluster"
 scripts/etcd-cluster-test.sh
+
+echo "== examples on a three-server Consul cluster"
+scripts/consul-cluster-test.sh
