@@ -54,6 +54,10 @@ pub struct ServerConfig {
     pub max_frame_len: usize,
     /// How long graceful shutdown waits for in-flight calls.
     pub shutdown_timeout_ms: u64,
+    /// After deregistering (and seeing the registry drop the instance), how
+    /// long to keep serving before refusing new calls, so consumers' caches
+    /// catch up first.
+    pub shutdown_grace_ms: u64,
     /// Weight published for load balancing.
     pub weight: u32,
 }
@@ -69,6 +73,7 @@ impl Default for ServerConfig {
             max_in_flight: 65_536,
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             shutdown_timeout_ms: 10_000,
+            shutdown_grace_ms: 500,
             weight: crate::meta::DEFAULT_WEIGHT,
         }
     }

@@ -1,16 +1,21 @@
 //! Providers: bind, register, serve, shut down in order.
 //!
 //! Shutdown sequence, started by the future passed to [`Provider::run`]:
-//! 1. deregister every service (consumers stop picking this instance), then
-//!    release the registry's lease or session,
-//! 2. stop accepting connections and reading new requests,
-//! 3. let in-flight calls finish, up to `server.shutdown_timeout_ms`,
-//! 4. abort what is left and return.
+//! 1. deregister every service, then release the registry's lease or
+//!    session (one revoke clears anything a failed deregistration left);
+//! 2. wait until the registry itself no longer lists the instances (a
+//!    watch, bounded by `registry.timeout_ms`), then keep serving for
+//!    `server.shutdown_grace_ms` so consumers' caches catch up;
+//! 3. stop accepting connections and reading requests; every connection
+//!    gets a go-away naming the last request read, so a consumer resends
+//!    anything later to another provider;
+//! 4. let in-flight calls finish, up to `server.shutdown_timeout_ms`;
+//! 5. abort what is left and return.
 
 use std::future::Future;
 use std::net::SocketAddr;
 
-use rpc_core::{Registration, Registry, RpcConfig, ServiceMetaInfo};
+use rpc_core::{Discover, Registration, Registry, RpcConfig, ServiceMetaInfo, WatchEvent};
 use rpc_registry::AnyRegistry;
 use rpc_transport::{Server, ServerBuilder, ServiceHandler};
 use tracing::{info, warn};
@@ -114,7 +119,9 @@ impl Provider {
             registrations.push(reg);
         }
         let timeout = self.config.registry.timeout();
+        let grace = std::time::Duration::from_millis(self.config.server.shutdown_grace_ms);
         let registry = self.registry.clone();
+        let nodes: Vec<ServiceMetaInfo> = registrations.iter().map(|r| r.meta().clone()).collect();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let control = async move {
             shutdown.await;
@@ -134,6 +141,13 @@ impl Provider {
             // Leases and sessions go last: one revoke clears anything a
             // failed deregistration left behind.
             registry.shutdown().await;
+            let started = tokio::time::Instant::now();
+            if tokio::time::timeout(timeout, wait_removed(&registry, &nodes)).await.is_err() {
+                warn!(?timeout, "the registry still lists this provider; stopping anyway");
+            } else {
+                info!(took = ?started.elapsed(), "the registry no longer lists this provider");
+            }
+            tokio::time::sleep(grace).await;
             let _ = stop_tx.send(());
         };
         let serve = self.server.run(async {
@@ -142,6 +156,27 @@ impl Provider {
         let ((), served) = tokio::join!(control, serve);
         served?;
         Ok(())
+    }
+}
+
+/// Waits until no service of `nodes` lists its node any more, following
+/// each service with a watch (events, not polling).
+async fn wait_removed(registry: &AnyRegistry, nodes: &[ServiceMetaInfo]) {
+    for node in nodes {
+        let key = node.node_key();
+        let Ok(mut watch) = registry.watch(&node.service_key()).await else {
+            // Cannot watch: nothing to wait on; the grace period still applies.
+            continue;
+        };
+        let mut present = true;
+        while present {
+            match watch.next().await {
+                Some(WatchEvent::Snapshot(list)) => present = list.iter().any(|m| m.node_key() == key),
+                Some(WatchEvent::Remove(k)) if k == key => present = false,
+                Some(_) => {}
+                None => break,
+            }
+        }
     }
 }
 

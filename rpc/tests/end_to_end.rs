@@ -235,3 +235,51 @@ async fn from_config_uses_the_configured_registry() {
     assert_eq!(answered_by, 3);
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_loses_no_call() {
+    let registry = AnyRegistry::from(MemoryRegistry::new());
+    let mut config = RpcConfig::default();
+    config.server.shutdown_grace_ms = 100;
+    let mut p1 = provider(registry.clone(), 1, &config).await;
+    let mut p2 = provider(registry.clone(), 2, &config).await;
+    let consumer = Consumer::with_registry(registry.clone(), config.client.clone(), WAIT);
+    wait_for(&consumer, 2).await;
+    let shop = ShopClient::new(&consumer);
+
+    // Callers hammer `touch` (not idempotent: only provably unsent calls may
+    // be retried) for the whole restart.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut callers = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let shop = shop.clone();
+        let stop = stop.clone();
+        callers.spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match shop.touch().await {
+                    Ok(()) => ok += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        });
+    }
+    for (slot, id) in [(&mut p1, 11), (&mut p2, 12)] {
+        let old = std::mem::replace(slot, provider(registry.clone(), id, &config).await);
+        old.stop().await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    while let Some(done) = callers.join_next().await {
+        let (ok, failed) = done.unwrap();
+        assert!(
+            failed.is_empty(),
+            "calls failed during the rolling restart: {failed:?}"
+        );
+        total += ok;
+    }
+    assert!(total > 100, "only {total} calls were made");
+    p1.stop().await;
+    p2.stop().await;
+}
