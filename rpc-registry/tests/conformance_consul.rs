@@ -119,7 +119,9 @@ mod consul {
         }
 
         fn propagation(&self) -> Duration {
-            Duration::from_millis(500)
+            // A check pass or a TTL expiry wakes blocking queries in ~0.1 s;
+            // the rest is headroom for a loaded CI machine.
+            Duration::from_secs(1)
         }
 
         fn child_env(&self) -> Result<Vec<(String, String)>, Unsupported> {
