@@ -7,12 +7,14 @@
 #   scripts/registry-servers.sh install [etcd|all ...]  install only (also the build tools: protoc)
 #
 # Each server keeps its pid, log and data under $RPC_SERVERS_DIR (default
-# /tmp/rpc-servers). Ports: etcd 2379/2380, zookeeper 2181, consul 8500 (+8300-8302). A port already taken is an error:
+# /tmp/rpc-servers). Ports: etcd 2379/2380, zookeeper 2181, consul 8500 (+8300-8302),
+# nacos 8848/9848/10848. A port
+# already taken is an error:
 # readiness checks would otherwise talk to someone else's server.
 set -euo pipefail
 
 STATE="${RPC_SERVERS_DIR:-/tmp/rpc-servers}"
-ALL=(etcd zookeeper consul)
+ALL=(etcd zookeeper consul nacos)
 READY_SECS=30
 
 log() { printf '[registry-servers] %s\n' "$*" >&2; }
@@ -237,6 +239,66 @@ consul_up() {
 
 consul_status() {
   if pid_alive "$(read_pid consul)" && consul_ready; then echo "consul: running (pid $(read_pid consul))"; else echo "consul: down"; fi
+}
+
+# ---------------------------------------------------------------- nacos
+# rnacos, a Rust server compatible with the Nacos 1.x HTTP and 2.x gRPC client
+# APIs (the official Nacos is a Java distribution that cannot be fetched
+# here), pinned and built once with cargo; an installed binary of the pinned
+# version is reused. It reads ./.env from its working directory and binds
+# 0.0.0.0 by default: it runs from its own data directory, bound to loopback.
+# Ports: HTTP 8848, gRPC 9848 (HTTP + 1000, where Nacos 2.x clients expect
+# it), console 10848.
+RNACOS_VERSION=0.8.8
+NACOS_HTTP_PORT=8848
+
+rnacos_bin() {
+  local b
+  for b in "$(command -v rnacos 2>/dev/null || true)" "${CARGO_HOME:-$HOME/.cargo}/bin/rnacos"; do
+    if [ -n "$b" ] && [ -x "$b" ]; then echo "$b"; return 0; fi
+  done
+  return 1
+}
+
+nacos_install() {
+  command -v curl >/dev/null || apt_install curl ca-certificates
+  local bin
+  if bin=$(rnacos_bin) && [ "$("$bin" --version 2>/dev/null)" = "rnacos $RNACOS_VERSION" ]; then
+    log "rnacos present: $("$bin" --version) ($bin)"
+    return
+  fi
+  command -v cargo >/dev/null || die "cargo is needed to build rnacos"
+  log "building rnacos $RNACOS_VERSION with cargo install --locked: this takes about 13 minutes on 2 cores (once per machine)"
+  cargo install rnacos --version "$RNACOS_VERSION" --locked
+  bin=$(rnacos_bin) || die "rnacos not found after cargo install"
+  log "installed $("$bin" --version) to $bin"
+}
+
+# Ready: rnacos' health endpoint answers "success".
+nacos_ready() { curl -fsS --max-time 2 "http://127.0.0.1:$NACOS_HTTP_PORT/health" | grep -q success; }
+
+nacos_up() {
+  if pid_alive "$(read_pid nacos)"; then log "nacos already running (pid $(read_pid nacos))"; return; fi
+  nacos_install
+  local p bin
+  for p in $NACOS_HTTP_PORT $((NACOS_HTTP_PORT + 1000)) $((NACOS_HTTP_PORT + 2000)); do
+    port_open "$p" && die "port $p is taken by another process; stop it first"
+  done
+  bin=$(rnacos_bin)
+  rm -rf "$STATE/nacos.data"
+  mkdir -p "$STATE/nacos.data"
+  # The subshell execs rnacos in the data directory, so $! is rnacos itself.
+  (cd "$STATE/nacos.data" && exec env RNACOS_SDK_HOST=127.0.0.1 RNACOS_CONSOLE_HOST=127.0.0.1 \
+    RNACOS_HTTP_PORT=$NACOS_HTTP_PORT RNACOS_GRPC_PORT=$((NACOS_HTTP_PORT + 1000)) \
+    RNACOS_HTTP_CONSOLE_PORT=$((NACOS_HTTP_PORT + 2000)) RNACOS_DATA_DIR="$PWD/db" \
+    "$bin") >"$STATE/nacos.log" 2>&1 &
+  echo $! >"$STATE/nacos.pid"
+  wait_ready nacos "$!" nacos_ready
+  log "nacos (rnacos $RNACOS_VERSION) ready on 127.0.0.1:$NACOS_HTTP_PORT, gRPC $((NACOS_HTTP_PORT + 1000)) (pid $(read_pid nacos))"
+}
+
+nacos_status() {
+  if pid_alive "$(read_pid nacos)" && nacos_ready; then echo "nacos: running (pid $(read_pid nacos))"; else echo "nacos: down"; fi
 }
 
 # ---------------------------------------------------------------- main

@@ -14,6 +14,8 @@ use crate::consul::ConsulRegistry;
 use crate::etcd::EtcdRegistry;
 use crate::local::LocalRegistry;
 use crate::memory::MemoryRegistry;
+#[cfg(feature = "nacos")]
+use crate::nacos::NacosRegistry;
 #[cfg(feature = "zookeeper")]
 use crate::zookeeper::ZookeeperRegistry;
 
@@ -32,6 +34,9 @@ pub enum AnyRegistry {
     /// etcd v3 ([`EtcdRegistry`], feature `etcd`).
     #[cfg(feature = "etcd")]
     Etcd(EtcdRegistry),
+    /// Nacos 2.x ([`NacosRegistry`], feature `nacos`).
+    #[cfg(feature = "nacos")]
+    Nacos(NacosRegistry),
     /// A Consul agent ([`ConsulRegistry`], feature `consul`).
     #[cfg(feature = "consul")]
     Consul(ConsulRegistry),
@@ -71,8 +76,10 @@ impl AnyRegistry {
             }
             #[cfg(not(feature = "zookeeper"))]
             RegistryKind::Zookeeper => Err(RegistryError::NotCompiled("zookeeper")),
-            // Not written yet: reported as not compiled in.
-            kind @ RegistryKind::Nacos => Err(RegistryError::NotCompiled(kind.as_str())),
+            #[cfg(feature = "nacos")]
+            RegistryKind::Nacos => Ok(Self::Nacos(NacosRegistry::connect(config).await?)),
+            #[cfg(not(feature = "nacos"))]
+            RegistryKind::Nacos => Err(RegistryError::NotCompiled("nacos")),
         }
     }
 
@@ -83,6 +90,8 @@ impl AnyRegistry {
             Self::Local(_) => RegistryKind::Local,
             #[cfg(feature = "etcd")]
             Self::Etcd(_) => RegistryKind::Etcd,
+            #[cfg(feature = "nacos")]
+            Self::Nacos(_) => RegistryKind::Nacos,
             #[cfg(feature = "consul")]
             Self::Consul(_) => RegistryKind::Consul,
             #[cfg(feature = "zookeeper")]
@@ -98,6 +107,8 @@ impl AnyRegistry {
             Self::Memory(_) | Self::Local(_) => {}
             #[cfg(feature = "etcd")]
             Self::Etcd(r) => r.shutdown().await,
+            #[cfg(feature = "nacos")]
+            Self::Nacos(r) => r.shutdown().await,
             #[cfg(feature = "consul")]
             Self::Consul(r) => r.shutdown().await,
             #[cfg(feature = "zookeeper")]
@@ -110,6 +121,13 @@ impl AnyRegistry {
 impl From<EtcdRegistry> for AnyRegistry {
     fn from(r: EtcdRegistry) -> Self {
         Self::Etcd(r)
+    }
+}
+
+#[cfg(feature = "nacos")]
+impl From<NacosRegistry> for AnyRegistry {
+    fn from(r: NacosRegistry) -> Self {
+        Self::Nacos(r)
     }
 }
 
@@ -146,6 +164,8 @@ impl rpc_core::Registry for AnyRegistry {
             Self::Local(r) => r.register(meta).await,
             #[cfg(feature = "etcd")]
             Self::Etcd(r) => r.register(meta).await,
+            #[cfg(feature = "nacos")]
+            Self::Nacos(r) => r.register(meta).await,
             #[cfg(feature = "consul")]
             Self::Consul(r) => r.register(meta).await,
             #[cfg(feature = "zookeeper")]
@@ -161,6 +181,8 @@ impl Discover for AnyRegistry {
             Self::Local(r) => r.discover(service_key).await,
             #[cfg(feature = "etcd")]
             Self::Etcd(r) => r.discover(service_key).await,
+            #[cfg(feature = "nacos")]
+            Self::Nacos(r) => r.discover(service_key).await,
             #[cfg(feature = "consul")]
             Self::Consul(r) => r.discover(service_key).await,
             #[cfg(feature = "zookeeper")]
@@ -174,6 +196,8 @@ impl Discover for AnyRegistry {
             Self::Local(r) => r.watch(service_key).await,
             #[cfg(feature = "etcd")]
             Self::Etcd(r) => r.watch(service_key).await,
+            #[cfg(feature = "nacos")]
+            Self::Nacos(r) => r.watch(service_key).await,
             #[cfg(feature = "consul")]
             Self::Consul(r) => r.watch(service_key).await,
             #[cfg(feature = "zookeeper")]
@@ -239,6 +263,7 @@ mod tests {
             RegistryKind::Zookeeper,
             #[cfg(not(feature = "consul"))]
             RegistryKind::Consul,
+            #[cfg(not(feature = "nacos"))]
             RegistryKind::Nacos,
         ] {
             let config = RegistryConfig {

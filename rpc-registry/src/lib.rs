@@ -29,9 +29,10 @@
 //!   a TTL check passed by one keeper task, re-registered when the agent
 //!   forgets it; passing-only discovery, watched with blocking queries
 //!   (Consul 1.8+).
-//! * `nacos` — reserved; until its backend lands,
-//!   [`AnyRegistry::from_config`] reports it as
-//!   [`rpc_core::RegistryError::NotCompiled`].
+//! * `nacos` — `nacos::NacosRegistry`: ephemeral instances kept alive by
+//!   the official SDK's gRPC connection, re-registered by a keeper task
+//!   after a break; discovery through the SDK's subscription, with a guard
+//!   against empty lists pushed while the server restarts (Nacos 2.x).
 //!
 //! Every backend passes the conformance suite in `tests/conformance/`, which
 //! also says which cases a backend cannot run and why.
@@ -48,6 +49,8 @@ pub mod etcd;
 pub mod factory;
 pub mod local;
 pub mod memory;
+#[cfg(feature = "nacos")]
+pub mod nacos;
 mod task;
 #[cfg(feature = "zookeeper")]
 pub mod zookeeper;
@@ -60,5 +63,7 @@ pub use etcd::EtcdRegistry;
 pub use factory::AnyRegistry;
 pub use local::{LocalOptions, LocalRegistry};
 pub use memory::MemoryRegistry;
+#[cfg(feature = "nacos")]
+pub use nacos::NacosRegistry;
 #[cfg(feature = "zookeeper")]
 pub use zookeeper::ZookeeperRegistry;

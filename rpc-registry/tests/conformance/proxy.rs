@@ -27,7 +27,16 @@ impl Drop for FaultProxy {
 impl FaultProxy {
     /// Starts proxying to `upstream`.
     pub async fn start(upstream: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(TcpListener::bind("127.0.0.1:0").await.unwrap(), upstream)
+    }
+
+    /// Starts proxying `listen` to `upstream`; fails if `listen` is taken
+    /// (for clients that derive a second port from the first, like Nacos).
+    pub async fn start_at(listen: SocketAddr, upstream: SocketAddr) -> std::io::Result<Self> {
+        Ok(Self::serve(TcpListener::bind(listen).await?, upstream))
+    }
+
+    fn serve(listener: TcpListener, upstream: SocketAddr) -> Self {
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
         let (generation, _) = watch::channel(0u64);
