@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 export RPC_REQUIRE_SERVERS=1
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
-SERVERS=(etcd zookeeper consul)
+SERVERS=(etcd zookeeper consul nacos)
 
 scripts/registry-servers.sh install "${SERVERS[@]}"
 trap 'scripts/registry-servers.sh down "${SERVERS[@]}"' EXIT
@@ -25,7 +25,7 @@ echo "== cargo clippy (all features)"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 echo "== docker compose files"
-for f in docker/*/docker-compose.yml; do
+for f in docker/*/docker-compose*.yml; do
   docker-compose -f "$f" config -q
   echo "valid: $f"
 done
