@@ -142,8 +142,14 @@ impl Provider {
             // failed deregistration left behind.
             registry.shutdown().await;
             let started = tokio::time::Instant::now();
-            if tokio::time::timeout(timeout, wait_removed(&registry, &nodes)).await.is_err() {
-                warn!(?timeout, "the registry still lists this provider; stopping anyway");
+            if tokio::time::timeout(timeout, wait_removed(&registry, &nodes))
+                .await
+                .is_err()
+            {
+                warn!(
+                    ?timeout,
+                    "the registry still lists this provider; stopping anyway"
+                );
             } else {
                 info!(took = ?started.elapsed(), "the registry no longer lists this provider");
             }
@@ -171,7 +177,9 @@ async fn wait_removed(registry: &AnyRegistry, nodes: &[ServiceMetaInfo]) {
         let mut present = true;
         while present {
             match watch.next().await {
-                Some(WatchEvent::Snapshot(list)) => present = list.iter().any(|m| m.node_key() == key),
+                Some(WatchEvent::Snapshot(list)) => {
+                    present = list.iter().any(|m| m.node_key() == key)
+                }
                 Some(WatchEvent::Remove(k)) if k == key => present = false,
                 Some(_) => {}
                 None => break,
