@@ -60,30 +60,33 @@ mod zookeeper {
         }
     }
 
-    /// Ends `registry`'s session from another client: attach to it, close
-    /// it. Retried until the registry's session id changes, since the
-    /// registry's own reconnection can win the session back first.
-    pub async fn expire_session(registry: &ZookeeperRegistry) {
-        let old = registry.session().expect("a session is open").id();
-        let (hosts, _) = registry.hosts();
-        for _ in 0..20 {
-            if let Some(info) = registry.session().filter(|s| s.id() == old) {
-                if let Ok(Ok(thief)) = tokio::time::timeout(
-                    Duration::from_secs(3),
-                    Client::connector().with_session(info).connect(hosts),
-                )
-                .await
-                {
-                    // Dropping the last handle sends CloseSession.
-                    drop(thief);
+    /// Ends the session of `registry`, which reaches the server through
+    /// `proxy`: cut it off (so its own reconnection cannot win the session
+    /// back), attach a second client to the session and close it, until the
+    /// server reports the session expired; then let it reconnect.
+    pub async fn expire_session(registry: &ZookeeperRegistry, proxy: &FaultProxy) {
+        let info = registry.session().expect("a session is open");
+        let id = info.id();
+        let addr = server();
+        proxy.cut();
+        let mut closed = false;
+        for _ in 0..50 {
+            let attach = Client::connector()
+                .with_session(info.clone())
+                .connect(&addr);
+            match tokio::time::timeout(Duration::from_secs(3), attach).await {
+                Ok(Err(zookeeper_client::Error::SessionExpired)) => {
+                    closed = true;
+                    break;
                 }
+                // Dropping the last handle sends CloseSession.
+                Ok(Ok(thief)) => drop(thief),
+                Ok(Err(_)) | Err(_) => {}
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            if registry.session().is_none_or(|s| s.id() != old) {
-                return;
-            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("the session {old} did not end");
+        proxy.restore();
+        assert!(closed, "the session {id} did not end");
     }
 
     pub struct ZookeeperBackend {
@@ -91,6 +94,9 @@ mod zookeeper {
         provider: ZookeeperRegistry,
         consumer: ZookeeperRegistry,
         proxy: FaultProxy,
+        /// The provider's way to the server, cut while its session is
+        /// being expired.
+        provider_proxy: FaultProxy,
     }
 
     impl Backend for ZookeeperBackend {
@@ -128,9 +134,11 @@ mod zookeeper {
             let addr = server();
             let upstream: SocketAddr = addr.parse().unwrap();
             let proxy = FaultProxy::start(upstream).await;
-            let provider = ZookeeperRegistry::connect(&config(format!("{addr}{chroot}")))
-                .await
-                .unwrap();
+            let provider_proxy = FaultProxy::start(upstream).await;
+            let provider =
+                ZookeeperRegistry::connect(&config(format!("{}{chroot}", provider_proxy.addr())))
+                    .await
+                    .unwrap();
             let consumer = ZookeeperRegistry::connect(&config(format!("{}{chroot}", proxy.addr())))
                 .await
                 .unwrap();
@@ -139,6 +147,7 @@ mod zookeeper {
                 provider,
                 consumer,
                 proxy,
+                provider_proxy,
             }
         }
 
@@ -189,7 +198,7 @@ mod zookeeper {
                 stat.ephemeral_owner, session.0,
                 "instances are ephemeral nodes of the provider's session"
             );
-            expire_session(&self.provider).await;
+            expire_session(&self.provider, &self.provider_proxy).await;
             Ok(())
         }
 

@@ -100,28 +100,33 @@ mod zookeeper {
             .unwrap()
     }
 
-    /// Ends `registry`'s session from another client (attach, close),
-    /// retried until the registry's session id changes.
-    async fn expire_session(registry: &ZookeeperRegistry) {
-        let old = registry.session().expect("a session is open").id();
-        let (hosts, _) = registry.hosts();
-        for _ in 0..20 {
-            if let Some(info) = registry.session().filter(|s| s.id() == old) {
-                if let Ok(Ok(thief)) = tokio::time::timeout(
-                    Duration::from_secs(3),
-                    Client::connector().with_session(info).connect(hosts),
-                )
-                .await
-                {
-                    drop(thief);
+    /// Ends the session of `registry`, which reaches the server through
+    /// `proxy`: cut it off (so its own reconnection cannot win the session
+    /// back), attach a second client to the session and close it, until the
+    /// server reports the session expired; then let it reconnect.
+    async fn expire_session(registry: &ZookeeperRegistry, proxy: &FaultProxy) {
+        let info = registry.session().expect("a session is open");
+        let id = info.id();
+        let addr = server();
+        proxy.cut();
+        let mut closed = false;
+        for _ in 0..50 {
+            let attach = Client::connector()
+                .with_session(info.clone())
+                .connect(&addr);
+            match tokio::time::timeout(Duration::from_secs(3), attach).await {
+                Ok(Err(zookeeper_client::Error::SessionExpired)) => {
+                    closed = true;
+                    break;
                 }
+                // Dropping the last handle sends CloseSession.
+                Ok(Ok(thief)) => drop(thief),
+                Ok(Err(_)) | Err(_) => {}
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            if registry.session().is_none_or(|s| s.id() != old) {
-                return;
-            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("the session {old} did not end");
+        proxy.restore();
+        assert!(closed, "the session {id} did not end");
     }
 
     /// Events until `pred` accepts one (bounded).
@@ -158,11 +163,14 @@ mod zookeeper {
             return;
         }
         let chroot = unique_chroot();
-        let addr = format!("{}{chroot}", server());
-        let provider = ZookeeperRegistry::connect(&config(addr.clone(), 2))
+        let upstream: SocketAddr = server().parse().unwrap();
+        let proxy = FaultProxy::start(upstream).await;
+        let provider = ZookeeperRegistry::connect(&config(format!("{}{chroot}", proxy.addr()), 2))
             .await
             .unwrap();
-        let consumer = ZookeeperRegistry::connect(&config(addr, 2)).await.unwrap();
+        let consumer = ZookeeperRegistry::connect(&config(format!("{}{chroot}", server()), 2))
+            .await
+            .unwrap();
         let (a, b) = (meta(9101), meta(9102));
         let ra = provider.register(a.clone()).await.unwrap();
         let rb = provider.register(b.clone()).await.unwrap();
@@ -179,7 +187,7 @@ mod zookeeper {
         .await;
 
         let old = provider.session().unwrap().id();
-        expire_session(&provider).await;
+        expire_session(&provider, &proxy).await;
         for r in [&ra, &rb] {
             let mut state = r.state();
             tokio::time::timeout(
