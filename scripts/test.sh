@@ -45,5 +45,8 @@ scripts/quickstart.sh --calls 200 --concurrency 8
 echo "== examples on a three-member etcd cluster"
 scripts/etcd-cluster-test.sh
 
+echo "== examples on a three-member ZooKeeper ensemble"
+scripts/zookeeper-cluster-test.sh
+
 echo "== examples on a three-server Consul cluster"
 scripts/consul-cluster-test.sh

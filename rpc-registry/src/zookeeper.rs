@@ -195,9 +195,10 @@ impl Spec {
     /// Opens a new session (and creates the chroot if missing).
     async fn open(&self) -> Result<Client, RegistryError> {
         let t = self.timeout;
-        let mut connector = Client::connector()
-            .with_session_timeout(self.session_timeout)
-            .with_fail_eagerly();
+        // Not `with_fail_eagerly`: during a leader election every server
+        // refuses clients for a moment; keep cycling through them until the
+        // request timeout instead of failing at the first round.
+        let mut connector = Client::connector().with_session_timeout(self.session_timeout);
         if let Some(auth) = &self.auth {
             connector = connector.with_auth("digest", auth.as_bytes());
         }
