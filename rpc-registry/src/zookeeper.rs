@@ -1115,7 +1115,7 @@ impl Follower {
                 EventType::Session => {
                     match event.session_state {
                         SessionState::Disconnected => {
-                            debug!(path = %self.path, "zookeeper disconnected; watch kept in the session");
+                            debug!(path = %self.path, "zookeeper disconnected; resynchronising on reconnection");
                             resync_at = None;
                             if !self.set_connected(false).await {
                                 return FollowEnd::Closed;
