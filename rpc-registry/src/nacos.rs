@@ -97,6 +97,13 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Shorter than the SDK's shortest reconnect pause (2 s), so a probe sent
 /// during a break always times out and the break is seen.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How often a watch holding its list against an empty one, or settling,
+/// reads again.
+const HOLD_RECHECK: Duration = Duration::from_secs(1);
+/// How long a watch keeps reading every second after (re)subscribing: the
+/// subscription may reach the server a moment after the read, and the SDK
+/// re-sends its own after reconnecting only at its next redo (every 3 s).
+const SETTLE: Duration = Duration::from_secs(4);
 const KEEPER_TICK: Duration = Duration::from_millis(250);
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -598,9 +605,19 @@ impl Keeper {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reconcile = tokio::time::interval(RECONCILE_INTERVAL);
         reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Every handle gone: nothing more to answer.
+        let mut open = true;
+        // Shut down: everything deregistered, new registrations refused.
+        let mut shut = false;
         loop {
+            if !open && self.tombstones.is_empty() {
+                return;
+            }
             tokio::select! {
-                cmd = commands.recv() => match cmd {
+                cmd = commands.recv(), if open => match cmd {
+                    Some(Command::Register { done, .. }) if shut => {
+                        let _ = done.send(Err(RegistryError::Shutdown));
+                    }
                     Some(Command::Register { meta, state, done }) => {
                         let r = self.register(meta, state).await;
                         let _ = done.send(r);
@@ -612,32 +629,28 @@ impl Keeper {
                         }
                     }
                     Some(Command::Shutdown { done }) => {
-                        self.deregister_all().await;
-                        let _ = done.send(());
-                        // Keep answering (no-ops now) until every handle is gone.
-                        while let Some(cmd) = commands.recv().await {
-                            match cmd {
-                                Command::Register { done, .. } => {
-                                    let _ = done.send(Err(RegistryError::Shutdown));
-                                }
-                                Command::Deregister { done: Some(done), .. } => {
-                                    let _ = done.send(Ok(()));
-                                }
-                                Command::Shutdown { done } => {
-                                    let _ = done.send(());
-                                }
-                                Command::Deregister { done: None, .. } => {}
-                            }
+                        if !shut {
+                            self.deregister_all().await;
+                            shut = true;
                         }
-                        return;
+                        let _ = done.send(());
                     }
                     None => {
-                        self.deregister_all().await;
-                        return;
+                        if !shut {
+                            self.deregister_all().await;
+                            shut = true;
+                        }
+                        open = false;
+                        if !self.tombstones.is_empty() {
+                            // The SDK would register them again after
+                            // reconnecting (its redo): stay until they are
+                            // deregistered for good.
+                            warn!(left = self.tombstones.len(), "nacos registry dropped with instances it could not deregister; retrying until the server answers");
+                        }
                     }
                 },
                 _ = tick.tick() => self.check_lanes().await,
-                _ = reconcile.tick() => self.reconcile().await,
+                _ = reconcile.tick(), if !shut => self.reconcile().await,
             }
         }
     }
@@ -789,13 +802,14 @@ impl Keeper {
         for node in nodes {
             let _ = self.deregister(&node).await;
         }
-        if !self.tombstones.is_empty() {
+        if self.tombstones.is_empty() {
+            info!("nacos registry shut down; its instances are deregistered");
+        } else {
             warn!(
                 left = self.tombstones.len(),
-                "nacos instances that could not be deregistered stay until the connection closes"
+                "nacos registry shut down; some instances could not be deregistered yet (retrying)"
             );
         }
-        info!("nacos registry shut down; its instances are deregistered");
     }
 
     fn mark_lost(&mut self, lane: usize, why: &str) {
@@ -1025,6 +1039,28 @@ impl Discovery {
         rx
     }
 
+    /// Sends the subscription of `service` again (after a reconnect).
+    async fn resubscribe(&self, service: &str) {
+        let hub = self.hub.lock().await;
+        let Some(listener) = hub.get(service).map(|e| e.listener.clone()) else {
+            return;
+        };
+        if timeout(
+            self.timeout,
+            self.naming.subscribe(
+                service.to_owned(),
+                Some(self.group.clone()),
+                Vec::new(),
+                listener,
+            ),
+        )
+        .await
+        .is_err()
+        {
+            debug!(service, "nacos re-subscribe timed out; the SDK retries");
+        }
+    }
+
     async fn unsubscribe(&self, service: &str) {
         let mut hub = self.hub.lock().await;
         let Some(e) = hub.get_mut(service) else {
@@ -1082,7 +1118,7 @@ impl Discover for NacosRegistry {
         let pokes = discovery.subscribe(&service).await;
         let guard = SubscriptionGuard {
             discovery: discovery.clone(),
-            service,
+            service: service.clone(),
         };
         // An unreachable server is an error to the caller, not an empty list.
         let list = discovery.query(service_key).await?;
@@ -1094,12 +1130,14 @@ impl Discover for NacosRegistry {
             health: discovery.health.clone(),
             discovery,
             key: service_key.to_owned(),
+            service,
             tx,
             pokes,
             current: list.into_iter().map(|m| (m.node_key(), m)).collect(),
             connected: true,
-            recheck_at: None,
+            recheck_at: Some(Instant::now() + HOLD_RECHECK),
             backoff: BACKOFF_MIN,
+            settle_until: Instant::now() + SETTLE,
             _guard: guard,
         };
         match AbortOnDrop::spawn(follower.run()) {
@@ -1114,6 +1152,8 @@ struct Follower {
     discovery: Arc<Discovery>,
     health: watch::Receiver<Health>,
     key: String,
+    /// The Nacos service name.
+    service: String,
     tx: mpsc::Sender<WatchEvent>,
     pokes: watch::Receiver<u64>,
     /// What the consumer holds, by node key.
@@ -1122,6 +1162,9 @@ struct Follower {
     /// When to read the service again (after a failure or a held empty list).
     recheck_at: Option<Instant>,
     backoff: Duration,
+    /// Until when to read the service every second whatever happens: after
+    /// (re)subscribing, until the server surely pushes to this client again.
+    settle_until: Instant,
     _guard: SubscriptionGuard,
 }
 
@@ -1141,6 +1184,11 @@ impl Follower {
                     Ok(()) => {
                         let up = self.health.borrow_and_update().up;
                         if up {
+                            // A new connection has no subscription on the
+                            // server until the SDK's redo (up to 3 s): send
+                            // it now, and read every second meanwhile.
+                            self.discovery.resubscribe(&self.service).await;
+                            self.settle_until = Instant::now() + SETTLE;
                             self.refresh().await
                         } else {
                             self.set_connected(false).await
@@ -1177,6 +1225,16 @@ impl Follower {
 
     /// Reads the service and delivers the difference. `false`: consumer gone.
     async fn refresh(&mut self) -> bool {
+        let open = self.read_and_deliver().await;
+        let now = Instant::now();
+        if self.settle_until > now {
+            let soon = now + HOLD_RECHECK;
+            self.recheck_at = Some(self.recheck_at.map_or(soon, |at| at.min(soon)));
+        }
+        open
+    }
+
+    async fn read_and_deliver(&mut self) -> bool {
         let list = match self.discovery.query(&self.key).await {
             Ok(list) => list,
             Err(e) => {
@@ -1195,7 +1253,10 @@ impl Follower {
             if h.reconnects > 0 && h.since.elapsed() < EMPTY_GRACE {
                 let until = h.since + EMPTY_GRACE;
                 info!(service = %self.key, held = self.current.len(), left = ?until.saturating_duration_since(Instant::now()), "nacos lists no instance right after reconnecting; keeping the list for now");
-                self.recheck_at = Some(until);
+                // Look again soon: a provider registering again is the
+                // common end of this, and its push waits for the SDK to
+                // subscribe again (up to 3 s after reconnecting).
+                self.recheck_at = Some(until.min(Instant::now() + HOLD_RECHECK));
                 return true;
             }
         }

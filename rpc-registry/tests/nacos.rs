@@ -1,0 +1,399 @@
+//! Nacos behaviour beyond the conformance suite, on private rnacos servers
+//! this test starts, kills and restarts itself (the `rnacos` binary that
+//! `scripts/registry-servers.sh` installs; override with `RPC_TEST_RNACOS`):
+//! a restarted server gets its providers back without any help, and an
+//! empty list right after a restart does not wipe a consumer's list until
+//! it is confirmed.
+
+#[cfg(feature = "nacos")]
+#[macro_use]
+#[allow(unused_macros)]
+mod conformance;
+
+#[cfg(not(feature = "nacos"))]
+#[test]
+fn nacos_tests_need_the_nacos_feature() {
+    let required = std::env::var("RPC_REQUIRE_SERVERS").is_ok_and(|v| v == "1");
+    assert!(
+        !required,
+        "RPC_REQUIRE_SERVERS=1 but rpc-registry was built without the `nacos` feature"
+    );
+    println!("SKIP [nacos] built without the `nacos` feature (scripts/test.sh enables it)");
+}
+
+#[cfg(feature = "nacos")]
+mod private_nacos {
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    use rpc_core::config::Addresses;
+    use rpc_core::{RegistrationState, Registry, RegistryConfig, RegistryKind, ServiceMetaInfo};
+    use rpc_registry::nacos::EMPTY_GRACE;
+    use rpc_registry::{CacheOptions, NacosRegistry, ServiceCache, ServiceHandle};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tokio::process::{Child, Command};
+
+    use crate::conformance::proxy::FaultProxy;
+    use crate::conformance::servers_required;
+
+    const WAIT: Duration = Duration::from_secs(30);
+    const GRPC_OFFSET: u16 = 1000;
+    const CONSOLE_OFFSET: u16 = 2000;
+
+    /// The rnacos binary, or a skip (a failure under RPC_REQUIRE_SERVERS=1).
+    fn rnacos_binary(test: &str) -> Option<PathBuf> {
+        let candidates = std::env::var_os("RPC_TEST_RNACOS")
+            .map(PathBuf::from)
+            .into_iter()
+            .chain(
+                std::env::var_os("PATH")
+                    .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|d| d.join("rnacos")),
+            )
+            .chain(
+                std::env::var_os("CARGO_HOME")
+                    .map(PathBuf::from)
+                    .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+                    .map(|c| c.join("bin").join("rnacos")),
+            );
+        for c in candidates {
+            if c.is_file() {
+                return Some(c);
+            }
+        }
+        assert!(
+            !servers_required(),
+            "RPC_REQUIRE_SERVERS=1 but no `rnacos` binary (scripts/registry-servers.sh install nacos)"
+        );
+        println!(
+            "SKIP [nacos] {test}: no rnacos binary (scripts/registry-servers.sh install nacos)"
+        );
+        None
+    }
+
+    fn bindable(port: u16) -> bool {
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+    }
+
+    /// A base port P with P + 1000 and P + 2000 free too.
+    fn free_ports() -> u16 {
+        for _ in 0..200 {
+            let p = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            if p.checked_add(CONSOLE_OFFSET).is_some()
+                && bindable(p + GRPC_OFFSET)
+                && bindable(p + CONSOLE_OFFSET)
+            {
+                return p;
+            }
+        }
+        panic!("no free ports P, P + 1000, P + 2000");
+    }
+
+    /// An rnacos process of this test, on loopback, data in a temp dir.
+    /// Restarting it keeps the ports and starts from an empty data dir.
+    struct PrivateNacos {
+        bin: PathBuf,
+        port: u16,
+        root: tempfile::TempDir,
+        child: Option<Child>,
+        runs: u32,
+    }
+
+    impl PrivateNacos {
+        async fn start(bin: PathBuf) -> Self {
+            let mut server = Self {
+                bin,
+                port: free_ports(),
+                root: tempfile::tempdir().unwrap(),
+                child: None,
+                runs: 0,
+            };
+            server.run().await;
+            server
+        }
+
+        fn endpoint(&self) -> String {
+            format!("127.0.0.1:{}", self.port)
+        }
+
+        fn addr(&self) -> SocketAddr {
+            self.endpoint().parse().unwrap()
+        }
+
+        async fn run(&mut self) {
+            self.runs += 1;
+            let dir = self.root.path().join(format!("run-{}", self.runs));
+            std::fs::create_dir_all(&dir).unwrap();
+            let log = std::fs::File::create(dir.join("rnacos.log")).unwrap();
+            // Started in its data dir: rnacos reads ./.env from its cwd.
+            let child = Command::new(&self.bin)
+                .current_dir(&dir)
+                .env("RNACOS_SDK_HOST", "127.0.0.1")
+                .env("RNACOS_CONSOLE_HOST", "127.0.0.1")
+                .env("RNACOS_HTTP_PORT", self.port.to_string())
+                .env("RNACOS_GRPC_PORT", (self.port + GRPC_OFFSET).to_string())
+                .env(
+                    "RNACOS_HTTP_CONSOLE_PORT",
+                    (self.port + CONSOLE_OFFSET).to_string(),
+                )
+                .env("RNACOS_DATA_DIR", dir.join("db"))
+                .stdin(std::process::Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+            self.child = Some(child);
+            let deadline = Instant::now() + WAIT;
+            while !self.ready().await {
+                assert!(
+                    Instant::now() < deadline,
+                    "rnacos not ready on {} (log in {})",
+                    self.endpoint(),
+                    dir.display()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+
+        /// `GET /health` answers "success".
+        async fn ready(&self) -> bool {
+            let probe = async {
+                let mut s = TcpStream::connect(self.addr()).await.ok()?;
+                s.write_all(
+                    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+                )
+                .await
+                .ok()?;
+                let mut body = String::new();
+                s.read_to_string(&mut body).await.ok()?;
+                Some(body.contains("success"))
+            };
+            matches!(
+                tokio::time::timeout(Duration::from_secs(2), probe).await,
+                Ok(Some(true))
+            )
+        }
+
+        async fn kill(&mut self) {
+            if let Some(mut child) = self.child.take() {
+                child.kill().await.unwrap();
+            }
+        }
+
+        async fn restart(&mut self) {
+            self.kill().await;
+            self.run().await;
+        }
+    }
+
+    /// Two proxies, on P and P + 1000, as the Nacos 2.x client derives its
+    /// gRPC port from the address.
+    struct ProxyPair {
+        http: FaultProxy,
+        grpc: FaultProxy,
+    }
+
+    impl ProxyPair {
+        async fn start(server: SocketAddr) -> Self {
+            let grpc_upstream = SocketAddr::new(server.ip(), server.port() + GRPC_OFFSET);
+            for _ in 0..100 {
+                let http = FaultProxy::start(server).await;
+                let Some(port) = http.addr().port().checked_add(GRPC_OFFSET) else {
+                    continue;
+                };
+                let at = SocketAddr::new(http.addr().ip(), port);
+                if let Ok(grpc) = FaultProxy::start_at(at, grpc_upstream).await {
+                    return Self { http, grpc };
+                }
+            }
+            panic!("no free port pair for the proxies");
+        }
+
+        fn endpoint(&self) -> String {
+            self.http.addr().to_string()
+        }
+
+        fn cut(&self) {
+            self.http.cut();
+            self.grpc.cut();
+        }
+    }
+
+    fn config(endpoint: String) -> RegistryConfig {
+        RegistryConfig {
+            kind: RegistryKind::Nacos,
+            address: Addresses(vec![endpoint]),
+            timeout_ms: 2_000,
+            group: Some("private".into()),
+            ..RegistryConfig::default()
+        }
+    }
+
+    fn cache(consumer: NacosRegistry) -> ServiceCache<NacosRegistry> {
+        ServiceCache::with_options(
+            consumer,
+            CacheOptions {
+                backoff_max: Duration::from_secs(1),
+                ..CacheOptions::default()
+            },
+        )
+    }
+
+    /// Sets the flag if the handle's list is ever empty.
+    fn watch_for_empty(handle: &ServiceHandle) -> Arc<AtomicBool> {
+        let emptied = Arc::new(AtomicBool::new(false));
+        let (h, flag) = (handle.clone(), emptied.clone());
+        tokio::spawn(async move {
+            let mut changes = h.changes();
+            loop {
+                if h.instances().is_empty() {
+                    flag.store(true, Ordering::SeqCst);
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        emptied
+    }
+
+    async fn within<T>(what: &str, limit: Duration, fut: impl Future<Output = T>) -> T {
+        match tokio::time::timeout(limit, fut).await {
+            Ok(v) => v,
+            Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
+        }
+    }
+
+    /// The server restarts empty: the provider notices and registers again
+    /// by itself (a new generation), and a consumer's list never empties.
+    #[tokio::test]
+    async fn a_restarted_server_gets_its_providers_back() {
+        let Some(bin) = rnacos_binary("server restart") else {
+            return;
+        };
+        let mut server = PrivateNacos::start(bin).await;
+        let provider = NacosRegistry::connect(&config(server.endpoint()))
+            .await
+            .unwrap();
+        let consumer = NacosRegistry::connect(&config(server.endpoint()))
+            .await
+            .unwrap();
+        let meta = ServiceMetaInfo::new("Private.Restart", "1.0", "127.0.0.1", 7600);
+        let registration = provider.register(meta.clone()).await.unwrap();
+        let cache = cache(consumer);
+        let handle = cache.service("Private.Restart:1.0").await.unwrap();
+        within(
+            "the instance",
+            WAIT,
+            handle.wait_until(|l, _| l.contains(&meta)),
+        )
+        .await;
+        let emptied = watch_for_empty(&handle);
+
+        let restarted = Instant::now();
+        server.restart().await;
+        let mut state = registration.state();
+        within(
+            "the provider to register again",
+            WAIT,
+            state.wait_for(
+                |s| matches!(s, RegistrationState::Registered { generation } if *generation >= 1),
+            ),
+        )
+        .await
+        .unwrap();
+        println!(
+            "[nacos] server restart to re-registration: {:?}",
+            restarted.elapsed()
+        );
+        within(
+            "the consumer to be healthy and list it",
+            WAIT,
+            handle.wait_until(|l, healthy| healthy && l.contains(&meta)),
+        )
+        .await;
+        println!(
+            "[nacos] server restart to a healthy consumer listing it again: {:?}",
+            restarted.elapsed()
+        );
+        assert!(
+            !emptied.load(Ordering::SeqCst),
+            "the consumer's list was emptied during the restart"
+        );
+        registration.deregister().await.unwrap();
+        within(
+            "the deregistration to reach the consumer",
+            WAIT,
+            handle.wait_until(|l, _| l.is_empty()),
+        )
+        .await;
+    }
+
+    /// The server restarts empty and its only provider cannot come back
+    /// (partitioned for good): right after reconnecting, the consumer keeps
+    /// its list for [`EMPTY_GRACE`], then the server, still answering with
+    /// nothing, is believed and the last instance is removed.
+    #[tokio::test]
+    async fn an_empty_list_after_a_restart_is_held_then_confirmed() {
+        let Some(bin) = rnacos_binary("empty-push guard") else {
+            return;
+        };
+        let mut server = PrivateNacos::start(bin).await;
+        let proxy = ProxyPair::start(server.addr()).await;
+        let provider = NacosRegistry::connect(&config(proxy.endpoint()))
+            .await
+            .unwrap();
+        let consumer = NacosRegistry::connect(&config(server.endpoint()))
+            .await
+            .unwrap();
+        let meta = ServiceMetaInfo::new("Private.Guard", "1.0", "127.0.0.1", 7700);
+        let _registration = provider.register(meta.clone()).await.unwrap();
+        let cache = cache(consumer);
+        let handle = cache.service("Private.Guard:1.0").await.unwrap();
+        within(
+            "the instance",
+            WAIT,
+            handle.wait_until(|l, _| l.contains(&meta)),
+        )
+        .await;
+
+        proxy.cut();
+        server.restart().await;
+        let back = Instant::now();
+        // The consumer reconnects to an empty server. Its list must hold for
+        // the grace period after that (which starts after `back`)...
+        let emptied = tokio::time::timeout(
+            EMPTY_GRACE - Duration::from_secs(1),
+            handle.wait_until(|l, _| l.is_empty()),
+        )
+        .await;
+        assert!(
+            emptied.is_err(),
+            "the list was emptied {:?} after the restart, within the grace period",
+            back.elapsed()
+        );
+        assert_eq!(handle.instances().as_slice(), std::slice::from_ref(&meta));
+        // ...and then give way to the server's answer.
+        within(
+            "the confirmed empty list",
+            WAIT,
+            handle.wait_until(|l, healthy| healthy && l.is_empty()),
+        )
+        .await;
+        println!(
+            "[nacos] empty list applied {:?} after the restart (grace {EMPTY_GRACE:?})",
+            back.elapsed()
+        );
+    }
+}
