@@ -37,7 +37,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::balance::{Balancer, Instance, InstanceSet, Tried, call_hash};
-use crate::outlier::{Health, OutlierPolicy};
+use crate::outlier::{Admission, Health, OutlierPolicy};
 use crate::retry::{RetryBudget, backoff, should_retry};
 
 /// Shared consumer state: registry cache and connection pool. One per
@@ -365,6 +365,24 @@ impl ServiceClient {
                     service: route.service_key.clone(),
                 });
             };
+            // 4. outlier detection: after a cool-down, one call probes. The
+            // others keep away until its outcome is recorded, which comes
+            // just after its deadline at the latest (or, if it is cancelled,
+            // until a cool-down after its deadline).
+            let now = crate::outlier::now_nanos();
+            let hold = remaining + route.consumer.inner.outlier.cooldown;
+            let (idx, probe) = match set.instances[idx].health.admit(now, hold) {
+                Admission::Normal => (idx, false),
+                Admission::Probe => (idx, true),
+                // Another call took the probe a moment ago, which made the
+                // instance unavailable again: pick again.
+                Admission::Taken => {
+                    let again = route.balancer.pick(set, hash, tried).unwrap_or(idx);
+                    let probe = again != idx
+                        && set.instances[again].health.admit(now, hold) == Admission::Probe;
+                    (again, probe)
+                }
+            };
             let instance = &set.instances[idx];
             let opts = CallOptions {
                 service: &route.service_key,
@@ -373,7 +391,7 @@ impl ServiceClient {
                 timeout: remaining,
                 metadata: &[],
             };
-            // 5. transport, 4. outlier detection
+            // 5. transport; 4. its outcome, for outlier detection
             let err = match instance.endpoint.call_raw(&opts, args).await {
                 Ok(reply) => {
                     instance.health.success(instance.endpoint.addr());
@@ -391,6 +409,7 @@ impl ServiceClient {
                         &route.consumer.inner.outlier,
                         ejected,
                         set.len(),
+                        probe,
                     );
                     e
                 }

@@ -3,8 +3,10 @@
 //! `outlier_failures` consecutive provider failures (refused or dropped
 //! connections, timeouts, overload, handler crashes — see
 //! [`RpcError::is_provider_failure`]) eject the instance for a cool-down.
-//! When it ends the instance is probed: the next call may go to it; success
-//! closes the breaker, failure ejects it again for twice as long (up to 60 s).
+//! When it ends, ONE call probes the instance ([`Health::admit`]): the
+//! others keep away from it until the probe's outcome is known (or, should
+//! the probe be cancelled, a while after its deadline). Success closes the
+//! breaker; failure ejects it again for twice as long (up to 60 s).
 //! At most `outlier_max_ejected_percent` of a service's instances are ejected
 //! at once, so a correlated failure cannot eject everything.
 
@@ -47,6 +49,20 @@ pub struct Health {
     probing: AtomicBool,
 }
 
+/// How a call may use an instance, decided by [`Health::admit`] just
+/// before it is sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// An ordinary call: the breaker is closed, or the instance is still
+    /// cooling down and was picked only because nothing else could be.
+    Normal,
+    /// The one probe after a cool-down: its outcome decides (pass `probe:
+    /// true` to [`Health::failure`]).
+    Probe,
+    /// Another call took the probe a moment ago: pick another instance.
+    Taken,
+}
+
 impl Health {
     /// Whether calls may go to this instance now.
     pub fn available(&self, now: u64) -> bool {
@@ -70,8 +86,33 @@ impl Health {
         }
     }
 
-    /// Records a failed attempt. `ejected_now` counts the service's instances
-    /// currently ejected, `total` its size; returns whether this ejected it.
+    /// Admits a call at `now`. Once the cool-down is over, the first caller
+    /// becomes the probe: until its outcome is recorded, or `hold` has
+    /// passed (longer than its deadline: a probe that times out must report
+    /// before the hold ends), the instance stays unavailable to other calls.
+    pub fn admit(&self, now: u64, hold: Duration) -> Admission {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        if until == 0 || now < until {
+            return Admission::Normal;
+        }
+        let held = now
+            .saturating_add(u64::try_from(hold.as_nanos()).unwrap_or(u64::MAX))
+            .max(1);
+        match self
+            .ejected_until
+            .compare_exchange(until, held, Ordering::Relaxed, Ordering::Relaxed)
+        {
+            Ok(_) => Admission::Probe,
+            // Recovered meanwhile.
+            Err(0) => Admission::Normal,
+            Err(_) => Admission::Taken,
+        }
+    }
+
+    /// Records a failed attempt; `probe` says whether it was the probe
+    /// [`Health::admit`] let through. `ejected_now` counts the service's
+    /// instances currently ejected, `total` its size; returns whether this
+    /// ejected it.
     pub fn failure(
         &self,
         err: &RpcError,
@@ -79,15 +120,18 @@ impl Health {
         policy: &OutlierPolicy,
         ejected_now: usize,
         total: usize,
+        probe: bool,
     ) -> bool {
         if !err.is_provider_failure() || policy.failures == 0 {
+            if probe {
+                // Says nothing about the instance: the next call probes.
+                self.ejected_until
+                    .store(now_nanos().max(1), Ordering::Relaxed);
+            }
             return false;
         }
         let now = now_nanos();
-        let probing_failed = {
-            let until = self.ejected_until.load(Ordering::Relaxed);
-            until != 0 && now >= until
-        };
+        let probing_failed = probe;
         let n = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
         if !probing_failed && n < policy.failures {
             return false;
@@ -135,12 +179,12 @@ mod tests {
     #[test]
     fn consecutive_failures_eject_and_success_resets() {
         let h = Health::default();
-        assert!(!h.failure(&refused(), "a", &POLICY, 0, 4));
-        assert!(!h.failure(&refused(), "a", &POLICY, 0, 4));
+        assert!(!h.failure(&refused(), "a", &POLICY, 0, 4, false));
+        assert!(!h.failure(&refused(), "a", &POLICY, 0, 4, false));
         h.success("a");
-        assert!(!h.failure(&refused(), "a", &POLICY, 0, 4));
-        assert!(!h.failure(&refused(), "a", &POLICY, 0, 4));
-        assert!(h.failure(&refused(), "a", &POLICY, 0, 4));
+        assert!(!h.failure(&refused(), "a", &POLICY, 0, 4, false));
+        assert!(!h.failure(&refused(), "a", &POLICY, 0, 4, false));
+        assert!(h.failure(&refused(), "a", &POLICY, 0, 4, false));
         assert!(h.is_ejected());
     }
 
@@ -155,7 +199,7 @@ mod tests {
             message: String::new(),
         };
         for _ in 0..10 {
-            assert!(!h.failure(&bad_input, "a", &POLICY, 0, 4));
+            assert!(!h.failure(&bad_input, "a", &POLICY, 0, 4, false));
         }
         assert!(!h.is_ejected());
     }
@@ -164,7 +208,7 @@ mod tests {
     fn the_ejection_cap_keeps_instances_in_rotation() {
         let h = Health::default();
         for _ in 0..10 {
-            h.failure(&refused(), "a", &POLICY, 2, 4);
+            h.failure(&refused(), "a", &POLICY, 2, 4, false);
         }
         assert!(!h.is_ejected(), "half the instances are already out");
     }
@@ -173,18 +217,79 @@ mod tests {
     fn a_failed_probe_ejects_again_for_longer() {
         let h = Health::default();
         for _ in 0..3 {
-            h.failure(&refused(), "a", &POLICY, 0, 2);
+            h.failure(&refused(), "a", &POLICY, 0, 2, false);
         }
         let first = h.ejected_until.load(Ordering::Relaxed) - now_nanos();
-        // Cool-down over: probing.
+        // Cool-down over: one call probes.
         h.ejected_until
             .store(now_nanos().saturating_sub(1).max(1), Ordering::Relaxed);
         assert!(!h.is_ejected());
-        // One failure while probing re-ejects, even over the cap, for longer.
-        assert!(h.failure(&refused(), "a", &POLICY, 1, 2));
+        assert_eq!(
+            h.admit(now_nanos(), Duration::from_secs(1)),
+            Admission::Probe
+        );
+        // A failed probe re-ejects, even over the cap, for longer.
+        assert!(h.failure(&refused(), "a", &POLICY, 1, 2, true));
         let second = h.ejected_until.load(Ordering::Relaxed) - now_nanos();
         assert!(second > first, "{second} <= {first}");
         h.success("a");
         assert!(!h.is_ejected());
+    }
+
+    #[test]
+    fn after_the_cooldown_one_call_probes_and_the_others_keep_away() {
+        let h = Health::default();
+        for _ in 0..3 {
+            h.failure(&refused(), "a", &POLICY, 0, 2, false);
+        }
+        assert_eq!(
+            h.admit(now_nanos(), Duration::from_secs(1)),
+            Admission::Normal
+        );
+        h.ejected_until
+            .store(now_nanos().saturating_sub(1).max(1), Ordering::Relaxed);
+        let hold = Duration::from_secs(1);
+        assert_eq!(h.admit(now_nanos(), hold), Admission::Probe);
+        assert!(h.is_ejected(), "unavailable to others while the probe runs");
+        assert_eq!(
+            h.admit(now_nanos(), hold),
+            Admission::Normal,
+            "a fallback pick"
+        );
+        // A probe lost to a caller error lets the next call probe.
+        let bad_input = RpcError::Remote {
+            service: "s".into(),
+            method: "m".into(),
+            addr: "a".into(),
+            code: rpc_core::StatusCode::MethodNotFound,
+            message: String::new(),
+        };
+        assert!(!h.failure(&bad_input, "a", &POLICY, 1, 2, true));
+        assert!(!h.is_ejected());
+        assert_eq!(h.admit(now_nanos(), hold), Admission::Probe);
+        // A probe that never reports (cancelled) holds only until its deadline.
+        assert_eq!(h.admit(now_nanos() + 2_000_000_000, hold), Admission::Probe);
+        h.success("a");
+        assert_eq!(h.admit(now_nanos(), hold), Admission::Normal);
+        assert!(!h.is_ejected());
+    }
+
+    #[test]
+    fn callers_racing_for_the_probe_get_one_probe() {
+        let h = std::sync::Arc::new(Health::default());
+        h.ejected_until.store(1, Ordering::Relaxed);
+        let start = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let racers: Vec<_> = (0..8)
+            .map(|_| {
+                let (h, start) = (h.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    h.admit(now_nanos(), Duration::from_secs(10))
+                })
+            })
+            .collect();
+        let got: Vec<Admission> = racers.into_iter().map(|r| r.join().unwrap()).collect();
+        let probes = got.iter().filter(|a| **a == Admission::Probe).count();
+        assert_eq!(probes, 1, "{got:?}");
     }
 }
