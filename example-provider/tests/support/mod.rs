@@ -236,8 +236,10 @@ impl Backend {
     /// call lost with a crashed provider is retried elsewhere), a short
     /// outlier cool-down.
     pub fn consumer_config(&self) -> RpcConfig {
-        let mut c = RpcConfig::default();
-        c.registry = self.registry_config();
+        let mut c = RpcConfig {
+            registry: self.registry_config(),
+            ..RpcConfig::default()
+        };
         c.client.fault_tolerance = rpc::FaultTolerance::FailOver;
         c.client.idempotent = vec!["get_user".into()];
         c.client.outlier_cooldown_ms = 1_000;
