@@ -37,7 +37,10 @@
 //! 5 s it also checks that each instance is still listed, re-registering one
 //! the server lost without a disconnect. The SDK has no shutdown and dropping
 //! it does not close its connection: [`NacosRegistry::shutdown`] (and
-//! dropping every handle) deregisters every instance explicitly.
+//! dropping every handle) deregisters every instance explicitly. A
+//! deregistration that fails (server unreachable) is retried when the lane
+//! answers again, even after every handle is gone: the SDK would otherwise
+//! register the instance again by itself after reconnecting.
 //!
 //! # Discovering
 //!
@@ -51,7 +54,14 @@
 //! within [`EMPTY_GRACE`] after the connection came back from a break (a
 //! restarted server is empty until its providers have re-registered). While
 //! the connection is down the watch reports `Connected(false)` and keeps
-//! the list; when it is back it resynchronises with a snapshot.
+//! the list; when it is back it subscribes again at once (the SDK's own
+//! redo runs only every 3 s, and the server pushes nothing to a connection
+//! without a subscription), resynchronises with a snapshot, and reads every
+//! second for a few seconds.
+//!
+//! Recovery after a break is paced by the SDK's reconnects: 2 s after it
+//! notices, then with doubling pauses (a failed attempt takes ~5 s), up to
+//! a minute; a registry handle cannot make it reconnect sooner.
 //!
 //! `registry.ttl_secs` is not used: liveness is the connection's.
 //! `registry.tls` is not supported (the SDK's `tls` feature is not enabled).
@@ -275,6 +285,16 @@ impl Settings {
             .naming_load_cache_at_start(false)
             .cache_dir(self.cache_dir.clone())
             .env_first(false);
+        if self.addresses.len() > 1 {
+            // The SDK tries ONE server (picked at random) when it starts and
+            // gives up if that one is down; with a cluster, let it go round
+            // the list (its only knob for this, deprecated without a
+            // replacement).
+            #[allow(deprecated)]
+            {
+                props = props.max_retries(u32::try_from(self.addresses.len()).unwrap_or(u32::MAX));
+            }
+        }
         let auth = self.username.is_some();
         if let Some(user) = &self.username {
             props = props
@@ -619,8 +639,12 @@ impl Keeper {
                         let _ = done.send(Err(RegistryError::Shutdown));
                     }
                     Some(Command::Register { meta, state, done }) => {
+                        let node = meta.node_key();
                         let r = self.register(meta, state).await;
-                        let _ = done.send(r);
+                        if let Err(Ok(())) = done.send(r) {
+                            // The caller stopped waiting: no handle owns it.
+                            let _ = self.deregister(&node).await;
+                        }
                     }
                     Some(Command::Deregister { node, done }) => {
                         let r = self.deregister(&node).await;
