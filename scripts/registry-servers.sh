@@ -7,9 +7,8 @@
 #   scripts/registry-servers.sh install [etcd|all ...]  install only (also the build tools: protoc)
 #
 # Each server keeps its pid, log and data under $RPC_SERVERS_DIR (default
-# /tmp/rpc-servers). Ports: etcd 2379/2380, zookeeper 2181, consul 8500 (+8300-8302),
-# nacos 8848/9848/10848. A port
-# already taken is an error:
+# /tmp/rpc-servers). Ports: etcd 2379/2380, zookeeper 2181, consul 8500
+# (+8300-8302), nacos 8848/9848/10848. A port already taken is an error:
 # readiness checks would otherwise talk to someone else's server.
 set -euo pipefail
 
