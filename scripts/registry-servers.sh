@@ -251,10 +251,14 @@ consul_status() {
 RNACOS_VERSION=0.8.8
 NACOS_HTTP_PORT=8848
 
+# An rnacos binary of the pinned version (on the PATH or in cargo's bin dir).
 rnacos_bin() {
   local b
   for b in "$(command -v rnacos 2>/dev/null || true)" "${CARGO_HOME:-$HOME/.cargo}/bin/rnacos"; do
-    if [ -n "$b" ] && [ -x "$b" ]; then echo "$b"; return 0; fi
+    if [ -n "$b" ] && [ -x "$b" ] && [ "$("$b" --version 2>/dev/null)" = "rnacos $RNACOS_VERSION" ]; then
+      echo "$b"
+      return 0
+    fi
   done
   return 1
 }
@@ -262,14 +266,14 @@ rnacos_bin() {
 nacos_install() {
   command -v curl >/dev/null || apt_install curl ca-certificates
   local bin
-  if bin=$(rnacos_bin) && [ "$("$bin" --version 2>/dev/null)" = "rnacos $RNACOS_VERSION" ]; then
+  if bin=$(rnacos_bin); then
     log "rnacos present: $("$bin" --version) ($bin)"
     return
   fi
   command -v cargo >/dev/null || die "cargo is needed to build rnacos"
   log "building rnacos $RNACOS_VERSION with cargo install --locked: this takes about 13 minutes on 2 cores (once per machine)"
   cargo install rnacos --version "$RNACOS_VERSION" --locked
-  bin=$(rnacos_bin) || die "rnacos not found after cargo install"
+  bin=$(rnacos_bin) || die "no rnacos $RNACOS_VERSION found after cargo install"
   log "installed $("$bin" --version) to $bin"
 }
 
