@@ -15,7 +15,9 @@ for flag in -server -bootstrap-expect -node -data-dir -bind -client -retry-join 
   grep -q -- "$flag" "$compose" || { echo "$compose lacks $flag" >&2; exit 1; }
 done
 
-cargo build --release --features consul -p example-provider -p example-consumer
+# The test command builds every backend in once (RPC_EXAMPLE_FEATURES) so the
+# cluster scripts share one release build.
+cargo build --release --features "${RPC_EXAMPLE_FEATURES:-consul}" -p example-provider -p example-consumer
 
 work=$(mktemp -d)
 pids=()

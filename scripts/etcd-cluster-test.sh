@@ -15,7 +15,9 @@ for flag in --name --data-dir --listen-client-urls --advertise-client-urls --lis
   grep -q -- "$flag" "$compose" || { echo "$compose lacks $flag" >&2; exit 1; }
 done
 
-cargo build --release --features etcd -p example-provider -p example-consumer
+# The test command builds every backend in once (RPC_EXAMPLE_FEATURES) so the
+# cluster scripts share one release build.
+cargo build --release --features "${RPC_EXAMPLE_FEATURES:-etcd}" -p example-provider -p example-consumer
 
 work=$(mktemp -d)
 pids=()

@@ -42,6 +42,10 @@ fi
 echo "== quick start (embedded registry)"
 scripts/quickstart.sh --calls 200 --concurrency 8
 
+# One release build of the examples with every backend, shared by the
+# cluster scripts below.
+export RPC_EXAMPLE_FEATURES=etcd,zookeeper,consul,nacos
+
 echo "== examples on a three-member etcd cluster"
 scripts/etcd-cluster-test.sh
 

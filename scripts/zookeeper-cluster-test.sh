@@ -14,7 +14,9 @@ cd "$(dirname "$0")/.."
 entrypoint=docker/zookeeper/entrypoint.sh
 grep -q "entrypoint.sh" docker/Dockerfile.zookeeper || { echo "Dockerfile.zookeeper does not use $entrypoint" >&2; exit 1; }
 
-cargo build --release --features zookeeper -p example-provider -p example-consumer
+# The test command builds every backend in once (RPC_EXAMPLE_FEATURES) so the
+# cluster scripts share one release build.
+cargo build --release --features "${RPC_EXAMPLE_FEATURES:-zookeeper}" -p example-provider -p example-consumer
 
 work=$(mktemp -d)
 pids=()
