@@ -102,6 +102,7 @@ async fn kill9(kind: Kind) {
         &[
             ("removal_ms", ms(removal)),
             ("ttl_ms", ms(backend.ttl())),
+            ("bound_ms", ms(backend.removal_bound())),
             ("failed", calls.failed().len().to_string()),
             ("calls", calls.total().to_string()),
         ],
@@ -188,7 +189,7 @@ async fn rolling_restart(kind: Kind) {
                     .join(","),
             ),
             (
-                "relisted_ms",
+                "restarted_seen_after_registered_ms",
                 returns.iter().map(|d| ms(*d)).collect::<Vec<_>>().join(","),
             ),
             ("failed", calls.failed().len().to_string()),
