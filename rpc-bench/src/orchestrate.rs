@@ -534,6 +534,11 @@ fn stat(samples: &[Sample], f: impl Fn(&Sample) -> f64) -> Option<Stat> {
     })
 }
 
+/// Worst (largest) value of an optional statistic over a cell's runs.
+fn stat_opt(samples: &[Sample], f: impl Fn(&Sample) -> Option<f64>) -> Option<f64> {
+    samples.iter().filter_map(f).reduce(f64::max)
+}
+
 fn show(s: &Option<Stat>, repeat: usize, decimals: usize) -> String {
     match s {
         None => "FAILED".into(),
@@ -551,8 +556,8 @@ fn show(s: &Option<Stat>, repeat: usize, decimals: usize) -> String {
 fn table(a: &RunArgs, cells: &BTreeMap<(usize, usize), Vec<Result<Sample, String>>>) -> String {
     let echo = a.systems.iter().position(|&s| s == System::Echo);
     let mut out = String::from(
-        "| system | in flight | QPS | p50 µs | p99 µs | QPS vs echo | p99 vs echo |\n\
-         |---|---:|---:|---:|---:|---:|---:|\n",
+        "| system | in flight | QPS | p50 µs | p99 µs | QPS vs echo | p99 vs echo | others' CPU |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let ok = |li: usize, si: usize| -> Vec<Sample> {
         cells
@@ -580,12 +585,13 @@ fn table(a: &RunArgs, cells: &BTreeMap<(usize, usize), Vec<Result<Sample, String
                 name.push_str(&format!(" ({failed}/{runs} runs failed)"));
             }
             out.push_str(&format!(
-                "| {name} | {inflight} | {} | {} | {} | {} | {} |\n",
+                "| {name} | {inflight} | {} | {} | {} | {} | {} | {} |\n",
                 show(&qps, a.repeat, 0),
                 show(&p50, a.repeat, 1),
                 show(&p99, a.repeat, 1),
                 ratio(&qps, &base_qps),
                 ratio(&p99, &base_p99),
+                percent(stat_opt(&samples, |s| s.others)),
             ));
         }
     }
