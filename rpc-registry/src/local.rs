@@ -314,15 +314,37 @@ impl Inner {
         }
     }
 
-    /// Reads the live instances of `service_key` (blocking).
-    fn scan(&self, service_key: &str) -> Result<Scan, RegistryError> {
+    /// The root directory's identity, or why it is not usable.
+    fn root_identity(&self) -> Result<(u64, u64), RegistryError> {
         match fs::metadata(&self.root) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(self.unreachable(io::Error::other("not a directory")));
-            }
-            Err(e) => return Err(self.unreachable(e)),
+            Ok(m) if m.is_dir() => Ok(identity(&m)),
+            Ok(_) => Err(self.unreachable(io::Error::other("not a directory"))),
+            Err(e) => Err(self.unreachable(e)),
         }
+    }
+
+    /// Reads the live instances of `service_key` (blocking).
+    ///
+    /// `lenient`: keep records whose heartbeat is older than the TTL (and do
+    /// not collect them). A watch that just regained the directory passes it
+    /// for one TTL: providers could not heartbeat while it was gone, so every
+    /// record looks dead until they have had a chance to.
+    fn scan(&self, service_key: &str, lenient: bool) -> Result<Scan, RegistryError> {
+        let root = self.root_identity()?;
+        let scan = self.scan_dir(service_key, lenient);
+        // The directory may have been moved away (or replaced) while we read
+        // it: then "no service directory" or a vanished record means "cannot
+        // see the registry", not "no instances". Only a root that is still
+        // the one we started with vouches for what we read.
+        if self.root_identity()? != root {
+            return Err(self.unreachable(io::Error::other(
+                "the registry directory was replaced while it was read",
+            )));
+        }
+        scan
+    }
+
+    fn scan_dir(&self, service_key: &str, lenient: bool) -> Result<Scan, RegistryError> {
         let dir = self.root.join(encode_name(service_key));
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
@@ -371,9 +393,13 @@ impl Inner {
             };
             // A heartbeat from the future (clock stepped back) counts as fresh.
             let age = now.saturating_sub(record.heartbeat_ms);
-            if age > ttl {
+            if age > ttl && !lenient {
                 let gc_after = millis(self.gc_after).max(ttl.saturating_mul(2));
-                if age > gc_after {
+                // Only a record whose process is gone is garbage: a live
+                // provider may just have been unable to heartbeat (the
+                // directory was away), and deleting its record would hide it
+                // from readers that are being lenient about exactly that.
+                if age > gc_after && !process_alive(record.pid) {
                     self.collect_dead(&path, record.heartbeat_ms);
                 }
                 continue;
@@ -690,7 +716,7 @@ impl Discover for LocalRegistry {
     async fn discover(&self, service_key: &str) -> Result<Vec<ServiceMetaInfo>, RegistryError> {
         let inner = Arc::clone(&self.inner);
         let key = service_key.to_owned();
-        let scan = blocking(move || inner.scan(&key)).await?;
+        let scan = blocking(move || inner.scan(&key, false)).await?;
         log_garbage(&scan.garbage);
         Ok(scan.live.into_values().collect())
     }
@@ -698,7 +724,7 @@ impl Discover for LocalRegistry {
     async fn watch(&self, service_key: &str) -> Result<Watch, RegistryError> {
         let inner = Arc::clone(&self.inner);
         let key = service_key.to_owned();
-        let scan = blocking(move || inner.scan(&key)).await?;
+        let scan = blocking(move || inner.scan(&key, false)).await?;
         let mut reported = HashSet::new();
         report_new_garbage(&mut reported, &scan.garbage);
         let (tx, rx) = mpsc::channel(WATCH_CHANNEL_CAPACITY);
@@ -716,6 +742,30 @@ impl Discover for LocalRegistry {
         let task = task.ok_or_else(|| no_runtime("no runtime for the poll task".into()))?;
         Ok(Watch::with_guard(rx, task))
     }
+}
+
+/// Whether process `pid` of this host still runs. The `local` registry is
+/// single-host by design, so a record's pid names a process here. Where that
+/// cannot be checked, the answer is "alive" (never collect by guess).
+fn process_alive(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new("/proc").join(pid.to_string()).exists()
+    } else {
+        true
+    }
+}
+
+/// (device, inode) on Unix: what stays the same while a directory is the
+/// same directory, whatever its path.
+#[cfg(unix)]
+fn identity(m: &fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (m.dev(), m.ino())
+}
+
+#[cfg(not(unix))]
+fn identity(_: &fs::Metadata) -> (u64, u64) {
+    (0, 0)
 }
 
 fn report_new_garbage(reported: &mut HashSet<PathBuf>, garbage: &[(PathBuf, String)]) {
@@ -758,6 +808,8 @@ async fn poll(
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     tick.tick().await;
     let mut connected = true;
+    // Until when stale records are kept after the directory came back.
+    let mut lenient_until: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = tx.closed() => return,
@@ -766,11 +818,13 @@ async fn poll(
         let scan_inner = Arc::clone(&inner);
         let key = service_key.clone();
         let mut events = Vec::new();
-        match blocking(move || scan_inner.scan(&key)).await {
+        let lenient = !connected || lenient_until.is_some_and(|t| tokio::time::Instant::now() < t);
+        match blocking(move || scan_inner.scan(&key, lenient)).await {
             Ok(scan) => {
                 report_new_garbage(&mut reported, &scan.garbage);
                 if !connected {
                     connected = true;
+                    lenient_until = Some(tokio::time::Instant::now() + inner.ttl);
                     tracing::info!(dir = %inner.root.display(), service = %service_key, "local registry directory is back");
                     events.push(WatchEvent::Connected(true));
                 }
@@ -825,14 +879,26 @@ mod tests {
         .unwrap()
     }
 
+    /// A pid no process has (above the kernel's pid_max).
+    const DEAD_PID: u32 = 0x7FFF_FFF0;
+
     fn write_record(reg: &LocalRegistry, meta: &ServiceMetaInfo, heartbeat_ms: u64) -> PathBuf {
+        write_record_of(reg, meta, heartbeat_ms, DEAD_PID)
+    }
+
+    fn write_record_of(
+        reg: &LocalRegistry,
+        meta: &ServiceMetaInfo,
+        heartbeat_ms: u64,
+        pid: u32,
+    ) -> PathBuf {
         let path = reg.instance_path(meta);
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         let record = Record {
             meta: meta.clone(),
             heartbeat_ms,
             ttl_ms: millis(reg.ttl()),
-            pid: 1,
+            pid,
             owner: "test".into(),
         };
         fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
@@ -899,7 +965,7 @@ mod tests {
         fs::write(svc.join("h%3A2.json"), serde_json::to_vec(&record).unwrap()).unwrap();
 
         let inner = Arc::clone(&reg.inner);
-        let scan = inner.scan("Echo:1.0").unwrap();
+        let scan = inner.scan("Echo:1.0", false).unwrap();
         assert_eq!(
             scan.live.values().cloned().collect::<Vec<_>>(),
             vec![meta(1)]
@@ -1019,6 +1085,67 @@ mod tests {
         assert_eq!(next(&mut w).await, WatchEvent::Connected(true));
         r.deregister().await.unwrap();
         assert_eq!(next(&mut w).await, WatchEvent::Remove(meta(1).node_key()));
+    }
+
+    #[tokio::test]
+    async fn the_record_of_a_live_process_is_hidden_when_stale_but_never_collected() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path(), 1_000);
+        let mine = write_record_of(&reg, &meta(6), now_ms() - 60_000, std::process::id());
+        assert!(
+            reg.discover("Echo:1.0").await.unwrap().is_empty(),
+            "stale: hidden"
+        );
+        assert!(mine.exists(), "its process lives: not garbage");
+    }
+
+    #[tokio::test]
+    async fn a_lenient_scan_keeps_and_does_not_collect_stale_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path(), 1_000);
+        let ancient = write_record(&reg, &meta(3), now_ms() - 60_000);
+        let inner = Arc::clone(&reg.inner);
+        let lenient = inner.scan("Echo:1.0", true).unwrap();
+        assert_eq!(
+            lenient.live.values().cloned().collect::<Vec<_>>(),
+            vec![meta(3)]
+        );
+        assert!(ancient.exists(), "a lenient scan collects nothing");
+        assert!(inner.scan("Echo:1.0", false).unwrap().live.is_empty());
+    }
+
+    #[tokio::test]
+    async fn records_that_could_not_heartbeat_during_an_outage_survive_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("reg");
+        let reg = registry(&root, 1_000);
+        let mut w = reg.watch("Echo:1.0").await.unwrap();
+        assert_eq!(next(&mut w).await, WatchEvent::Snapshot(vec![]));
+        // A provider whose heartbeats lapsed (its last one 1.5 TTLs ago,
+        // written while the directory was away).
+        let lapsed = write_record(&reg, &meta(5), now_ms());
+        assert_eq!(next(&mut w).await, WatchEvent::Upsert(meta(5)));
+        fs::rename(&root, dir.path().join("away")).unwrap();
+        assert_eq!(next(&mut w).await, WatchEvent::Connected(false));
+        let record = Record {
+            meta: meta(5),
+            heartbeat_ms: now_ms() - 1_500,
+            ttl_ms: 1_000,
+            pid: 1,
+            owner: "x".into(),
+        };
+        let away = dir
+            .path()
+            .join("away")
+            .join(lapsed.strip_prefix(&root).unwrap());
+        fs::write(&away, serde_json::to_vec(&record).unwrap()).unwrap();
+        fs::rename(dir.path().join("away"), &root).unwrap();
+        assert_eq!(next(&mut w).await, WatchEvent::Connected(true));
+        // For a TTL after the directory is back the record stays listed (no
+        // Remove) — it is only dropped after that if nobody refreshes it.
+        let removed = tokio::time::timeout(Duration::from_millis(700), next(&mut w)).await;
+        assert!(removed.is_err(), "dropped a record at once: {removed:?}");
+        assert_eq!(next(&mut w).await, WatchEvent::Remove(meta(5).node_key()));
     }
 
     #[test]
