@@ -18,6 +18,7 @@
 
 pub mod client;
 pub mod error;
+mod ids;
 pub mod server;
 
 pub use client::{CallOptions, Endpoint, EndpointConfig, RawReply, encode_args};

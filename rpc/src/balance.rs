@@ -142,9 +142,14 @@ impl Balancer {
         if n == 0 {
             return None;
         }
-        let now = crate::outlier::now_nanos();
-        let fresh = |i: usize| !tried.has(i) && set.instances[i].health.available(now);
-        let usable = |i: usize| set.instances[i].health.available(now);
+        // Read the clock only if some instance has been ejected.
+        let clock = std::cell::OnceCell::new();
+        let ok = |i: usize| {
+            let h = &set.instances[i].health;
+            h.is_closed() || h.available(*clock.get_or_init(crate::outlier::now_nanos))
+        };
+        let fresh = |i: usize| !tried.has(i) && ok(i);
+        let usable = |i: usize| ok(i);
         let first = self.first_choice(set, hash, &fresh);
         if fresh(first) {
             return Some(first);

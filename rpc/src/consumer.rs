@@ -351,7 +351,12 @@ impl ServiceClient {
         let mut tried = Tried::default();
         let mut attempt = 0u32;
         loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
+            // The first attempt has the whole budget: no need to read the clock.
+            let remaining = if attempt == 0 {
+                policy.timeout
+            } else {
+                deadline.saturating_duration_since(Instant::now())
+            };
             if remaining.is_zero() {
                 return Err(RpcError::Timeout {
                     service: route.service_key.clone(),
@@ -369,9 +374,17 @@ impl ServiceClient {
             // others keep away until its outcome is recorded, which comes
             // just after its deadline at the latest (or, if it is cancelled,
             // until a cool-down after its deadline).
-            let now = crate::outlier::now_nanos();
             let hold = remaining + route.consumer.inner.outlier.cooldown;
-            let (idx, probe) = match set.instances[idx].health.admit(now, hold) {
+            let admission = if set.instances[idx].health.is_closed() {
+                // The common case: nothing ejected, no clock to read.
+                Admission::Normal
+            } else {
+                set.instances[idx]
+                    .health
+                    .admit(crate::outlier::now_nanos(), hold)
+            };
+            let now = || crate::outlier::now_nanos();
+            let (idx, probe) = match admission {
                 Admission::Normal => (idx, false),
                 Admission::Probe => (idx, true),
                 // Another call took the probe a moment ago, which made the
@@ -379,7 +392,7 @@ impl ServiceClient {
                 Admission::Taken => {
                     let again = route.balancer.pick(set, hash, tried).unwrap_or(idx);
                     let probe = again != idx
-                        && set.instances[again].health.admit(now, hold) == Admission::Probe;
+                        && set.instances[again].health.admit(now(), hold) == Admission::Probe;
                     (again, probe)
                 }
             };

@@ -64,6 +64,12 @@ pub enum Admission {
 }
 
 impl Health {
+    /// Whether the breaker is closed (never ejected since the last
+    /// success): then no clock needs reading to know it is available.
+    pub fn is_closed(&self) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) == 0
+    }
+
     /// Whether calls may go to this instance now.
     pub fn available(&self, now: u64) -> bool {
         let until = self.ejected_until.load(Ordering::Relaxed);

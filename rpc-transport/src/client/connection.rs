@@ -6,7 +6,6 @@
 //! appends every queued frame to one buffer before writing (coalescing), and
 //! routes each response by request id.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -21,6 +20,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 use tracing::debug;
+
+use crate::ids::IdMap;
 
 /// Frames queued beyond this stop the task from taking more calls until the
 /// socket drains.
@@ -132,12 +133,13 @@ async fn drive(
 ) {
     let (rd, mut wr) = stream.into_split();
     let mut frames = FramedRead::with_capacity(rd, FrameCodec::new(max_frame_len), 16 * 1024);
-    let mut pending: HashMap<u64, Pending> = HashMap::new();
+    let mut pending: IdMap<Pending> = IdMap::default();
     let mut wbuf = BytesMut::with_capacity(16 * 1024);
     let mut batch: Vec<Outgoing> = Vec::with_capacity(64);
     let mut sweep = tokio::time::interval(liveness.heartbeat_after.min(Duration::from_millis(500)));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_read = Instant::now();
+    let mut heard = false;
     let mut heartbeat_sent: Option<Instant> = None;
     let mut accepting = true;
     let mut next_id: u64 = 0;
@@ -150,7 +152,8 @@ async fn drive(
             biased;
             next = frames.next() => match next {
                 Some(Ok(frame)) => {
-                    last_read = Instant::now();
+                    // The clock is read at the next sweep, not per frame.
+                    heard = true;
                     heartbeat_sent = None;
                     match frame.header.message_type {
                         MessageType::Response => {
@@ -211,6 +214,9 @@ async fn drive(
                 Err(e) => break format!("write failed: {e}"),
             },
             _ = sweep.tick() => {
+                if std::mem::take(&mut heard) {
+                    last_read = Instant::now();
+                }
                 // Calls whose callers gave up (timeout, dropped future): free
                 // their slot and tell the server to stop working on them.
                 pending.retain(|id, p| {

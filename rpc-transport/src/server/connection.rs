@@ -1,12 +1,13 @@
 //! One server connection: read, dispatch, coalesce replies.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
 use futures_util::{FutureExt, StreamExt};
+
+use crate::ids::IdMap;
 use rpc_codec::{
     Frame, FrameCodec, MessageType, RequestEnvelope, encode_empty, encode_error, serializer,
 };
@@ -36,7 +37,7 @@ pub(crate) async fn serve(
     let mut frames =
         FramedRead::with_capacity(rd, FrameCodec::new(shared.max_frame_len), 16 * 1024);
     let mut handlers: JoinSet<(u64, BytesMut)> = JoinSet::new();
-    let mut running: HashMap<u64, AbortHandle> = HashMap::new();
+    let mut running: IdMap<AbortHandle> = IdMap::default();
     let mut wbuf = BytesMut::with_capacity(16 * 1024);
     let mut reading = true;
     // Highest request id read: a go-away promises answers up to it.
@@ -116,7 +117,7 @@ fn dispatch(
     frame: Frame,
     shared: &Shared,
     handlers: &mut JoinSet<(u64, BytesMut)>,
-    running: &mut HashMap<u64, AbortHandle>,
+    running: &mut IdMap<AbortHandle>,
     wbuf: &mut BytesMut,
 ) -> Result<(), &'static str> {
     let h = frame.header;
@@ -184,8 +185,27 @@ fn dispatch(
     };
     let deadline = env.deadline;
     let serializer_id = h.serializer;
+    // Fast path: most handlers finish on their first poll. Answer those
+    // inline — no task, no timer, no map entry. A handler that is not done
+    // yet has registered interest with whatever it waits on; moving it into
+    // a task and polling it there re-registers with the task's waker.
+    let mut guarded = Box::pin(AssertUnwindSafe(fut).catch_unwind());
+    if let Some(outcome) = (&mut guarded).now_or_never() {
+        drop(permit);
+        let reply = match outcome {
+            Ok(Ok(frame)) => frame,
+            Ok(Err(e)) => encode_error(id, serializer_id, e.status, &e.message),
+            Err(_panic) => encode_error(
+                id,
+                serializer_id,
+                StatusCode::Handler,
+                "the handler panicked",
+            ),
+        };
+        wbuf.extend_from_slice(&reply);
+        return Ok(());
+    }
     let task = handlers.spawn(async move {
-        let guarded = AssertUnwindSafe(fut).catch_unwind();
         let outcome = match deadline {
             Some(d) => tokio::time::timeout(d, guarded).await.ok(),
             None => Some(guarded.await),
