@@ -47,6 +47,7 @@ pub mod retry;
 pub use consumer::{Consumer, ServiceClient};
 pub use error::Error;
 pub use provider::{Provider, ProviderBuilder, shutdown_signal};
+pub use rpc_core::config::Addresses;
 pub use rpc_core::{
     CallPolicy, ClientConfig, FaultTolerance, LoadBalancerKind, RegistryConfig, RegistryError,
     RegistryKind, RpcConfig, RpcError, SerializerKind, ServerConfig, ServiceMetaInfo, StatusCode,
