@@ -178,7 +178,19 @@ pub fn encode_response<T: Serialize + ?Sized>(
     value: &T,
     max_frame_len: usize,
 ) -> Result<BytesMut, CodecError> {
-    let mut f = FrameBuf::with_capacity(128);
+    encode_response_sized(request_id, serializer, value, max_frame_len, 128)
+}
+
+/// [`encode_response`] with room for `body_hint` bytes from the start, so a
+/// large reply is not grown (reallocated and copied) several times.
+pub fn encode_response_sized<T: Serialize + ?Sized>(
+    request_id: u64,
+    serializer: SerializerKind,
+    value: &T,
+    max_frame_len: usize,
+    body_hint: usize,
+) -> Result<BytesMut, CodecError> {
+    let mut f = FrameBuf::with_capacity(body_hint.clamp(64, 64 * 1024));
     serializer::encode(serializer, value, f.body_mut())?;
     f.finish(
         serializer::id_of(serializer),

@@ -40,7 +40,8 @@ pub mod serializer;
 
 pub use codec::FrameCodec;
 pub use envelope::{
-    RequestEnvelope, RequestHead, encode_error, encode_request, encode_request_raw, encode_response,
+    RequestEnvelope, RequestHead, encode_error, encode_request, encode_request_raw,
+    encode_response, encode_response_sized,
 };
 pub use error::CodecError;
 pub use frame::{Frame, FrameBuf, HEADER_LEN, Header, MAGIC, MessageType, VERSION, encode_empty};

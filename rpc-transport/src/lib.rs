@@ -21,6 +21,6 @@ pub mod error;
 mod ids;
 pub mod server;
 
-pub use client::{CallOptions, Endpoint, EndpointConfig, RawReply, encode_args};
+pub use client::{CallOptions, Endpoint, EndpointConfig, RawReply, encode_args, encode_args_sized};
 pub use error::TransportError;
 pub use server::{Server, ServerBuilder, ServiceHandler};

@@ -29,7 +29,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use rpc_core::{CallPolicy, ClientConfig, FaultTolerance, RpcConfig, RpcError, SerializerKind};
 use rpc_registry::{AnyRegistry, CacheOptions, ServiceCache, ServiceHandle};
-use rpc_transport::{CallOptions, Endpoint, EndpointConfig, RawReply, encode_args};
+use rpc_transport::{CallOptions, Endpoint, EndpointConfig, RawReply, encode_args_sized};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::OnceCell;
@@ -147,6 +147,7 @@ impl Consumer {
                 balancer: Balancer::new(policy.load_balancer),
                 budget: RetryBudget::new(c.retry_budget_ratio, c.retry_budget_min_per_sec),
                 policy,
+                args_hint: std::sync::atomic::AtomicUsize::new(128),
             }),
         }
     }
@@ -168,6 +169,8 @@ struct Route {
     balancer: Balancer,
     budget: RetryBudget,
     policy: CallPolicy,
+    /// Typical encoded argument size (a power of two), to size buffers.
+    args_hint: std::sync::atomic::AtomicUsize,
 }
 
 impl Route {
@@ -302,8 +305,21 @@ impl ServiceClient {
     {
         let policy = &self.route.policy;
         let key = &self.route.service_key;
-        let outcome = match encode_args(policy.serializer, args, key, method) {
-            Ok(encoded) => self.call_raw(method, &encoded).await,
+        // Size the buffer for what this service's calls usually take.
+        let hint = self
+            .route
+            .args_hint
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let outcome = match encode_args_sized(policy.serializer, args, key, method, hint) {
+            Ok(encoded) => {
+                if encoded.len() > hint || encoded.len() * 4 < hint {
+                    self.route.args_hint.store(
+                        encoded.len().next_power_of_two(),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                }
+                self.call_raw(method, &encoded).await
+            }
             Err(e) => Err(e),
         };
         match outcome {

@@ -124,7 +124,19 @@ pub fn encode_args<A: Serialize + ?Sized>(
     service: &str,
     method: &str,
 ) -> Result<BytesMut, RpcError> {
-    let mut buf = BytesMut::with_capacity(128);
+    encode_args_sized(serializer, args, service, method, 128)
+}
+
+/// [`encode_args`] into a buffer of `size_hint` bytes, so arguments of a
+/// known typical size are not grown (reallocated and copied) on the way.
+pub fn encode_args_sized<A: Serialize + ?Sized>(
+    serializer: SerializerKind,
+    args: &A,
+    service: &str,
+    method: &str,
+    size_hint: usize,
+) -> Result<BytesMut, RpcError> {
+    let mut buf = BytesMut::with_capacity(size_hint.clamp(16, 64 * 1024));
     serializer::encode(serializer, args, &mut buf).map_err(|e| RpcError::Serialization {
         context: format!("arguments of `{service}.{method}`"),
         source: Box::new(e),

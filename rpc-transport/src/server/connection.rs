@@ -170,7 +170,7 @@ fn dispatch(
         );
         return Ok(());
     };
-    let replier = Replier::new(id, ser, shared.max_frame_len);
+    let replier = Replier::new(id, ser, shared.max_frame_len).with_size_hint(env.args.len());
     let call = Call {
         method: env.method,
         args: env.args,
@@ -189,8 +189,9 @@ fn dispatch(
     // inline — no task, no timer, no map entry. A handler that is not done
     // yet has registered interest with whatever it waits on; moving it into
     // a task and polling it there re-registers with the task's waker.
-    let mut guarded = Box::pin(AssertUnwindSafe(fut).catch_unwind());
-    if let Some(outcome) = (&mut guarded).now_or_never() {
+    let mut fut = fut;
+    let polled = std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().now_or_never()));
+    if let Some(outcome) = polled.transpose() {
         drop(permit);
         let reply = match outcome {
             Ok(Ok(frame)) => frame,
@@ -205,6 +206,7 @@ fn dispatch(
         wbuf.extend_from_slice(&reply);
         return Ok(());
     }
+    let guarded = AssertUnwindSafe(fut).catch_unwind();
     let task = handlers.spawn(async move {
         let outcome = match deadline {
             Some(d) => tokio::time::timeout(d, guarded).await.ok(),

@@ -71,6 +71,9 @@ pub struct Replier {
     pub(crate) request_id: u64,
     pub(crate) serializer: SerializerKind,
     pub(crate) max_frame_len: usize,
+    /// Expected reply size: the request's argument size, a fair guess for
+    /// most services, so the reply buffer is allocated once.
+    pub(crate) size_hint: usize,
 }
 
 impl Replier {
@@ -80,22 +83,35 @@ impl Replier {
             request_id,
             serializer,
             max_frame_len,
+            size_hint: 128,
         }
+    }
+
+    /// The same replier, expecting a reply of about `bytes`.
+    pub fn with_size_hint(mut self, bytes: usize) -> Self {
+        self.size_hint = bytes;
+        self
     }
 
     /// Encodes `value` as the successful response frame.
     pub fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Result<BytesMut, CallError> {
-        rpc_codec::encode_response(self.request_id, self.serializer, value, self.max_frame_len)
-            .map_err(|e| {
-                let status = match e {
-                    CodecError::FrameTooLarge { .. } => StatusCode::Handler,
-                    _ => StatusCode::Serialization,
-                };
-                CallError::new(
-                    status,
-                    format!("cannot encode the reply: {}", error_chain(&e)),
-                )
-            })
+        rpc_codec::encode_response_sized(
+            self.request_id,
+            self.serializer,
+            value,
+            self.max_frame_len,
+            self.size_hint + 16,
+        )
+        .map_err(|e| {
+            let status = match e {
+                CodecError::FrameTooLarge { .. } => StatusCode::Handler,
+                _ => StatusCode::Serialization,
+            };
+            CallError::new(
+                status,
+                format!("cannot encode the reply: {}", error_chain(&e)),
+            )
+        })
     }
 }
 
