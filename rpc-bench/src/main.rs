@@ -6,6 +6,7 @@
 //! rpc-bench run    [--duration SECS] [--warmup SECS] [--inflight 1,32,256]
 //!                  [--systems rpc,tarpc,echo] [--runtime current|multi]
 //!                  [--repeat N] [--no-pin]
+//! rpc-bench pick   (consumer hot path: discovery + load-balancer pick, ns and allocations)
 //! rpc-bench server --system X [--runtime R] [--registry-dir DIR] [--lifetime SECS]
 //! rpc-bench client --system X --addr HOST:PORT --inflight N [--registry-dir DIR]
 //!                  [--duration SECS] [--warmup SECS] [--runtime R] [--setup-timeout SECS]
@@ -17,7 +18,11 @@ mod driver;
 mod histogram;
 mod message;
 mod orchestrate;
+mod pick;
 mod systems;
+
+#[global_allocator]
+static ALLOC: pick::CountingAlloc = pick::CountingAlloc;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -30,6 +35,7 @@ use systems::System;
 
 const USAGE: &str = "\
 usage:
+  rpc-bench pick     time the consumer's discovery + pick, count its allocations
   rpc-bench run [--duration SECS] [--warmup SECS] [--inflight LIST]
                 [--systems LIST] [--runtime current|multi] [--repeat N] [--no-pin]
   rpc-bench server --system rpc|tarpc|echo [--runtime current|multi]
@@ -78,6 +84,7 @@ fn main() -> ExitCode {
         "client" => Args::parse(&rest)
             .and_then(|a| a.into_client())
             .map(|c| client(&c)),
+        "pick" => Ok(pick::run()),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -295,6 +295,23 @@ impl ServiceClient {
         Ok(self.route.handle().await?.instances())
     }
 
+    /// The endpoint the next call would go to: discovery lookup, load
+    /// balancing and outlier admission exactly as a call does them, without
+    /// the call. For debugging, and for measuring that hot path (it takes
+    /// no lock and allocates nothing).
+    pub async fn next_endpoint(&self) -> Result<Arc<Endpoint>, RpcError> {
+        let route = &*self.route;
+        let versioned = route.instances().await?;
+        let set = &versioned.set;
+        let idx = route
+            .balancer
+            .pick(set, 0, Tried::default())
+            .ok_or_else(|| RpcError::NoProvider {
+                service: route.service_key.clone(),
+            })?;
+        Ok(Arc::clone(&set.instances[idx].endpoint))
+    }
+
     /// Calls `method` with the argument tuple `args` through the whole stack
     /// (module docs), decoding the reply. Under `fail_safe`, a failure
     /// returns the method's configured default instead, if it has one.
