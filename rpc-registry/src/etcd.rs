@@ -12,10 +12,12 @@
 //!
 //! Every key a registry publishes hangs off ONE lease per registry (TTL =
 //! `ttl_secs`), kept alive over etcd's keep-alive stream by a keeper task,
-//! not by granting a lease per beat. When the lease is lost — it expired
-//! during a partition, someone revoked it, or etcd came back with an empty
-//! data dir — the keeper grants a new one and puts every key again, with
-//! backoff, logs it, and bumps each registration's generation. Dropping the
+//! not by granting a lease per beat. A broken keep-alive stream (a member
+//! died, a leader election) first resumes the SAME lease through whichever
+//! member answers: no key is touched. Only when etcd says the lease is gone
+//! — it expired during a partition, someone revoked it, or etcd came back
+//! with an empty data dir — does the keeper grant a new one and put every
+//! key again, with backoff, log it, and bump each registration's generation. Dropping the
 //! last handle (or [`EtcdRegistry::shutdown`]) revokes the lease, removing
 //! every key at once.
 //!
@@ -196,6 +198,7 @@ impl EtcdRegistry {
             keys: HashMap::new(),
             generation: 0,
             retry_at: None,
+            gone: false,
             backoff: BACKOFF_MIN,
         };
         // The keeper owns the lease. It ends when every handle is gone, after
@@ -355,8 +358,10 @@ struct Keeper {
     stream: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
     keys: HashMap<String, (String, watch::Sender<RegistrationState>)>,
     generation: u64,
-    /// Set while the lease is lost: when to try to restore it next.
+    /// Set while the keep-alive is interrupted: when to try to restore it next.
     retry_at: Option<Instant>,
+    /// etcd said the lease is gone (rather than the stream just breaking).
+    gone: bool,
     backoff: Duration,
 }
 
@@ -419,7 +424,11 @@ impl Keeper {
                 }
                 reply = next_keep_alive(&mut self.stream), if self.stream.is_some() => match reply {
                     Ok(Some(ttl)) if ttl > 0 => {}
-                    Ok(Some(_)) => self.lost("etcd reports the lease expired or unknown"),
+                    Ok(Some(_)) => {
+                        // etcd itself says the lease is gone: re-grant.
+                        self.gone = true;
+                        self.lost("etcd reports the lease expired or unknown");
+                    }
                     Ok(None) => self.lost("keep-alive stream closed"),
                     Err(e) => self.lost(&format!("keep-alive stream failed: {e}")),
                 },
@@ -430,24 +439,57 @@ impl Keeper {
         }
     }
 
-    /// Marks the lease as lost: the next `restore` grants a new one.
+    /// The keep-alive broke. That alone does not mean the lease is lost: a
+    /// member died (a leader election, a partition from one member) and the
+    /// lease lives on in the cluster. `restore` first resumes keeping the
+    /// SAME lease alive through whichever member answers; only when etcd
+    /// says the lease is gone does it grant a new one and put every key
+    /// again.
     fn lost(&mut self, why: &str) {
         if self.retry_at.is_some() {
             return;
         }
-        warn!(lease = ?self.lease, keys = self.keys.len(), reason = why, "etcd lease lost; re-registering");
+        warn!(lease = ?self.lease, keys = self.keys.len(), reason = why, "etcd keep-alive interrupted; resuming");
         self.stream = None;
-        for (_, state) in self.keys.values() {
-            state.send_replace(RegistrationState::Reregistering);
-        }
         self.retry_at = Some(Instant::now());
     }
 
-    /// Tries once to get a live lease and republish every key under it.
+    /// Tries once to resume the lease, or else to get a new one and
+    /// republish every key under it.
     async fn restore(&mut self) {
+        if !self.gone {
+            if let Some(lease) = self.lease {
+                match self.resume(lease).await {
+                    Ok(true) => {
+                        info!(lease, "etcd keep-alive resumed; the lease survived");
+                        self.retry_at = None;
+                        self.backoff = BACKOFF_MIN;
+                        return;
+                    }
+                    Ok(false) => {
+                        warn!(
+                            lease,
+                            keys = self.keys.len(),
+                            "etcd lease expired; re-registering"
+                        );
+                        self.gone = true;
+                    }
+                    Err(e) => {
+                        debug!(error = %e, backoff = ?self.backoff, "etcd unreachable; retrying");
+                        self.retry_at = Some(Instant::now() + self.backoff);
+                        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                        return;
+                    }
+                }
+            }
+        }
+        for (_, state) in self.keys.values() {
+            state.send_replace(RegistrationState::Reregistering);
+        }
         match self.republish().await {
             Ok(()) => {
                 self.retry_at = None;
+                self.gone = false;
                 self.backoff = BACKOFF_MIN;
             }
             Err(e) => {
@@ -456,6 +498,38 @@ impl Keeper {
                 self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
             }
         }
+    }
+
+    /// Opens a keep-alive stream for `lease` and sends one beat: `Ok(true)`
+    /// if etcd still holds the lease, `Ok(false)` if it does not, `Err` if
+    /// etcd cannot be reached.
+    async fn resume(&mut self, lease: i64) -> Result<bool, RegistryError> {
+        let t = self.timeout;
+        let (mut keeper, mut stream) = match timeout(t, self.client.lease_keep_alive(lease)).await {
+            Ok(Ok(pair)) => pair,
+            // etcd-client checks the first reply itself and reports a lease
+            // etcd does not know as this error.
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(m))) if m.contains("not found") => {
+                return Ok(false);
+            }
+            Ok(Err(e)) => return Err(unavailable("lease keep-alive", e)),
+            Err(_) => return Err(timed_out("lease keep-alive", t)),
+        };
+        timeout(t, keeper.keep_alive())
+            .await
+            .map_err(|_| timed_out("keep-alive", t))?
+            .map_err(|e| unavailable("keep-alive", e))?;
+        let ttl = match timeout(t, stream.message()).await {
+            Ok(Ok(Some(reply))) => reply.ttl(),
+            Ok(Ok(None)) => return Err(unavailable("keep-alive", "stream closed at once")),
+            Ok(Err(e)) => return Err(unavailable("keep-alive", e)),
+            Err(_) => return Err(timed_out("keep-alive reply", t)),
+        };
+        if ttl <= 0 {
+            return Ok(false);
+        }
+        self.stream = Some((keeper, stream));
+        Ok(true)
     }
 
     async fn republish(&mut self) -> Result<(), RegistryError> {
