@@ -140,18 +140,40 @@ mod private_consul {
 
         /// Waits (bounded) until the agent has elected itself leader.
         async fn ready(&mut self) {
+            assert!(
+                self.try_ready().await,
+                "the consul agent exited during start-up"
+            );
+        }
+
+        /// Like `ready`, but `false` if the agent exited instead.
+        async fn try_ready(&mut self) -> bool {
             let deadline = Instant::now() + WAIT;
             loop {
                 if consul_support::leader(self.http_addr()).await.is_ok() {
-                    return;
+                    return true;
                 }
-                assert!(
-                    self.child.try_wait().unwrap().is_none(),
-                    "the consul agent exited during start-up"
-                );
+                if self.child.try_wait().unwrap().is_some() {
+                    return false;
+                }
                 assert!(Instant::now() < deadline, "consul did not become ready");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+        }
+
+        /// A ready agent on fresh ports. Free ports are found by binding and
+        /// releasing them, so a test running in parallel can take one before
+        /// the agent does (and serf also needs the UDP side): an agent that
+        /// exits during start-up is started again on other ports.
+        async fn launch(tls: Option<&Tls>) -> Self {
+            for _ in 0..3 {
+                let mut agent = Self::fresh(tls);
+                if agent.try_ready().await {
+                    return agent;
+                }
+                agent.kill();
+            }
+            panic!("the consul agent exited during start-up three times (ports taken?)");
         }
 
         fn kill(&mut self) {
@@ -197,8 +219,7 @@ mod private_consul {
         if !consul_binary("restart") {
             return;
         }
-        let mut agent = Agent::fresh(None);
-        agent.ready().await;
+        let mut agent = Agent::launch(None).await;
         let cfg = config(agent.address());
         let provider = ConsulRegistry::connect(&cfg).await.unwrap();
         let consumer = ConsulRegistry::connect(&cfg).await.unwrap();
@@ -239,8 +260,7 @@ mod private_consul {
         if !consul_binary("heartbeats") {
             return;
         }
-        let mut agent = Agent::fresh(None);
-        agent.ready().await;
+        let agent = Agent::launch(None).await;
         let proxy = FaultProxy::start(agent.http_addr()).await;
         let provider = ConsulRegistry::connect(&config(format!("http://{}", proxy.addr())))
             .await
@@ -302,8 +322,7 @@ mod private_consul {
         if !consul_binary("shutdown") {
             return;
         }
-        let mut agent = Agent::fresh(None);
-        agent.ready().await;
+        let agent = Agent::launch(None).await;
         let cfg = config(agent.address());
         let registry = AnyRegistry::from_config(&cfg).await.unwrap();
         assert_eq!(registry.kind(), RegistryKind::Consul);
@@ -432,8 +451,7 @@ mod private_consul {
             println!("SKIP [consul] tls: no openssl binary to make test certificates");
             return;
         };
-        let mut agent = Agent::fresh(Some(&tls));
-        agent.ready().await;
+        let agent = Agent::launch(Some(&tls)).await;
         let Some(https) = agent.https else {
             unreachable!("started with TLS")
         };
