@@ -153,12 +153,21 @@ async fn wait_for_providers(
     key: &str,
     wait: Duration,
 ) -> Result<Arc<Vec<rpc::ServiceMetaInfo>>, String> {
-    let handle = consumer
-        .cache()
-        .service(key)
-        .await
-        .map_err(|e| format!("discovery failed: {e}"))?;
-    tokio::time::timeout(wait, handle.wait_until(|list, _| !list.is_empty()))
+    // Within `--wait`, a registry that cannot answer yet (starting, electing
+    // a leader) is waited for like an empty provider list: the cache keeps
+    // retrying in the background; each lookup waits up to the registry timeout.
+    let started = tokio::time::Instant::now();
+    let handle = loop {
+        match consumer.cache().service(key).await {
+            Ok(handle) => break handle,
+            Err(e) if started.elapsed() < wait => {
+                eprintln!("waiting for the registry: {e}");
+            }
+            Err(e) => return Err(format!("discovery failed: {e}")),
+        }
+    };
+    let left = wait.saturating_sub(started.elapsed());
+    tokio::time::timeout(left, handle.wait_until(|list, _| !list.is_empty()))
         .await
         .map_err(|_| format!("no provider of {key} appeared within {wait:?}; is example-provider running with the same registry?"))
 }

@@ -48,13 +48,14 @@ use etcd_client::{
 };
 use rpc_core::discover::WATCH_CHANNEL_CAPACITY;
 use rpc_core::{
-    BoxFuture, Deregister, Discover, Registration, RegistrationState, RegistryConfig,
-    RegistryError, ServiceMetaInfo, Watch, WatchEvent,
+    Discover, Registration, RegistrationState, RegistryConfig, RegistryError, ServiceMetaInfo,
+    Watch, WatchEvent,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, info, warn};
 
+use crate::keeper::KeeperDeregister;
 use crate::task::AbortOnDrop;
 
 const BACKEND: &str = "etcd";
@@ -298,54 +299,14 @@ impl rpc_core::Registry for EtcdRegistry {
         Ok(Registration::new(
             meta,
             state_rx,
-            EtcdDeregister {
+            KeeperDeregister {
                 key,
                 commands: self.inner.commands.clone(),
                 timeout: t,
+                backend: BACKEND,
+                make: |key, done| Command::Deregister { key, done },
             },
         ))
-    }
-}
-
-struct EtcdDeregister {
-    key: String,
-    commands: mpsc::Sender<Command>,
-    timeout: Duration,
-}
-
-impl Deregister for EtcdDeregister {
-    fn deregister(self: Box<Self>) -> BoxFuture<'static, Result<(), RegistryError>> {
-        Box::pin(async move {
-            let (done, rx) = oneshot::channel();
-            let cmd = Command::Deregister {
-                key: self.key,
-                done: Some(done),
-            };
-            if self.commands.send(cmd).await.is_err() {
-                // The keeper is gone: its lease was revoked with it.
-                return Ok(());
-            }
-            timeout(self.timeout, rx)
-                .await
-                .map_err(|_| timed_out("deregister", self.timeout))?
-                .unwrap_or(Ok(()))
-        })
-    }
-
-    fn deregister_on_drop(self: Box<Self>) {
-        let cmd = Command::Deregister {
-            key: self.key,
-            done: None,
-        };
-        if let Err(mpsc::error::TrySendError::Full(cmd)) = self.commands.try_send(cmd) {
-            // A burst of drops: hand the send to the runtime rather than lose it.
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let commands = self.commands.clone();
-                rt.spawn(async move {
-                    let _ = commands.send(cmd).await;
-                });
-            }
-        }
     }
 }
 

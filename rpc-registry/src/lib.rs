@@ -16,6 +16,8 @@
 //!   its last list through registry outages.
 //! * [`factory`]: [`AnyRegistry`], the configured backend as one type.
 //! * `task` (private): abort-on-drop ownership of spawned tasks.
+//! * `keeper` (private): deregistration through a backend's keeper task
+//!   (etcd, ZooKeeper, Nacos).
 //!
 //! # Cargo features
 //!
@@ -47,6 +49,8 @@ pub mod consul;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod factory;
+#[cfg(any(feature = "etcd", feature = "zookeeper", feature = "nacos"))]
+mod keeper;
 pub mod local;
 pub mod memory;
 #[cfg(feature = "nacos")]

@@ -78,13 +78,14 @@ use nacos_sdk::api::naming::{
 use nacos_sdk::api::props::ClientProps;
 use rpc_core::discover::WATCH_CHANNEL_CAPACITY;
 use rpc_core::{
-    BoxFuture, Deregister, Discover, Registration, RegistrationState, RegistryConfig,
-    RegistryError, ServiceMetaInfo, Watch, WatchEvent,
+    Discover, Registration, RegistrationState, RegistryConfig, RegistryError, ServiceMetaInfo,
+    Watch, WatchEvent,
 };
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, info, warn};
 
+use crate::keeper::KeeperDeregister;
 use crate::task::AbortOnDrop;
 
 const BACKEND: &str = "nacos";
@@ -521,54 +522,14 @@ impl rpc_core::Registry for NacosRegistry {
         Ok(Registration::new(
             meta,
             state_rx,
-            NacosDeregister {
-                node,
+            KeeperDeregister {
+                key: node,
                 commands: self.inner.commands.clone(),
                 timeout: self.inner.settings.timeout * 2,
+                backend: BACKEND,
+                make: |node, done| Command::Deregister { node, done },
             },
         ))
-    }
-}
-
-struct NacosDeregister {
-    node: String,
-    commands: mpsc::Sender<Command>,
-    timeout: Duration,
-}
-
-impl Deregister for NacosDeregister {
-    fn deregister(self: Box<Self>) -> BoxFuture<'static, Result<(), RegistryError>> {
-        Box::pin(async move {
-            let (done, rx) = oneshot::channel();
-            let cmd = Command::Deregister {
-                node: self.node,
-                done: Some(done),
-            };
-            if self.commands.send(cmd).await.is_err() {
-                // The keeper is gone: it deregistered everything on its way out.
-                return Ok(());
-            }
-            timeout(self.timeout, rx)
-                .await
-                .map_err(|_| timed_out("deregister", self.timeout))?
-                .unwrap_or(Ok(()))
-        })
-    }
-
-    fn deregister_on_drop(self: Box<Self>) {
-        let cmd = Command::Deregister {
-            node: self.node,
-            done: None,
-        };
-        if let Err(mpsc::error::TrySendError::Full(cmd)) = self.commands.try_send(cmd) {
-            // A burst of drops: hand the send to the runtime rather than lose it.
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let commands = self.commands.clone();
-                rt.spawn(async move {
-                    let _ = commands.send(cmd).await;
-                });
-            }
-        }
     }
 }
 
