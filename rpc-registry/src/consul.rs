@@ -79,6 +79,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, info, warn};
 
+use crate::keeper;
 use crate::task::AbortOnDrop;
 
 const BACKEND: &str = "consul";
@@ -492,22 +493,7 @@ impl fmt::Debug for ConsulRegistry {
     }
 }
 
-enum Command {
-    Register {
-        id: String,
-        check: String,
-        body: Vec<u8>,
-        state: watch::Sender<RegistrationState>,
-        done: oneshot::Sender<Result<(), RegistryError>>,
-    },
-    Deregister {
-        id: String,
-        done: Option<oneshot::Sender<Result<(), RegistryError>>>,
-    },
-    Shutdown {
-        done: oneshot::Sender<()>,
-    },
-}
+type Command = keeper::Command<(String, String, Vec<u8>)>;
 
 impl ConsulRegistry {
     /// Talks to the agent at `config.address` (one address; `http://` is
@@ -716,9 +702,7 @@ impl rpc_core::Registry for ConsulRegistry {
         self.inner
             .commands
             .send(Command::Register {
-                id: id.clone(),
-                check,
-                body,
+                request: (id.clone(), check, body),
                 state: state_tx,
                 done,
             })
@@ -754,7 +738,7 @@ impl Deregister for ConsulDeregister {
             let inner = &self.registry.inner;
             let (done, rx) = oneshot::channel();
             let cmd = Command::Deregister {
-                id: self.id.clone(),
+                key: self.id.clone(),
                 done: Some(done),
             };
             if inner.commands.send(cmd).await.is_err() {
@@ -773,7 +757,7 @@ impl Deregister for ConsulDeregister {
     fn deregister_on_drop(self: Box<Self>) {
         let commands = self.registry.inner.commands.clone();
         let cmd = Command::Deregister {
-            id: self.id,
+            key: self.id,
             done: None,
         };
         if let Err(mpsc::error::TrySendError::Full(cmd)) = commands.try_send(cmd) {
@@ -818,11 +802,11 @@ impl Keeper {
             let retry_at = self.retry_at;
             tokio::select! {
                 cmd = commands.recv() => match cmd {
-                    Some(Command::Register { id, check, body, state, done }) => {
+                    Some(Command::Register { request: (id, check, body), state, done }) => {
                         let r = self.register(id, check, body, state).await;
                         let _ = done.send(r);
                     }
-                    Some(Command::Deregister { id, done }) => {
+                    Some(Command::Deregister { key: id, done }) => {
                         let r = self.deregister(&id).await;
                         if let Some(done) = done {
                             let _ = done.send(r);
@@ -831,21 +815,7 @@ impl Keeper {
                     Some(Command::Shutdown { done }) => {
                         self.deregister_all().await;
                         let _ = done.send(());
-                        // Keep answering (no-ops now) until every handle is gone.
-                        while let Some(cmd) = commands.recv().await {
-                            match cmd {
-                                Command::Register { done, .. } => {
-                                    let _ = done.send(Err(RegistryError::Shutdown));
-                                }
-                                Command::Deregister { done: Some(done), .. } => {
-                                    let _ = done.send(Ok(()));
-                                }
-                                Command::Shutdown { done } => {
-                                    let _ = done.send(());
-                                }
-                                Command::Deregister { done: None, .. } => {}
-                            }
-                        }
+                        keeper::answer_after_shutdown(&mut commands).await;
                         return;
                     }
                     None => {

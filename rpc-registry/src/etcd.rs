@@ -55,7 +55,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, info, warn};
 
-use crate::keeper::KeeperDeregister;
+use crate::keeper::{self, KeeperDeregister};
 use crate::task::AbortOnDrop;
 
 const BACKEND: &str = "etcd";
@@ -112,21 +112,7 @@ impl fmt::Debug for EtcdRegistry {
     }
 }
 
-enum Command {
-    Register {
-        key: String,
-        value: String,
-        state: watch::Sender<RegistrationState>,
-        done: oneshot::Sender<Result<(), RegistryError>>,
-    },
-    Deregister {
-        key: String,
-        done: Option<oneshot::Sender<Result<(), RegistryError>>>,
-    },
-    Shutdown {
-        done: oneshot::Sender<()>,
-    },
-}
+type Command = keeper::Command<(String, String)>;
 
 fn read_file(path: &std::path::Path, key: &str) -> Result<Vec<u8>, RegistryError> {
     std::fs::read(path).map_err(|e| RegistryError::Unavailable {
@@ -281,8 +267,7 @@ impl rpc_core::Registry for EtcdRegistry {
         let (state_tx, state_rx) = watch::channel(RegistrationState::Reregistering);
         let (done, rx) = oneshot::channel();
         let cmd = Command::Register {
-            key: key.clone(),
-            value: meta.to_json(),
+            request: (key.clone(), meta.to_json()),
             state: state_tx,
             done,
         };
@@ -304,7 +289,6 @@ impl rpc_core::Registry for EtcdRegistry {
                 commands: self.inner.commands.clone(),
                 timeout: t,
                 backend: BACKEND,
-                make: |key, done| Command::Deregister { key, done },
             },
         ))
     }
@@ -338,7 +322,7 @@ impl Keeper {
             let retry_at = self.retry_at;
             tokio::select! {
                 cmd = commands.recv() => match cmd {
-                    Some(Command::Register { key, value, state, done }) => {
+                    Some(Command::Register { request: (key, value), state, done }) => {
                         let r = self.register(key, value, state).await;
                         let _ = done.send(r);
                     }
@@ -351,22 +335,7 @@ impl Keeper {
                     Some(Command::Shutdown { done }) => {
                         self.revoke().await;
                         let _ = done.send(());
-                        // Keep answering deregistrations (no-ops now) until
-                        // every handle is gone.
-                        while let Some(cmd) = commands.recv().await {
-                            match cmd {
-                                Command::Register { done, .. } => {
-                                    let _ = done.send(Err(RegistryError::Shutdown));
-                                }
-                                Command::Deregister { done: Some(done), .. } => {
-                                    let _ = done.send(Ok(()));
-                                }
-                                Command::Shutdown { done } => {
-                                    let _ = done.send(());
-                                }
-                                Command::Deregister { done: None, .. } => {}
-                            }
-                        }
+                        keeper::answer_after_shutdown(&mut commands).await;
                         return;
                     }
                     None => {

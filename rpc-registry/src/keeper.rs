@@ -1,61 +1,118 @@
-//! What backends with a keeper task share: one task owns the lease, session
-//! or connection and every registration made through it, and takes commands
-//! over a bounded channel. A [`Registration`](rpc_core::Registration) of such
-//! a backend deregisters by asking that task.
+//! What backends with a keeper task share (etcd, ZooKeeper, Consul, Nacos):
+//! one task owns the lease, session or connection and every registration
+//! made through it, and takes [`Command`]s over a bounded channel. A
+//! [`Registration`](rpc_core::Registration) of such a backend deregisters by
+//! asking that task ([`KeeperDeregister`]).
 
-use std::time::Duration;
+use rpc_core::{RegistrationState, RegistryError};
+use tokio::sync::{oneshot, watch};
 
-use rpc_core::{BoxFuture, Deregister, RegistryError};
-use tokio::sync::{mpsc, oneshot};
-use tokio::time::timeout;
+#[cfg(any(feature = "etcd", feature = "zookeeper", feature = "nacos"))]
+pub(crate) use deregister::KeeperDeregister;
 
 /// Where a keeper answers a command.
 pub(crate) type Reply = oneshot::Sender<Result<(), RegistryError>>;
 
-/// Deregisters `key` through the keeper task behind `commands`; `make`
-/// builds the backend's deregister command.
-pub(crate) struct KeeperDeregister<C> {
-    pub(crate) key: String,
-    pub(crate) commands: mpsc::Sender<C>,
-    pub(crate) timeout: Duration,
-    pub(crate) backend: &'static str,
-    pub(crate) make: fn(String, Option<Reply>) -> C,
+/// What a keeper task is asked to do. `R` is the backend's registration
+/// request (key and record, in whatever form it publishes them).
+pub(crate) enum Command<R> {
+    Register {
+        request: R,
+        state: watch::Sender<RegistrationState>,
+        done: Reply,
+    },
+    Deregister {
+        key: String,
+        done: Option<Reply>,
+    },
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
 }
 
-impl<C: Send + 'static> Deregister for KeeperDeregister<C> {
-    fn deregister(self: Box<Self>) -> BoxFuture<'static, Result<(), RegistryError>> {
-        Box::pin(async move {
-            let (done, rx) = oneshot::channel();
-            if self
-                .commands
-                .send((self.make)(self.key, Some(done)))
-                .await
-                .is_err()
-            {
-                // The keeper is gone, and everything it kept with it (lease
-                // revoked, session closed, instances deregistered).
-                return Ok(());
+#[cfg(any(feature = "etcd", feature = "zookeeper", feature = "consul"))]
+/// For a keeper that has shut down (everything it kept is gone): answers
+/// commands until every handle is dropped. Registrations are refused;
+/// deregistrations and further shutdowns succeed, there being nothing left.
+pub(crate) async fn answer_after_shutdown<R>(
+    commands: &mut tokio::sync::mpsc::Receiver<Command<R>>,
+) {
+    while let Some(cmd) = commands.recv().await {
+        match cmd {
+            Command::Register { done, .. } => {
+                let _ = done.send(Err(RegistryError::Shutdown));
             }
-            timeout(self.timeout, rx)
-                .await
-                .map_err(|_| RegistryError::Unavailable {
-                    backend: self.backend,
-                    message: format!("deregister timed out after {:?}", self.timeout),
-                    source: None,
-                })?
-                .unwrap_or(Ok(()))
-        })
+            Command::Deregister { done, .. } => {
+                if let Some(done) = done {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            Command::Shutdown { done } => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+#[cfg(any(feature = "etcd", feature = "zookeeper", feature = "nacos"))]
+mod deregister {
+    use std::time::Duration;
+
+    use rpc_core::{BoxFuture, Deregister, RegistryError};
+    use tokio::sync::{mpsc, oneshot};
+    use tokio::time::timeout;
+
+    use super::Command;
+
+    /// Deregisters `key` through the keeper task behind `commands`.
+    pub(crate) struct KeeperDeregister<R> {
+        pub(crate) key: String,
+        pub(crate) commands: mpsc::Sender<Command<R>>,
+        pub(crate) timeout: Duration,
+        pub(crate) backend: &'static str,
     }
 
-    fn deregister_on_drop(self: Box<Self>) {
-        let cmd = (self.make)(self.key, None);
-        if let Err(mpsc::error::TrySendError::Full(cmd)) = self.commands.try_send(cmd) {
-            // A burst of drops: hand the send to the runtime rather than lose it.
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let commands = self.commands.clone();
-                rt.spawn(async move {
-                    let _ = commands.send(cmd).await;
-                });
+    impl<R: Send + 'static> Deregister for KeeperDeregister<R> {
+        fn deregister(self: Box<Self>) -> BoxFuture<'static, Result<(), RegistryError>> {
+            Box::pin(async move {
+                let (done, rx) = oneshot::channel();
+                if self
+                    .commands
+                    .send(Command::Deregister {
+                        key: self.key,
+                        done: Some(done),
+                    })
+                    .await
+                    .is_err()
+                {
+                    // The keeper is gone, and everything it kept with it (lease
+                    // revoked, session closed, instances deregistered).
+                    return Ok(());
+                }
+                timeout(self.timeout, rx)
+                    .await
+                    .map_err(|_| RegistryError::Unavailable {
+                        backend: self.backend,
+                        message: format!("deregister timed out after {:?}", self.timeout),
+                        source: None,
+                    })?
+                    .unwrap_or(Ok(()))
+            })
+        }
+
+        fn deregister_on_drop(self: Box<Self>) {
+            let cmd = Command::Deregister {
+                key: self.key,
+                done: None,
+            };
+            if let Err(mpsc::error::TrySendError::Full(cmd)) = self.commands.try_send(cmd) {
+                // A burst of drops: hand the send to the runtime rather than lose it.
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    let commands = self.commands.clone();
+                    rt.spawn(async move {
+                        let _ = commands.send(cmd).await;
+                    });
+                }
             }
         }
     }

@@ -16,8 +16,8 @@
 //!   its last list through registry outages.
 //! * [`factory`]: [`AnyRegistry`], the configured backend as one type.
 //! * `task` (private): abort-on-drop ownership of spawned tasks.
-//! * `keeper` (private): deregistration through a backend's keeper task
-//!   (etcd, ZooKeeper, Nacos).
+//! * `keeper` (private): the command protocol of the backends' keeper tasks
+//!   (etcd, ZooKeeper, Consul, Nacos) and deregistration through it.
 //!
 //! # Cargo features
 //!
@@ -49,7 +49,12 @@ pub mod consul;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod factory;
-#[cfg(any(feature = "etcd", feature = "zookeeper", feature = "nacos"))]
+#[cfg(any(
+    feature = "etcd",
+    feature = "zookeeper",
+    feature = "consul",
+    feature = "nacos"
+))]
 mod keeper;
 pub mod local;
 pub mod memory;

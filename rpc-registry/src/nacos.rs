@@ -85,7 +85,7 @@ use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, info, warn};
 
-use crate::keeper::KeeperDeregister;
+use crate::keeper::{self, KeeperDeregister};
 use crate::task::AbortOnDrop;
 
 const BACKEND: &str = "nacos";
@@ -482,20 +482,7 @@ impl NacosRegistry {
     }
 }
 
-enum Command {
-    Register {
-        meta: ServiceMetaInfo,
-        state: watch::Sender<RegistrationState>,
-        done: oneshot::Sender<Result<(), RegistryError>>,
-    },
-    Deregister {
-        node: String,
-        done: Option<oneshot::Sender<Result<(), RegistryError>>>,
-    },
-    Shutdown {
-        done: oneshot::Sender<()>,
-    },
-}
+type Command = keeper::Command<ServiceMetaInfo>;
 
 impl rpc_core::Registry for NacosRegistry {
     async fn register(&self, meta: ServiceMetaInfo) -> Result<Registration, RegistryError> {
@@ -504,7 +491,7 @@ impl rpc_core::Registry for NacosRegistry {
         let (done, rx) = oneshot::channel();
         let node = meta.node_key();
         let cmd = Command::Register {
-            meta: meta.clone(),
+            request: meta.clone(),
             state: state_tx,
             done,
         };
@@ -527,7 +514,6 @@ impl rpc_core::Registry for NacosRegistry {
                 commands: self.inner.commands.clone(),
                 timeout: self.inner.settings.timeout * 2,
                 backend: BACKEND,
-                make: |node, done| Command::Deregister { node, done },
             },
         ))
     }
@@ -599,7 +585,7 @@ impl Keeper {
                     Some(Command::Register { done, .. }) if shut => {
                         let _ = done.send(Err(RegistryError::Shutdown));
                     }
-                    Some(Command::Register { meta, state, done }) => {
+                    Some(Command::Register { request: meta, state, done }) => {
                         let node = meta.node_key();
                         let r = self.register(meta, state).await;
                         if let Err(Ok(())) = done.send(r) {
@@ -607,7 +593,7 @@ impl Keeper {
                             let _ = self.deregister(&node).await;
                         }
                     }
-                    Some(Command::Deregister { node, done }) => {
+                    Some(Command::Deregister { key: node, done }) => {
                         let r = self.deregister(&node).await;
                         if let Some(done) = done {
                             let _ = done.send(r);

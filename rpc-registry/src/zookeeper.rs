@@ -69,7 +69,7 @@ use zookeeper_client::{
     PersistentWatcher, SessionInfo, SessionState, StateWatcher,
 };
 
-use crate::keeper::KeeperDeregister;
+use crate::keeper::{self, KeeperDeregister};
 use crate::task::AbortOnDrop;
 
 const BACKEND: &str = "zookeeper";
@@ -259,21 +259,7 @@ impl fmt::Debug for ZookeeperRegistry {
     }
 }
 
-enum Command {
-    Register {
-        path: String,
-        data: Vec<u8>,
-        state: watch::Sender<RegistrationState>,
-        done: oneshot::Sender<Result<(), RegistryError>>,
-    },
-    Deregister {
-        path: String,
-        done: Option<oneshot::Sender<Result<(), RegistryError>>>,
-    },
-    Shutdown {
-        done: oneshot::Sender<()>,
-    },
-}
+type Command = keeper::Command<(String, Vec<u8>)>;
 
 impl ZookeeperRegistry {
     /// Opens a session with the servers in `config.address` (one or an
@@ -468,8 +454,7 @@ impl rpc_core::Registry for ZookeeperRegistry {
         let (state_tx, state_rx) = watch::channel(RegistrationState::Reregistering);
         let (done, rx) = oneshot::channel();
         let cmd = Command::Register {
-            path: path.clone(),
-            data: meta.to_json().into_bytes(),
+            request: (path.clone(), meta.to_json().into_bytes()),
             state: state_tx,
             done,
         };
@@ -491,7 +476,6 @@ impl rpc_core::Registry for ZookeeperRegistry {
                 commands: self.inner.commands.clone(),
                 timeout: t,
                 backend: BACKEND,
-                make: |path, done| Command::Deregister { path, done },
             },
         ))
     }
@@ -517,11 +501,11 @@ impl Keeper {
             let retry_at = self.retry_at;
             tokio::select! {
                 cmd = commands.recv() => match cmd {
-                    Some(Command::Register { path, data, state, done }) => {
+                    Some(Command::Register { request: (path, data), state, done }) => {
                         let r = self.register(path, data, state).await;
                         let _ = done.send(r);
                     }
-                    Some(Command::Deregister { path, done }) => {
+                    Some(Command::Deregister { key: path, done }) => {
                         let r = self.deregister(&path).await;
                         if let Some(done) = done {
                             let _ = done.send(r);
@@ -530,21 +514,7 @@ impl Keeper {
                     Some(Command::Shutdown { done }) => {
                         self.close().await;
                         let _ = done.send(());
-                        // Keep answering (no-ops now) until every handle is gone.
-                        while let Some(cmd) = commands.recv().await {
-                            match cmd {
-                                Command::Register { done, .. } => {
-                                    let _ = done.send(Err(RegistryError::Shutdown));
-                                }
-                                Command::Deregister { done: Some(done), .. } => {
-                                    let _ = done.send(Ok(()));
-                                }
-                                Command::Shutdown { done } => {
-                                    let _ = done.send(());
-                                }
-                                Command::Deregister { done: None, .. } => {}
-                            }
-                        }
+                        keeper::answer_after_shutdown(&mut commands).await;
                         return;
                     }
                     None => {
