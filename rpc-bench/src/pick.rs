@@ -1,5 +1,6 @@
 //! `rpc-bench pick`: the consumer's hot path before any I/O — discovery
-//! lookup plus load-balancer pick — timed, and its allocations counted.
+//! lookup plus load-balancer pick (ejected instances skipped) — timed, and
+//! its allocations counted.
 //!
 //! Ten instances are registered in an in-process memory registry (no
 //! server: nothing is dialled), then `ServiceClient::next_endpoint` runs a

@@ -295,10 +295,11 @@ impl ServiceClient {
         Ok(self.route.handle().await?.instances())
     }
 
-    /// The endpoint the next call would go to: discovery lookup, load
-    /// balancing and outlier admission exactly as a call does them, without
-    /// the call. For debugging, and for measuring that hot path (it takes
-    /// no lock and allocates nothing).
+    /// The endpoint the next call would go to: discovery lookup and load
+    /// balancing exactly as a call does them (ejected instances skipped),
+    /// without the call. It does not take an ejected instance's single probe
+    /// slot, since it reports no outcome. For debugging, and for measuring
+    /// that hot path (it takes no lock and allocates nothing).
     pub async fn next_endpoint(&self) -> Result<Arc<Endpoint>, RpcError> {
         let route = &*self.route;
         let versioned = route.instances().await?;
