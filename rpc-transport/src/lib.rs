@@ -20,6 +20,7 @@ pub mod client;
 pub mod error;
 mod ids;
 pub mod server;
+mod stream_out;
 
 pub use client::{CallOptions, Endpoint, EndpointConfig, RawReply, encode_args, encode_args_sized};
 pub use error::TransportError;

@@ -22,6 +22,7 @@ use tokio_util::codec::FramedRead;
 use tracing::debug;
 
 use crate::ids::IdMap;
+use crate::stream_out::write_if_long;
 
 /// Frames queued beyond this stop the task from taking more calls until the
 /// socket drains.
@@ -144,7 +145,7 @@ async fn drive(
     let mut accepting = true;
     let mut next_id: u64 = 0;
 
-    let reason: String = loop {
+    let reason: String = 'conn: loop {
         if !accepting && pending.is_empty() && wbuf.is_empty() {
             break "connection released".into();
         }
@@ -206,6 +207,9 @@ async fn drive(
                     }
                     wbuf.extend_from_slice(&out.frame);
                     pending.insert(next_id, Pending { reply: out.reply, _permit: out.permit });
+                    if let Err(e) = write_if_long(&wr, &mut wbuf) {
+                        break 'conn format!("write failed: {e}");
+                    }
                 }
             }
             written = wr.write(&wbuf), if !wbuf.is_empty() => match written {

@@ -21,6 +21,7 @@ use tracing::{debug, warn};
 
 use super::Shared;
 use super::handler::{Call, Replier, error_chain};
+use crate::stream_out::write_if_long;
 
 /// Replies buffered beyond this stop the connection from reading more
 /// requests until the socket takes them.
@@ -60,6 +61,10 @@ pub(crate) async fn serve(
                 if let Ok((id, reply)) = done {
                     running.remove(&id);
                     wbuf.extend_from_slice(&reply);
+                    if let Err(e) = write_if_long(&wr, &mut wbuf) {
+                        debug!(%peer, error = %e, "write failed");
+                        break;
+                    }
                 }
             }
             next = frames.next(), if reading && handlers.len() < limit && wbuf.len() < WRITE_HIGH_WATER => {
@@ -70,6 +75,10 @@ pub(crate) async fn serve(
                         }
                         if let Err(reason) = dispatch(frame, &shared, &mut handlers, &mut running, &mut wbuf) {
                             warn!(%peer, reason, "closing connection: protocol violation");
+                            break;
+                        }
+                        if let Err(e) = write_if_long(&wr, &mut wbuf) {
+                            debug!(%peer, error = %e, "write failed");
                             break;
                         }
                     }
