@@ -144,6 +144,7 @@ async fn drive(
     let mut heartbeat_sent: Option<Instant> = None;
     let mut accepting = true;
     let mut next_id: u64 = 0;
+    let mut yielded = false;
 
     let reason: String = 'conn: loop {
         if !accepting && pending.is_empty() && wbuf.is_empty() {
@@ -211,10 +212,22 @@ async fn drive(
                         break 'conn format!("write failed: {e}");
                     }
                 }
+                if !wbuf.is_empty() && !yielded {
+                    // Coalescing must not depend on scheduling order. On a
+                    // multi-thread runtime the first caller's wake runs this
+                    // task next (the LIFO slot), which alone would send one
+                    // request per write. One yield per write lets every
+                    // caller that is already runnable queue its request.
+                    yielded = true;
+                    tokio::task::yield_now().await;
+                }
             }
             written = wr.write(&wbuf), if !wbuf.is_empty() => match written {
                 Ok(0) => break "the server stopped reading".into(),
-                Ok(n) => wbuf.advance(n),
+                Ok(n) => {
+                    wbuf.advance(n);
+                    yielded = false;
+                }
                 Err(e) => break format!("write failed: {e}"),
             },
             _ = sweep.tick() => {
