@@ -368,7 +368,11 @@ impl ServiceClient {
         let route = &*self.route;
         let policy = &route.policy;
         // 1. deadline
-        let deadline = Instant::now() + policy.timeout;
+        // The one clock read of a call that succeeds at once: the deadline,
+        // the retry budget's window and the transport's latency sample all
+        // start from it.
+        let started = Instant::now();
+        let deadline = started + policy.timeout;
         let versioned = route.instances().await?;
         let set = &versioned.set;
         if set.is_empty() {
@@ -381,15 +385,18 @@ impl ServiceClient {
         } else {
             0
         };
-        route.budget.record_call();
+        route
+            .budget
+            .record_call_at(crate::outlier::nanos_at(started.into_std()));
         let mut tried = Tried::default();
         let mut attempt = 0u32;
         loop {
             // The first attempt has the whole budget: no need to read the clock.
-            let remaining = if attempt == 0 {
-                policy.timeout
+            let (attempt_start, remaining) = if attempt == 0 {
+                (started, policy.timeout)
             } else {
-                deadline.saturating_duration_since(Instant::now())
+                let now = Instant::now();
+                (now, deadline.saturating_duration_since(now))
             };
             if remaining.is_zero() {
                 return Err(RpcError::Timeout {
@@ -439,7 +446,11 @@ impl ServiceClient {
                 metadata: &[],
             };
             // 5. transport; 4. its outcome, for outlier detection
-            let err = match instance.endpoint.call_raw(&opts, args).await {
+            let err = match instance
+                .endpoint
+                .call_raw_from(attempt_start, &opts, args)
+                .await
+            {
                 Ok(reply) => {
                     instance.health.success(instance.endpoint.addr());
                     return Ok(reply);

@@ -21,9 +21,14 @@ const MAX_COOLDOWN: Duration = Duration::from_secs(60);
 
 /// Nanoseconds since a process-wide origin: cheap to store in an atomic.
 pub(crate) fn now_nanos() -> u64 {
+    nanos_at(Instant::now())
+}
+
+/// [`now_nanos`] of an instant already read, so a call reads the clock once.
+pub(crate) fn nanos_at(t: Instant) -> u64 {
     static ORIGIN: OnceLock<Instant> = OnceLock::new();
     let origin = *ORIGIN.get_or_init(Instant::now);
-    u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    u64::try_from(t.saturating_duration_since(origin).as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Outlier settings.

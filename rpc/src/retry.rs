@@ -77,8 +77,8 @@ impl RetryBudget {
         }
     }
 
-    fn roll(&self) {
-        let now = now_nanos() / WINDOW_NANOS;
+    fn roll(&self, now_nanos: u64) {
+        let now = now_nanos / WINDOW_NANOS;
         let seen = self.window.load(Ordering::Relaxed);
         if now != seen
             && self
@@ -103,13 +103,19 @@ impl RetryBudget {
 
     /// Counts a call.
     pub fn record_call(&self) {
-        self.roll();
+        self.record_call_at(now_nanos());
+    }
+
+    /// Counts a call made at `now_nanos` (see `outlier::nanos_at`): the
+    /// caller has read the clock already.
+    pub(crate) fn record_call_at(&self, now_nanos: u64) {
+        self.roll(now_nanos);
         self.calls.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes one retry from the budget, if there is one left.
     pub fn try_retry(&self) -> bool {
-        self.roll();
+        self.roll(now_nanos());
         let calls = self.calls.load(Ordering::Relaxed) + self.prev_calls.load(Ordering::Relaxed);
         let retries =
             self.retries.load(Ordering::Relaxed) + self.prev_retries.load(Ordering::Relaxed);

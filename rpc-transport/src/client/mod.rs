@@ -234,7 +234,18 @@ impl Endpoint {
         opts: &CallOptions<'_>,
         args: &[u8],
     ) -> Result<RawReply, RpcError> {
-        let started = Instant::now();
+        self.call_raw_from(Instant::now(), opts, args).await
+    }
+
+    /// [`Endpoint::call_raw`] for a caller that has just read the clock:
+    /// `started` is when the call began (`opts.timeout` runs from it), so
+    /// the hot path reads the clock once per call, at the end.
+    pub async fn call_raw_from(
+        &self,
+        started: Instant,
+        opts: &CallOptions<'_>,
+        args: &[u8],
+    ) -> Result<RawReply, RpcError> {
         let deadline = started + opts.timeout;
         let outcome =
             match tokio::time::timeout_at(deadline, self.call_inner(opts, args, deadline)).await {
@@ -257,22 +268,36 @@ impl Endpoint {
         args: &[u8],
         deadline: Instant,
     ) -> Result<RawReply, RpcError> {
-        let conn = self.connection().await?;
+        let (conn, mut waited) = self.connection().await?;
         let unsent = |source| RpcError::Unsent {
             addr: self.addr.to_string(),
             source,
         };
-        let permit = conn
-            .in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| unsent(None))?;
+        let permit = match conn.in_flight.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(unsent(None)),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                waited = true;
+                conn.in_flight
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| unsent(None))?
+            }
+        };
+        // The server is told the time left. Without a dial or a wait for a
+        // permit, that is the whole timeout less a few microseconds, and the
+        // clock is not worth reading for them.
+        let remaining = if waited {
+            deadline.saturating_duration_since(Instant::now())
+        } else {
+            opts.timeout
+        };
         let head = RequestHead {
             // Numbered by the connection task, in write order.
             request_id: 0,
             serializer: opts.serializer,
-            deadline: Some(deadline.saturating_duration_since(Instant::now())),
+            deadline: Some(remaining),
             service: opts.service,
             method: opts.method,
             metadata: opts.metadata,
@@ -329,20 +354,21 @@ impl Endpoint {
         })
     }
 
-    /// A live connection, dialling one if its slot has none.
-    async fn connection(&self) -> Result<Arc<Connection>, RpcError> {
+    /// A live connection, dialling one if its slot has none; `true` if that
+    /// took a wait (a dial, or another caller's dial).
+    async fn connection(&self) -> Result<(Arc<Connection>, bool), RpcError> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let slot = &self.slots[i];
         if let Some(c) = slot.conn.load_full() {
             if !c.is_closed() {
-                return Ok(c);
+                return Ok((c, false));
             }
         }
         // One dial per slot at a time; others wait for its outcome.
         let mut dial = slot.dial.lock().await;
         if let Some(c) = slot.conn.load_full() {
             if !c.is_closed() {
-                return Ok(c);
+                return Ok((c, true));
             }
         }
         let now = Instant::now();
@@ -386,7 +412,7 @@ impl Endpoint {
                     },
                 ));
                 slot.conn.store(Some(conn.clone()));
-                Ok(conn)
+                Ok((conn, true))
             }
             Err(e) => {
                 dial.failures = dial.failures.saturating_add(1);
