@@ -16,6 +16,7 @@ mod args;
 mod cpuload;
 mod driver;
 mod histogram;
+mod memory;
 mod message;
 mod orchestrate;
 mod pick;
@@ -213,6 +214,9 @@ fn client(a: &ClientArgs) -> Result<(), String> {
             .await
             .map_err(|_| format!("the client did not finish within {bound:?}"))?
     })?;
+    // Memory while the connection and the runtime still live.
+    let rss = memory::status_kib(None, "VmRSS");
+    let hwm = memory::status_kib(None, "VmHWM");
     // Drop the runtime (and with it the connection) before reporting.
     drop(rt);
     if let Some(e) = &outcome.first_error {
@@ -221,10 +225,11 @@ fn client(a: &ClientArgs) -> Result<(), String> {
             a.system, outcome.errors_total, outcome.errors
         );
     }
-    println!(
-        "{}",
-        outcome.result_line(a.system.name(), a.inflight, a.duration)
-    );
+    let mut line = outcome.result_line(a.system.name(), a.inflight, a.duration);
+    if let (Some(rss), Some(hwm)) = (rss, hwm) {
+        line.push_str(&format!(" rss_kib={rss} hwm_kib={hwm}"));
+    }
+    println!("{line}");
     if outcome.hist.count() == 0 {
         return Err("no call completed in the measured window".into());
     }

@@ -16,9 +16,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::args::Flavour;
-use crate::cpuload;
 use crate::message::{self, BenchmarkMessage};
 use crate::systems::System;
+use crate::{cpuload, memory};
 
 /// How long a server may take to print its address.
 const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -51,6 +51,14 @@ struct Sample {
     errors: u64,
     /// CPUs' worth of time other processes used during the run.
     others: Option<f64>,
+    /// Peak resident memory (VmHWM), KiB, of the server and the client.
+    peak_kib: Option<(u64, u64)>,
+    /// Resident memory growth, KiB, of the server and the client from
+    /// shortly after the warmup to the end of the measured window.
+    growth_kib: Option<(i64, i64)>,
+    /// The client's own resident memory at the end, from its RESULT line.
+    client_rss_kib: Option<u64>,
+    client_hwm_kib: Option<u64>,
 }
 
 /// A child process, killed (and reaped) on drop unless it already exited.
@@ -390,6 +398,13 @@ fn run_one(
         cmd.arg("--registry-dir").arg(dir);
     }
     let mut client = Child::spawn(format!("{system} client"), cmd)?;
+    // Resident memory once the warmup is over (set-up takes well under the
+    // extra second), the baseline of the growth column.
+    std::thread::sleep(a.warmup + Duration::from_secs(1));
+    let rss_at_start = (
+        memory::status_kib(Some(server.pid()), "VmRSS"),
+        memory::status_kib(Some(client.pid()), "VmRSS"),
+    );
     let bound = CLIENT_SETUP_TIMEOUT * 3 + a.warmup + a.duration + Duration::from_secs(10);
     let status = client.wait_for(bound).ok_or_else(|| {
         format!("the {system} client did not finish within {bound:?} and was killed")
@@ -401,6 +416,8 @@ fn run_one(
             result = Some(line);
         }
     }
+    let server_rss = memory::status_kib(Some(server.pid()), "VmRSS");
+    let server_hwm = memory::status_kib(Some(server.pid()), "VmHWM");
     let stopped = server.terminate(SERVER_STOP_TIMEOUT);
     let others = load.others_since();
     drop(registry);
@@ -411,6 +428,17 @@ fn run_one(
     let line = result.ok_or_else(|| format!("the {system} client printed no RESULT line"))?;
     let mut sample = parse_result(&line)?;
     sample.others = others;
+    if let (Some(s), Some(c)) = (server_hwm, sample.client_hwm_kib) {
+        sample.peak_kib = Some((s, c));
+    }
+    if let ((Some(s0), Some(c0)), Some(s1), Some(c1)) =
+        (rss_at_start, server_rss, sample.client_rss_kib)
+    {
+        let grew = |a: u64, b: u64| {
+            i64::try_from(b).unwrap_or(i64::MAX) - i64::try_from(a).unwrap_or(i64::MAX)
+        };
+        sample.growth_kib = Some((grew(s0, s1), grew(c0, c1)));
+    }
     match stopped {
         Ok(s) if s.success() => {}
         Ok(s) => eprintln!("warning: the {system} server exited with {s} after SIGTERM"),
@@ -438,6 +466,10 @@ fn parse_result(line: &str) -> Result<Sample, String> {
         p99_us: num("p99_us")?,
         errors: num("errors")? as u64,
         others: None,
+        peak_kib: None,
+        growth_kib: None,
+        client_rss_kib: num("rss_kib").ok().map(|v| v as u64),
+        client_hwm_kib: num("hwm_kib").ok().map(|v| v as u64),
     })
 }
 
@@ -556,8 +588,8 @@ fn show(s: &Option<Stat>, repeat: usize, decimals: usize) -> String {
 fn table(a: &RunArgs, cells: &BTreeMap<(usize, usize), Vec<Result<Sample, String>>>) -> String {
     let echo = a.systems.iter().position(|&s| s == System::Echo);
     let mut out = String::from(
-        "| system | in flight | QPS | p50 µs | p99 µs | QPS vs echo | p99 vs echo | others' CPU |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| system | in flight | QPS | p50 µs | p99 µs | QPS vs echo | p99 vs echo | peak RSS MiB server / client | RSS growth KiB server / client | others' CPU |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let ok = |li: usize, si: usize| -> Vec<Sample> {
         cells
@@ -584,8 +616,21 @@ fn table(a: &RunArgs, cells: &BTreeMap<(usize, usize), Vec<Result<Sample, String
             if failed > 0 && !samples.is_empty() {
                 name.push_str(&format!(" ({failed}/{runs} runs failed)"));
             }
+            // Memory: the worst over the repetitions.
+            let peak = samples
+                .iter()
+                .filter_map(|s| s.peak_kib)
+                .reduce(|a, b| (a.0.max(b.0), a.1.max(b.1)))
+                .map_or("n/a".into(), |(s, c)| {
+                    format!("{:.1} / {:.1}", s as f64 / 1024.0, c as f64 / 1024.0)
+                });
+            let growth = samples
+                .iter()
+                .filter_map(|s| s.growth_kib)
+                .reduce(|a, b| (a.0.max(b.0), a.1.max(b.1)))
+                .map_or("n/a".into(), |(s, c)| format!("{s:+} / {c:+}"));
             out.push_str(&format!(
-                "| {name} | {inflight} | {} | {} | {} | {} | {} | {} |\n",
+                "| {name} | {inflight} | {} | {} | {} | {} | {} | {peak} | {growth} | {} |\n",
                 show(&qps, a.repeat, 0),
                 show(&p50, a.repeat, 1),
                 show(&p99, a.repeat, 1),
