@@ -198,6 +198,7 @@ async fn drive(
                     accepting = false;
                     continue;
                 }
+                let in_flight_before = pending.len();
                 for mut out in batch.drain(..) {
                     if out.reply.is_closed() {
                         continue; // gave up before it was written
@@ -212,12 +213,14 @@ async fn drive(
                         break 'conn format!("write failed: {e}");
                     }
                 }
-                if !wbuf.is_empty() && !yielded {
+                if !wbuf.is_empty() && !yielded && in_flight_before > 0 {
                     // Coalescing must not depend on scheduling order. On a
                     // multi-thread runtime the first caller's wake runs this
                     // task next (the LIFO slot), which alone would send one
                     // request per write. One yield per write lets every
                     // caller that is already runnable queue its request.
+                    // With nothing in flight before this batch no reply is
+                    // about to wake more callers: a lone call goes at once.
                     yielded = true;
                     tokio::task::yield_now().await;
                 }
