@@ -4,7 +4,10 @@
 //! to the connection's task with a oneshot for the reply. The task alone owns
 //! the table of pending calls, so no call takes a lock on a shared map; it
 //! appends every queued frame to one buffer before writing (coalescing), and
-//! routes each response by request id.
+//! routes each response by request id. Coalescing holds on either tokio
+//! runtime: with calls already in flight the task yields once before a write
+//! so every runnable caller queues first, and a batch past a few kilobytes
+//! is streamed out while it grows (see `stream_out`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -146,7 +149,7 @@ async fn drive(
     let mut next_id: u64 = 0;
     let mut yielded = false;
 
-    let reason: String = 'conn: loop {
+    let reason: String = loop {
         if !accepting && pending.is_empty() && wbuf.is_empty() {
             break "connection released".into();
         }
@@ -199,6 +202,7 @@ async fn drive(
                     continue;
                 }
                 let in_flight_before = pending.len();
+                let mut write_failed = None;
                 for mut out in batch.drain(..) {
                     if out.reply.is_closed() {
                         continue; // gave up before it was written
@@ -209,9 +213,14 @@ async fn drive(
                     }
                     wbuf.extend_from_slice(&out.frame);
                     pending.insert(next_id, Pending { reply: out.reply, _permit: out.permit });
-                    if let Err(e) = write_if_long(&wr, &mut wbuf) {
-                        break 'conn format!("write failed: {e}");
+                    if write_failed.is_none() {
+                        write_failed = write_if_long(&wr, &mut wbuf).err();
                     }
+                }
+                if let Some(e) = write_failed {
+                    // Every call of the batch is pending now and fails as
+                    // possibly written, as any call in a failed write does.
+                    break format!("write failed: {e}");
                 }
                 if !wbuf.is_empty() && !yielded && in_flight_before > 0 {
                     // Coalescing must not depend on scheduling order. On a

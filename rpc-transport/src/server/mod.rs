@@ -1,8 +1,10 @@
 //! The server: accept loop, per-connection tasks, graceful shutdown.
 //!
-//! Each connection is served by one task that reads frames, starts one
-//! handler task per request, and writes replies as they finish (out of
-//! order), coalescing every reply that is ready into one write. Shutdown
+//! Each connection is served by one task that reads frames, answers a
+//! handler that finishes on its first poll inline and starts a task for any
+//! other, and writes replies as they finish (out of order), coalescing every
+//! reply that is ready into one write (streamed once it passes a few
+//! kilobytes, so the client starts on a long burst early). Shutdown
 //! stops accepting and reading, lets in-flight calls finish up to a deadline,
 //! then aborts what is left.
 
