@@ -84,7 +84,9 @@ pub(crate) struct Liveness {
 /// A live connection. Dropping the last handle stops its task; calls still
 /// waiting then fail with `ConnectionClosed`.
 pub(crate) struct Connection {
-    tx: mpsc::Sender<Outgoing>,
+    // Unbounded because every queued call holds an `in_flight` permit, which
+    // is the bound; a bounded channel would pay a second semaphore per call.
+    tx: mpsc::UnboundedSender<Outgoing>,
     closed: Arc<AtomicBool>,
     pub(crate) in_flight: Arc<Semaphore>,
     _task: tokio_util::task::AbortOnDropHandle<()>,
@@ -98,7 +100,7 @@ impl Connection {
         max_frame_len: usize,
         liveness: Liveness,
     ) -> Self {
-        let (tx, rx) = mpsc::channel(max_in_flight);
+        let (tx, rx) = mpsc::unbounded_channel();
         let closed = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(drive(
             stream,
@@ -122,14 +124,14 @@ impl Connection {
 
     /// Queues a call. `Err` returns it untouched if the connection is gone:
     /// nothing was written, so the call is safe to send elsewhere.
-    pub(crate) async fn send(&self, out: Outgoing) -> Result<(), Outgoing> {
-        self.tx.send(out).await.map_err(|e| e.0)
+    pub(crate) fn send(&self, out: Outgoing) -> Result<(), Outgoing> {
+        self.tx.send(out).map_err(|e| e.0)
     }
 }
 
 async fn drive(
     stream: TcpStream,
-    mut rx: mpsc::Receiver<Outgoing>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
     addr: Arc<str>,
     closed: Arc<AtomicBool>,
     max_frame_len: usize,

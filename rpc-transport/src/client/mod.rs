@@ -314,7 +314,7 @@ impl Endpoint {
             reply: tx,
             permit,
         };
-        if conn.send(out).await.is_err() {
+        if conn.send(out).is_err() {
             return Err(unsent(None));
         }
         let frame = match rx.await {
