@@ -212,6 +212,40 @@ async fn many_concurrent_calls_all_answered() {
     s.shutdown().await;
 }
 
+/// 300 calls of 2 KiB each in flight at once: bursts of about 600 KiB each
+/// way, far past the 8 KiB at which a connection starts streaming its
+/// write buffer and past its 256 KiB high-water mark. Every call must get
+/// its own payload back.
+async fn bursts_round_trip_intact() {
+    let s = start().await;
+    let ep = endpoint(s.addr);
+    let mut tasks = Vec::new();
+    for i in 0..300usize {
+        let ep = ep.clone();
+        tasks.push(tokio::spawn(async move {
+            let payload: String = std::iter::repeat_n(char::from(b'a' + (i % 26) as u8), 2048)
+                .chain(i.to_string().chars())
+                .collect();
+            let back: String = ep.call(&opts("echo", WAIT), &(&payload,)).await.unwrap();
+            assert_eq!(back, payload, "call {i} got another call's reply");
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(WAIT, t).await.unwrap().unwrap();
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn bursts_round_trip_intact_on_current_thread() {
+    bursts_round_trip_intact().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn bursts_round_trip_intact_on_multi_thread() {
+    bursts_round_trip_intact().await;
+}
+
 #[tokio::test]
 async fn timeout_fails_the_call_and_cancels_the_handler() {
     let s = start().await;
