@@ -25,7 +25,6 @@ fn consul_tests_need_the_consul_feature() {
 #[cfg(feature = "consul")]
 mod private_consul {
     use std::net::SocketAddr;
-    use std::path::{Path, PathBuf};
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
 
@@ -35,45 +34,16 @@ mod private_consul {
     };
     use rpc_registry::{AnyRegistry, ConsulRegistry, ServiceCache};
 
+    use crate::conformance::private::{TestCerts, binary_or_skip, certs_or_skip, free_port};
     use crate::conformance::proxy::FaultProxy;
-    use crate::conformance::servers_required;
     use crate::consul_support;
 
     const WAIT: Duration = Duration::from_secs(20);
     const TTL: Duration = Duration::from_secs(2);
 
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
-
     /// `consul` on the PATH, or a skip (a failure under RPC_REQUIRE_SERVERS=1).
     fn consul_binary(test: &str) -> bool {
-        let found = Command::new("consul")
-            .arg("version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            assert!(
-                !servers_required(),
-                "RPC_REQUIRE_SERVERS=1 but no `consul` binary on the PATH"
-            );
-            println!(
-                "SKIP [consul] {test}: no `consul` binary (scripts/registry-servers.sh install consul)"
-            );
-        }
-        found
-    }
-
-    struct Tls {
-        cert: PathBuf,
-        key: PathBuf,
-        ca: PathBuf,
+        binary_or_skip("consul", test, "consul", "version")
     }
 
     /// One dev agent on loopback with ports of its own, killed on drop.
@@ -85,7 +55,7 @@ mod private_consul {
     }
 
     impl Agent {
-        fn start(http: u16, ports: [u16; 3], tls: Option<(&Tls, u16)>) -> Self {
+        fn start(http: u16, ports: [u16; 3], tls: Option<(&TestCerts, u16)>) -> Self {
             let mut cmd = Command::new("consul");
             cmd.args([
                 "agent",
@@ -109,8 +79,8 @@ mod private_consul {
                     &format!(
                         "ports {{ https = {port} }}\nverify_incoming_https = true\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
                         t.ca.display(),
-                        t.cert.display(),
-                        t.key.display()
+                        t.server_cert.display(),
+                        t.server_key.display()
                     ),
                 ]);
             }
@@ -122,7 +92,7 @@ mod private_consul {
             }
         }
 
-        fn fresh(tls: Option<&Tls>) -> Self {
+        fn fresh(tls: Option<&TestCerts>) -> Self {
             Self::start(
                 free_port(),
                 [free_port(), free_port(), free_port()],
@@ -165,7 +135,7 @@ mod private_consul {
         /// releasing them, so a test running in parallel can take one before
         /// the agent does (and serf also needs the UDP side): an agent that
         /// exits during start-up is started again on other ports.
-        async fn launch(tls: Option<&Tls>) -> Self {
+        async fn launch(tls: Option<&TestCerts>) -> Self {
             for _ in 0..3 {
                 let mut agent = Self::fresh(tls);
                 if agent.try_ready().await {
@@ -350,105 +320,13 @@ mod private_consul {
         assert!(err.to_string().contains("does not answer"), "{err}");
     }
 
-    fn openssl(args: &[&str], dir: &Path) {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// A CA, a server certificate for 127.0.0.1/localhost and a client
-    /// certificate.
-    fn make_certs(dir: &Path) -> Option<(Tls, PathBuf, PathBuf)> {
-        if Command::new("openssl").arg("version").output().is_err() {
-            return None;
-        }
-        openssl(
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=test-ca",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-            ],
-            dir,
-        );
-        std::fs::write(
-            dir.join("san.ext"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
-        )
-        .unwrap();
-        for who in ["server", "client"] {
-            openssl(
-                &[
-                    "req",
-                    "-newkey",
-                    "rsa:2048",
-                    "-nodes",
-                    "-subj",
-                    &format!("/CN={who}"),
-                    "-keyout",
-                    &format!("{who}.key"),
-                    "-out",
-                    &format!("{who}.csr"),
-                ],
-                dir,
-            );
-            openssl(
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &format!("{who}.csr"),
-                    "-CA",
-                    "ca.pem",
-                    "-CAkey",
-                    "ca.key",
-                    "-CAcreateserial",
-                    "-days",
-                    "1",
-                    "-extfile",
-                    "san.ext",
-                    "-out",
-                    &format!("{who}.pem"),
-                ],
-                dir,
-            );
-        }
-        Some((
-            Tls {
-                cert: dir.join("server.pem"),
-                key: dir.join("server.key"),
-                ca: dir.join("ca.pem"),
-            },
-            dir.join("client.pem"),
-            dir.join("client.key"),
-        ))
-    }
-
     #[tokio::test]
     async fn https_with_a_client_certificate() {
         if !consul_binary("tls") {
             return;
         }
         let tmp = tempfile::tempdir().unwrap();
-        let Some((tls, client_cert, client_key)) = make_certs(tmp.path()) else {
-            assert!(!servers_required(), "no openssl to make test certificates");
-            println!("SKIP [consul] tls: no openssl binary to make test certificates");
+        let Some(tls) = certs_or_skip("consul", "tls", tmp.path()) else {
             return;
         };
         let agent = Agent::launch(Some(&tls)).await;
@@ -458,8 +336,8 @@ mod private_consul {
         let mut cfg = config(format!("https://127.0.0.1:{https}"));
         cfg.tls = Some(TlsConfig {
             ca_file: Some(tls.ca.clone()),
-            cert_file: Some(client_cert),
-            key_file: Some(client_key),
+            cert_file: Some(tls.client_cert.clone()),
+            key_file: Some(tls.client_key.clone()),
             domain: Some("localhost".into()),
         });
         let registry = ConsulRegistry::connect(&cfg).await.unwrap();

@@ -21,7 +21,7 @@ fn etcd_tests_need_the_etcd_feature() {
 
 #[cfg(feature = "etcd")]
 mod private_etcd {
-    use std::path::{Path, PathBuf};
+    use std::path::Path;
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
 
@@ -31,43 +31,14 @@ mod private_etcd {
     };
     use rpc_registry::{EtcdRegistry, ServiceCache};
 
+    use crate::conformance::private::{TestCerts, binary_or_skip, certs_or_skip, free_port};
     use crate::conformance::proxy::FaultProxy;
-    use crate::conformance::servers_required;
 
     const WAIT: Duration = Duration::from_secs(20);
 
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
-
     /// `etcd` on the PATH, or a skip (a failure under RPC_REQUIRE_SERVERS=1).
     fn etcd_binary(test: &str) -> bool {
-        let found = Command::new("etcd")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            assert!(
-                !servers_required(),
-                "RPC_REQUIRE_SERVERS=1 but no `etcd` binary on the PATH"
-            );
-            println!(
-                "SKIP [etcd] {test}: no `etcd` binary (scripts/registry-servers.sh install etcd)"
-            );
-        }
-        found
-    }
-
-    struct Tls {
-        cert: PathBuf,
-        key: PathBuf,
-        ca: PathBuf,
+        binary_or_skip("etcd", test, "etcd", "--version")
     }
 
     /// One etcd member on loopback, killed on drop.
@@ -79,7 +50,7 @@ mod private_etcd {
     }
 
     impl Etcd {
-        fn start(dir: &Path, client_port: u16, peer_port: u16, tls: Option<&Tls>) -> Self {
+        fn start(dir: &Path, client_port: u16, peer_port: u16, tls: Option<&TestCerts>) -> Self {
             let scheme = if tls.is_some() { "https" } else { "http" };
             let client = format!("{scheme}://127.0.0.1:{client_port}");
             let peer = format!("http://127.0.0.1:{peer_port}");
@@ -96,9 +67,9 @@ mod private_etcd {
                 .stderr(Stdio::null());
             if let Some(t) = tls {
                 cmd.arg("--cert-file")
-                    .arg(&t.cert)
+                    .arg(&t.server_cert)
                     .arg("--key-file")
-                    .arg(&t.key)
+                    .arg(&t.server_key)
                     .arg("--trusted-ca-file")
                     .arg(&t.ca)
                     .arg("--client-cert-auth");
@@ -249,112 +220,21 @@ mod private_etcd {
             .unwrap();
     }
 
-    fn openssl(args: &[&str], dir: &Path) {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// A CA, a server certificate for 127.0.0.1 and a client certificate.
-    fn make_certs(dir: &Path) -> Option<(Tls, PathBuf, PathBuf)> {
-        if Command::new("openssl").arg("version").output().is_err() {
-            return None;
-        }
-        openssl(
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=test-ca",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-            ],
-            dir,
-        );
-        std::fs::write(
-            dir.join("san.ext"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
-        )
-        .unwrap();
-        for who in ["server", "client"] {
-            openssl(
-                &[
-                    "req",
-                    "-newkey",
-                    "rsa:2048",
-                    "-nodes",
-                    "-subj",
-                    &format!("/CN={who}"),
-                    "-keyout",
-                    &format!("{who}.key"),
-                    "-out",
-                    &format!("{who}.csr"),
-                ],
-                dir,
-            );
-            openssl(
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &format!("{who}.csr"),
-                    "-CA",
-                    "ca.pem",
-                    "-CAkey",
-                    "ca.key",
-                    "-CAcreateserial",
-                    "-days",
-                    "1",
-                    "-extfile",
-                    "san.ext",
-                    "-out",
-                    &format!("{who}.pem"),
-                ],
-                dir,
-            );
-        }
-        Some((
-            Tls {
-                cert: dir.join("server.pem"),
-                key: dir.join("server.key"),
-                ca: dir.join("ca.pem"),
-            },
-            dir.join("client.pem"),
-            dir.join("client.key"),
-        ))
-    }
-
     #[tokio::test]
     async fn tls_with_a_client_certificate() {
         if !etcd_binary("tls") {
             return;
         }
         let tmp = tempfile::tempdir().unwrap();
-        let Some((tls, client_cert, client_key)) = make_certs(tmp.path()) else {
-            assert!(!servers_required(), "no openssl to make test certificates");
-            println!("SKIP [etcd] tls: no openssl binary to make test certificates");
+        let Some(tls) = certs_or_skip("etcd", "tls", tmp.path()) else {
             return;
         };
         let etcd = Etcd::start(&tmp.path().join("d"), free_port(), free_port(), Some(&tls));
         let mut cfg = config(etcd.endpoint());
         cfg.tls = Some(TlsConfig {
             ca_file: Some(tls.ca.clone()),
-            cert_file: Some(client_cert),
-            key_file: Some(client_key),
+            cert_file: Some(tls.client_cert.clone()),
+            key_file: Some(tls.client_key.clone()),
             domain: Some("localhost".into()),
         });
         let registry = connect_when_ready(&cfg).await;

@@ -37,6 +37,7 @@ mod zookeeper {
     use rpc_registry::{AnyRegistry, ServiceCache, ZookeeperRegistry};
     use zookeeper_client::{Acls, Client, CreateMode};
 
+    use crate::conformance::private::free_port;
     use crate::conformance::proxy::FaultProxy;
     use crate::conformance::servers_required;
 
@@ -422,14 +423,6 @@ mod zookeeper {
             );
         }
         found
-    }
-
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
     }
 
     /// A standalone ZooKeeper on loopback, killed on drop.

@@ -20,6 +20,7 @@
 
 #![allow(dead_code)]
 
+pub mod private;
 pub mod proxy;
 
 use std::future::Future;
