@@ -696,22 +696,14 @@ fn beat_interval(ttl: Duration) -> Duration {
 impl rpc_core::Registry for ConsulRegistry {
     async fn register(&self, meta: ServiceMetaInfo) -> Result<Registration, RegistryError> {
         let (id, check, body) = definition(self.inner.namespace.as_deref(), &meta, self.inner.ttl);
-        let (state_tx, state_rx) = watch::channel(RegistrationState::Reregistering);
-        let (done, rx) = oneshot::channel();
         let t = self.inner.timeout;
-        self.inner
-            .commands
-            .send(Command::Register {
-                request: (id.clone(), check, body),
-                state: state_tx,
-                done,
-            })
-            .await
-            .map_err(|_| RegistryError::Shutdown)?;
-        timeout(t * 2, rx)
-            .await
-            .map_err(|_| timed_out("register", t * 2))?
-            .map_err(|_| RegistryError::Shutdown)??;
+        let state_rx = keeper::submit_registration(
+            &self.inner.commands,
+            (id.clone(), check, body),
+            t * 2,
+            BACKEND,
+        )
+        .await?;
         self.settle(&meta, true).await;
         let meta_for_settle = meta.clone();
         Ok(Registration::new(

@@ -264,23 +264,14 @@ impl EtcdRegistry {
 impl rpc_core::Registry for EtcdRegistry {
     async fn register(&self, meta: ServiceMetaInfo) -> Result<Registration, RegistryError> {
         let key = self.instance_key(&meta);
-        let (state_tx, state_rx) = watch::channel(RegistrationState::Reregistering);
-        let (done, rx) = oneshot::channel();
-        let cmd = Command::Register {
-            request: (key.clone(), meta.to_json()),
-            state: state_tx,
-            done,
-        };
         let t = self.inner.timeout;
-        self.inner
-            .commands
-            .send(cmd)
-            .await
-            .map_err(|_| RegistryError::Shutdown)?;
-        timeout(t * 2, rx)
-            .await
-            .map_err(|_| timed_out("register", t * 2))?
-            .map_err(|_| RegistryError::Shutdown)??;
+        let state_rx = keeper::submit_registration(
+            &self.inner.commands,
+            (key.clone(), meta.to_json()),
+            t * 2,
+            BACKEND,
+        )
+        .await?;
         Ok(Registration::new(
             meta,
             state_rx,

@@ -30,6 +30,36 @@ pub(crate) enum Command<R> {
     },
 }
 
+/// Hands a registration `request` to the keeper behind `commands` and waits
+/// up to `wait` for it to be published. The returned receiver follows the
+/// registration from then on (re-registrations, loss).
+pub(crate) async fn submit_registration<R>(
+    commands: &tokio::sync::mpsc::Sender<Command<R>>,
+    request: R,
+    wait: std::time::Duration,
+    backend: &'static str,
+) -> Result<watch::Receiver<RegistrationState>, RegistryError> {
+    let (state, state_rx) = watch::channel(RegistrationState::Reregistering);
+    let (done, rx) = oneshot::channel();
+    commands
+        .send(Command::Register {
+            request,
+            state,
+            done,
+        })
+        .await
+        .map_err(|_| RegistryError::Shutdown)?;
+    tokio::time::timeout(wait, rx)
+        .await
+        .map_err(|_| RegistryError::Unavailable {
+            backend,
+            message: format!("register timed out after {wait:?}"),
+            source: None,
+        })?
+        .map_err(|_| RegistryError::Shutdown)??;
+    Ok(state_rx)
+}
+
 #[cfg(any(feature = "etcd", feature = "zookeeper", feature = "consul"))]
 /// For a keeper that has shut down (everything it kept is gone): answers
 /// commands until every handle is dropped. Registrations are refused;

@@ -487,25 +487,15 @@ type Command = keeper::Command<ServiceMetaInfo>;
 impl rpc_core::Registry for NacosRegistry {
     async fn register(&self, meta: ServiceMetaInfo) -> Result<Registration, RegistryError> {
         service_name(&meta.service_key())?;
-        let (state_tx, state_rx) = watch::channel(RegistrationState::Reregistering);
-        let (done, rx) = oneshot::channel();
         let node = meta.node_key();
-        let cmd = Command::Register {
-            request: meta.clone(),
-            state: state_tx,
-            done,
-        };
         // Room for opening a lane and registering on it.
-        let t = self.inner.settings.timeout * 3;
-        self.inner
-            .commands
-            .send(cmd)
-            .await
-            .map_err(|_| RegistryError::Shutdown)?;
-        timeout(t, rx)
-            .await
-            .map_err(|_| timed_out("register", t))?
-            .map_err(|_| RegistryError::Shutdown)??;
+        let state_rx = keeper::submit_registration(
+            &self.inner.commands,
+            meta.clone(),
+            self.inner.settings.timeout * 3,
+            BACKEND,
+        )
+        .await?;
         Ok(Registration::new(
             meta,
             state_rx,

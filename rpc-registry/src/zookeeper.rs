@@ -451,23 +451,14 @@ impl rpc_core::Registry for ZookeeperRegistry {
             )));
         }
         let path = self.instance_path(&meta);
-        let (state_tx, state_rx) = watch::channel(RegistrationState::Reregistering);
-        let (done, rx) = oneshot::channel();
-        let cmd = Command::Register {
-            request: (path.clone(), meta.to_json().into_bytes()),
-            state: state_tx,
-            done,
-        };
         let t = self.inner.spec.timeout * 2;
-        self.inner
-            .commands
-            .send(cmd)
-            .await
-            .map_err(|_| RegistryError::Shutdown)?;
-        timeout(t, rx)
-            .await
-            .map_err(|_| timed_out("register", t))?
-            .map_err(|_| RegistryError::Shutdown)??;
+        let state_rx = keeper::submit_registration(
+            &self.inner.commands,
+            (path.clone(), meta.to_json().into_bytes()),
+            t,
+            BACKEND,
+        )
+        .await?;
         Ok(Registration::new(
             meta,
             state_rx,
