@@ -69,6 +69,48 @@ fn unavailable(message: impl Into<String>, e: impl Into<rpc_core::BoxError>) -> 
     RegistryError::unavailable(BACKEND, message, e)
 }
 
+/// Whether an etcd call failed on its way (a member gone, a connection
+/// reset) rather than being refused by etcd. The client balances over every
+/// endpoint, so the same call again may well reach a live member.
+fn transient(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        ),
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
+    }
+}
+
+/// Runs an idempotent etcd call (a put under the same lease, a delete, a
+/// revoke), again after a transient failure, until `t` is spent. Without
+/// this a call routed to a member that just died fails although two others
+/// would answer.
+async fn idempotent<T, Fut>(
+    t: Duration,
+    what: &str,
+    mut call: impl FnMut() -> Fut,
+) -> Result<T, RegistryError>
+where
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + t;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        match tokio::time::timeout_at(deadline, call()).await {
+            Err(_) => return Err(timed_out(what, t)),
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if transient(&e) && tokio::time::Instant::now() + pause < deadline => {
+                debug!(what, error = %e, "etcd call failed on its way; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            Ok(Err(e)) => return Err(unavailable(what.to_owned(), e)),
+        }
+    }
+}
+
 fn timed_out(what: &str, t: Duration) -> RegistryError {
     RegistryError::Unavailable {
         backend: BACKEND,
@@ -503,15 +545,15 @@ impl Keeper {
     }
 
     async fn put(&mut self, key: &str, value: &str, lease: i64) -> Result<(), RegistryError> {
-        let t = self.timeout;
-        timeout(
-            t,
-            self.client
-                .put(key, value, Some(PutOptions::new().with_lease(lease))),
-        )
-        .await
-        .map_err(|_| timed_out("put", t))?
-        .map_err(|e| unavailable(format!("put {key}"), e))?;
+        let client = &self.client;
+        idempotent(self.timeout, &format!("put {key}"), || {
+            let mut c = client.clone();
+            async move {
+                c.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                    .await
+            }
+        })
+        .await?;
         Ok(())
     }
 
@@ -521,6 +563,12 @@ impl Keeper {
         value: String,
         state: watch::Sender<RegistrationState>,
     ) -> Result<(), RegistryError> {
+        if self.retry_at.is_some() {
+            // A keep-alive that just broke is usually resumed at once through
+            // another member (a member died): try that now instead of
+            // refusing the registration until the next scheduled attempt.
+            self.restore().await;
+        }
         if self.retry_at.is_some() {
             return Err(RegistryError::Unavailable {
                 backend: BACKEND,
@@ -545,11 +593,12 @@ impl Keeper {
             return Ok(());
         };
         state.send_replace(RegistrationState::Deregistered);
-        let t = self.timeout;
-        timeout(t, self.client.delete(key, None))
-            .await
-            .map_err(|_| timed_out("delete", t))?
-            .map_err(|e| unavailable(format!("delete {key}"), e))?;
+        let client = &self.client;
+        idempotent(self.timeout, &format!("delete {key}"), || {
+            let mut c = client.clone();
+            async move { c.delete(key, None).await }
+        })
+        .await?;
         Ok(())
     }
 
@@ -560,15 +609,17 @@ impl Keeper {
         self.keys.clear();
         self.stream = None;
         if let Some(lease) = self.lease.take() {
-            match timeout(self.timeout, self.client.lease_revoke(lease)).await {
-                Ok(Ok(_)) => info!(lease, "etcd lease revoked"),
-                Ok(Err(e)) => {
+            let client = &self.client;
+            let revoked = idempotent(self.timeout, "lease revoke", || {
+                let mut c = client.clone();
+                async move { c.lease_revoke(lease).await }
+            })
+            .await;
+            match revoked {
+                Ok(_) => info!(lease, "etcd lease revoked"),
+                Err(e) => {
                     warn!(lease, error = %e, "etcd lease revoke failed; keys expire with the TTL")
                 }
-                Err(_) => warn!(
-                    lease,
-                    "etcd lease revoke timed out; keys expire with the TTL"
-                ),
             }
         }
     }

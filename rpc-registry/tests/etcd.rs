@@ -127,6 +127,51 @@ mod private_etcd {
         ServiceMetaInfo::new("Etcd.Private", "1.0", "127.0.0.1", port)
     }
 
+    /// With two endpoints and one of them dead, every put and delete still
+    /// succeeds: a call the client's balancer routed to the dead one is sent
+    /// again. (In a cluster, the member a provider happened to use dies.)
+    #[tokio::test]
+    async fn registrations_and_deregistrations_survive_a_dead_endpoint() {
+        if !etcd_binary("dead endpoint") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let etcd = Etcd::start(&tmp.path().join("d"), free_port(), free_port(), None);
+        let direct = connect_when_ready(&config(etcd.endpoint())).await;
+        let upstream = etcd
+            .endpoint()
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap();
+        let proxy = FaultProxy::start(upstream).await;
+        let mut cfg = config(etcd.endpoint());
+        cfg.address = Addresses(vec![format!("http://{}", proxy.addr()), etcd.endpoint()]);
+        let provider = connect_when_ready(&cfg).await;
+        let mut regs = Vec::new();
+        for port in 9300..9305 {
+            regs.push(provider.register(meta(port)).await.unwrap());
+        }
+        proxy.cut();
+        for port in 9305..9310 {
+            let r = tokio::time::timeout(WAIT, provider.register(meta(port)))
+                .await
+                .expect("register hung");
+            regs.push(r.unwrap_or_else(|e| panic!("register {port} with one endpoint dead: {e}")));
+        }
+        for r in regs {
+            let port = r.meta().service_port;
+            tokio::time::timeout(WAIT, r.deregister())
+                .await
+                .expect("deregister hung")
+                .unwrap_or_else(|e| panic!("deregister {port} with one endpoint dead: {e}"));
+        }
+        assert_eq!(
+            direct.discover("Etcd.Private:1.0").await.unwrap(),
+            Vec::new(),
+            "a deregistered instance is still listed"
+        );
+    }
+
     #[tokio::test]
     async fn an_etcd_reset_to_an_empty_data_dir_gets_every_registration_back() {
         if !etcd_binary("reset") {
