@@ -786,6 +786,24 @@ struct Keeper {
     unreachable: bool,
 }
 
+impl keeper::Keeps<(String, String, Vec<u8>)> for Keeper {
+    async fn keep(
+        &mut self,
+        (id, check, body): (String, String, Vec<u8>),
+        state: watch::Sender<RegistrationState>,
+    ) -> Result<(), RegistryError> {
+        self.register(id, check, body, state).await
+    }
+
+    async fn release(&mut self, key: &str) -> Result<(), RegistryError> {
+        self.deregister(key).await
+    }
+
+    async fn release_all(&mut self) {
+        self.deregister_all().await;
+    }
+}
+
 impl Keeper {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut beat = tokio::time::interval(self.beat);
@@ -793,28 +811,11 @@ impl Keeper {
         loop {
             let retry_at = self.retry_at;
             tokio::select! {
-                cmd = commands.recv() => match cmd {
-                    Some(Command::Register { request: (id, check, body), state, done }) => {
-                        let r = self.register(id, check, body, state).await;
-                        let _ = done.send(r);
-                    }
-                    Some(Command::Deregister { key: id, done }) => {
-                        let r = self.deregister(&id).await;
-                        if let Some(done) = done {
-                            let _ = done.send(r);
-                        }
-                    }
-                    Some(Command::Shutdown { done }) => {
-                        self.deregister_all().await;
-                        let _ = done.send(());
-                        keeper::answer_after_shutdown(&mut commands).await;
+                cmd = commands.recv() => {
+                    if !keeper::serve(&mut self, cmd, &mut commands).await {
                         return;
                     }
-                    None => {
-                        self.deregister_all().await;
-                        return;
-                    }
-                },
+                }
                 _ = beat.tick(), if !self.entries.is_empty() => self.beat_all().await,
                 _ = sleep_until_opt(retry_at), if retry_at.is_some() => self.restore().await,
             }

@@ -343,6 +343,24 @@ struct Keeper {
     backoff: Duration,
 }
 
+impl keeper::Keeps<(String, String)> for Keeper {
+    async fn keep(
+        &mut self,
+        (key, value): (String, String),
+        state: watch::Sender<RegistrationState>,
+    ) -> Result<(), RegistryError> {
+        self.register(key, value, state).await
+    }
+
+    async fn release(&mut self, key: &str) -> Result<(), RegistryError> {
+        self.deregister(key).await
+    }
+
+    async fn release_all(&mut self) {
+        self.revoke().await;
+    }
+}
+
 impl Keeper {
     fn beat_interval(&self) -> Duration {
         (self.ttl / 3).max(Duration::from_millis(300))
@@ -354,28 +372,11 @@ impl Keeper {
         loop {
             let retry_at = self.retry_at;
             tokio::select! {
-                cmd = commands.recv() => match cmd {
-                    Some(Command::Register { request: (key, value), state, done }) => {
-                        let r = self.register(key, value, state).await;
-                        let _ = done.send(r);
-                    }
-                    Some(Command::Deregister { key, done }) => {
-                        let r = self.deregister(&key).await;
-                        if let Some(done) = done {
-                            let _ = done.send(r);
-                        }
-                    }
-                    Some(Command::Shutdown { done }) => {
-                        self.revoke().await;
-                        let _ = done.send(());
-                        keeper::answer_after_shutdown(&mut commands).await;
+                cmd = commands.recv() => {
+                    if !keeper::serve(&mut self, cmd, &mut commands).await {
                         return;
                     }
-                    None => {
-                        self.revoke().await;
-                        return;
-                    }
-                },
+                }
                 _ = beat.tick(), if self.lease.is_some() && retry_at.is_none() => {
                     let sent = match &mut self.stream {
                         Some((keeper, _)) => timeout(self.timeout, keeper.keep_alive()).await,

@@ -60,13 +60,64 @@ pub(crate) async fn submit_registration<R>(
     Ok(state_rx)
 }
 
+/// What a keeper task does for each [`Command`]; [`serve`] drives it.
+#[cfg(any(feature = "etcd", feature = "zookeeper", feature = "consul"))]
+pub(crate) trait Keeps<R> {
+    /// Publishes a registration and keeps it; `state` follows it from then on.
+    async fn keep(
+        &mut self,
+        request: R,
+        state: watch::Sender<RegistrationState>,
+    ) -> Result<(), RegistryError>;
+    /// Stops keeping `key` and removes it.
+    async fn release(&mut self, key: &str) -> Result<(), RegistryError>;
+    /// Removes everything kept (shutdown, or every handle dropped).
+    async fn release_all(&mut self);
+}
+
+/// Carries out one command (`None`: every handle is gone). Returns `false`
+/// once the keeper is finished: everything released and, after an explicit
+/// shutdown, every later command answered until the last handle dropped.
+#[cfg(any(feature = "etcd", feature = "zookeeper", feature = "consul"))]
+pub(crate) async fn serve<R, K: Keeps<R>>(
+    keeper: &mut K,
+    cmd: Option<Command<R>>,
+    commands: &mut tokio::sync::mpsc::Receiver<Command<R>>,
+) -> bool {
+    match cmd {
+        Some(Command::Register {
+            request,
+            state,
+            done,
+        }) => {
+            let _ = done.send(keeper.keep(request, state).await);
+            true
+        }
+        Some(Command::Deregister { key, done }) => {
+            let r = keeper.release(&key).await;
+            if let Some(done) = done {
+                let _ = done.send(r);
+            }
+            true
+        }
+        Some(Command::Shutdown { done }) => {
+            keeper.release_all().await;
+            let _ = done.send(());
+            answer_after_shutdown(commands).await;
+            false
+        }
+        None => {
+            keeper.release_all().await;
+            false
+        }
+    }
+}
+
 #[cfg(any(feature = "etcd", feature = "zookeeper", feature = "consul"))]
 /// For a keeper that has shut down (everything it kept is gone): answers
 /// commands until every handle is dropped. Registrations are refused;
 /// deregistrations and further shutdowns succeed, there being nothing left.
-pub(crate) async fn answer_after_shutdown<R>(
-    commands: &mut tokio::sync::mpsc::Receiver<Command<R>>,
-) {
+async fn answer_after_shutdown<R>(commands: &mut tokio::sync::mpsc::Receiver<Command<R>>) {
     while let Some(cmd) = commands.recv().await {
         match cmd {
             Command::Register { done, .. } => {

@@ -486,33 +486,34 @@ struct Keeper {
     backoff: Duration,
 }
 
+impl keeper::Keeps<(String, Vec<u8>)> for Keeper {
+    async fn keep(
+        &mut self,
+        (path, data): (String, Vec<u8>),
+        state: watch::Sender<RegistrationState>,
+    ) -> Result<(), RegistryError> {
+        self.register(path, data, state).await
+    }
+
+    async fn release(&mut self, key: &str) -> Result<(), RegistryError> {
+        self.deregister(key).await
+    }
+
+    async fn release_all(&mut self) {
+        self.close().await;
+    }
+}
+
 impl Keeper {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         loop {
             let retry_at = self.retry_at;
             tokio::select! {
-                cmd = commands.recv() => match cmd {
-                    Some(Command::Register { request: (path, data), state, done }) => {
-                        let r = self.register(path, data, state).await;
-                        let _ = done.send(r);
-                    }
-                    Some(Command::Deregister { key: path, done }) => {
-                        let r = self.deregister(&path).await;
-                        if let Some(done) = done {
-                            let _ = done.send(r);
-                        }
-                    }
-                    Some(Command::Shutdown { done }) => {
-                        self.close().await;
-                        let _ = done.send(());
-                        keeper::answer_after_shutdown(&mut commands).await;
+                cmd = commands.recv() => {
+                    if !keeper::serve(&mut self, cmd, &mut commands).await {
                         return;
                     }
-                    None => {
-                        self.close().await;
-                        return;
-                    }
-                },
+                }
                 state = next_state(&mut self.states) => self.on_state(state),
                 _ = sleep_until_opt(retry_at), if retry_at.is_some() => self.restore().await,
             }
