@@ -32,6 +32,10 @@
 //! `scripts/registry-servers.sh install` puts in place); a missing one
 //! prints one SKIP line, or fails under `RPC_REQUIRE_SERVERS=1`.
 
+// The skipped-test line, shared with rpc-registry's real-server tests.
+#[macro_use]
+#[path = "../../rpc-registry/tests/skip/mod.rs"]
+mod skip;
 mod support;
 
 use std::time::Duration;
@@ -685,7 +689,7 @@ fn needs_feature(feature: &str) {
         !servers_required(),
         "RPC_REQUIRE_SERVERS=1 but example-provider was built without the `{feature}` feature"
     );
-    println!(
+    skip_note!(
         "SKIP [{feature}] chaos tests: built without the `{feature}` feature (scripts/test.sh enables it)"
     );
 }

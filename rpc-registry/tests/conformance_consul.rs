@@ -10,6 +10,9 @@
 //! provider's back. The SIGKILL case kills a real child process whose
 //! checks then go critical after the TTL.
 
+#[macro_use]
+#[allow(unused_macros)]
+mod skip;
 #[cfg(feature = "consul")]
 #[macro_use]
 mod conformance;
@@ -24,7 +27,7 @@ fn consul_conformance_needs_the_consul_feature() {
         !required,
         "RPC_REQUIRE_SERVERS=1 but rpc-registry was built without the `consul` feature"
     );
-    println!("SKIP [consul] built without the `consul` feature (scripts/test.sh enables it)");
+    skip_note!("SKIP [consul] built without the `consul` feature (scripts/test.sh enables it)");
 }
 
 #[cfg(feature = "consul")]

@@ -8,6 +8,9 @@
 //! registration is revoking its lease behind the provider's back. The
 //! SIGKILL case kills a real child process holding the lease.
 
+#[macro_use]
+#[allow(unused_macros)]
+mod skip;
 #[cfg(feature = "etcd")]
 #[macro_use]
 mod conformance;
@@ -20,7 +23,7 @@ fn etcd_conformance_needs_the_etcd_feature() {
         !required,
         "RPC_REQUIRE_SERVERS=1 but rpc-registry was built without the `etcd` feature"
     );
-    println!("SKIP [etcd] built without the `etcd` feature (scripts/test.sh enables it)");
+    skip_note!("SKIP [etcd] built without the `etcd` feature (scripts/test.sh enables it)");
 }
 
 #[cfg(feature = "etcd")]

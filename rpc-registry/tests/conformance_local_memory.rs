@@ -11,6 +11,9 @@
 //!   `MemoryRegistry::evict`; the outage is `set_reachable(false)`.
 
 #[macro_use]
+#[allow(unused_macros)]
+mod skip;
+#[macro_use]
 mod conformance;
 
 use std::path::PathBuf;

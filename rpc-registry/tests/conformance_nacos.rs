@@ -14,6 +14,9 @@
 //! reconnects and must publish them again by itself. The SIGKILL case kills
 //! a real child process connected straight to the server.
 
+#[macro_use]
+#[allow(unused_macros)]
+mod skip;
 #[cfg(feature = "nacos")]
 #[macro_use]
 mod conformance;
@@ -26,7 +29,7 @@ fn nacos_conformance_needs_the_nacos_feature() {
         !required,
         "RPC_REQUIRE_SERVERS=1 but rpc-registry was built without the `nacos` feature"
     );
-    println!("SKIP [nacos] built without the `nacos` feature (scripts/test.sh enables it)");
+    skip_note!("SKIP [nacos] built without the `nacos` feature (scripts/test.sh enables it)");
 }
 
 #[cfg(feature = "nacos")]

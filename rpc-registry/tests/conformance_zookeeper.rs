@@ -11,6 +11,9 @@
 //! session's ephemeral nodes. The SIGKILL case kills a real child process
 //! holding a session.
 
+#[macro_use]
+#[allow(unused_macros)]
+mod skip;
 #[cfg(feature = "zookeeper")]
 #[macro_use]
 mod conformance;
@@ -23,7 +26,9 @@ fn zookeeper_conformance_needs_the_zookeeper_feature() {
         !required,
         "RPC_REQUIRE_SERVERS=1 but rpc-registry was built without the `zookeeper` feature"
     );
-    println!("SKIP [zookeeper] built without the `zookeeper` feature (scripts/test.sh enables it)");
+    skip_note!(
+        "SKIP [zookeeper] built without the `zookeeper` feature (scripts/test.sh enables it)"
+    );
 }
 
 #[cfg(feature = "zookeeper")]

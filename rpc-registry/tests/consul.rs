@@ -4,6 +4,9 @@
 //! service, a provider whose heartbeats stop (hidden by the passing filter
 //! while Consul still lists it as critical), HTTPS with client certificates.
 
+#[macro_use]
+#[allow(unused_macros)]
+mod skip;
 #[cfg(feature = "consul")]
 #[macro_use]
 #[allow(unused_macros)]
@@ -19,7 +22,7 @@ fn consul_tests_need_the_consul_feature() {
         !required,
         "RPC_REQUIRE_SERVERS=1 but rpc-registry was built without the `consul` feature"
     );
-    println!("SKIP [consul] built without the `consul` feature (scripts/test.sh enables it)");
+    skip_note!("SKIP [consul] built without the `consul` feature (scripts/test.sh enables it)");
 }
 
 #[cfg(feature = "consul")]

@@ -3,6 +3,9 @@
 //! `scripts/registry-servers.sh`): a server reset to an empty data dir, a
 //! provider partitioned past its lease TTL, TLS with client certificates.
 
+#[macro_use]
+#[allow(unused_macros)]
+mod skip;
 #[cfg(feature = "etcd")]
 #[macro_use]
 #[allow(unused_macros)]
@@ -16,7 +19,7 @@ fn etcd_tests_need_the_etcd_feature() {
         !required,
         "RPC_REQUIRE_SERVERS=1 but rpc-registry was built without the `etcd` feature"
     );
-    println!("SKIP [etcd] built without the `etcd` feature (scripts/test.sh enables it)");
+    skip_note!("SKIP [etcd] built without the `etcd` feature (scripts/test.sh enables it)");
 }
 
 #[cfg(feature = "etcd")]

@@ -5,6 +5,9 @@
 //! empty list right after a restart does not wipe a consumer's list until
 //! it is confirmed.
 
+#[macro_use]
+#[allow(unused_macros)]
+mod skip;
 #[cfg(feature = "nacos")]
 #[macro_use]
 #[allow(unused_macros)]
@@ -18,7 +21,7 @@ fn nacos_tests_need_the_nacos_feature() {
         !required,
         "RPC_REQUIRE_SERVERS=1 but rpc-registry was built without the `nacos` feature"
     );
-    println!("SKIP [nacos] built without the `nacos` feature (scripts/test.sh enables it)");
+    skip_note!("SKIP [nacos] built without the `nacos` feature (scripts/test.sh enables it)");
 }
 
 #[cfg(feature = "nacos")]
@@ -71,7 +74,7 @@ mod private_nacos {
             !servers_required(),
             "RPC_REQUIRE_SERVERS=1 but no `rnacos` binary (scripts/registry-servers.sh install nacos)"
         );
-        println!(
+        skip_note!(
             "SKIP [nacos] {test}: no rnacos binary (scripts/registry-servers.sh install nacos)"
         );
         None

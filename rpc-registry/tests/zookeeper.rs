@@ -5,6 +5,9 @@
 //! `RPC_TEST_ZOOKEEPER`), and a server restarted with an empty data dir (on a
 //! private ZooKeeper process this test starts and kills itself).
 
+#[macro_use]
+#[allow(unused_macros)]
+mod skip;
 #[cfg(feature = "zookeeper")]
 #[macro_use]
 #[allow(unused_macros)]
@@ -18,7 +21,9 @@ fn zookeeper_tests_need_the_zookeeper_feature() {
         !required,
         "RPC_REQUIRE_SERVERS=1 but rpc-registry was built without the `zookeeper` feature"
     );
-    println!("SKIP [zookeeper] built without the `zookeeper` feature (scripts/test.sh enables it)");
+    skip_note!(
+        "SKIP [zookeeper] built without the `zookeeper` feature (scripts/test.sh enables it)"
+    );
 }
 
 #[cfg(feature = "zookeeper")]
@@ -61,7 +66,7 @@ mod zookeeper {
                 !servers_required(),
                 "RPC_REQUIRE_SERVERS=1 but no ZooKeeper at {addr}"
             );
-            println!(
+            skip_note!(
                 "SKIP [zookeeper] {test}: no server at {addr} (scripts/registry-servers.sh up zookeeper)"
             );
         }
@@ -418,7 +423,7 @@ mod zookeeper {
                 !servers_required(),
                 "RPC_REQUIRE_SERVERS=1 but no java or {ZK_JAR}"
             );
-            println!(
+            skip_note!(
                 "SKIP [zookeeper] {test}: no ZooKeeper install (scripts/registry-servers.sh install zookeeper)"
             );
         }

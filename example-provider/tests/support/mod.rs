@@ -44,7 +44,7 @@ pub fn skip(backend: &str, test: &str, why: &str) {
         !servers_required(),
         "RPC_REQUIRE_SERVERS=1 but [{backend}] {test} cannot run: {why}"
     );
-    println!("SKIP [{backend}] {test}: {why} (scripts/registry-servers.sh install {backend})");
+    skip_note!("SKIP [{backend}] {test}: {why} (scripts/registry-servers.sh install {backend})");
 }
 
 /// One measurement line, `CHAOS backend=.. scenario=.. key=value ...`.

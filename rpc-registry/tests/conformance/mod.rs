@@ -175,7 +175,7 @@ async fn setup<B: Backend>() -> Option<B> {
             "[{}] server required ({REQUIRE_SERVERS_VAR}=1) but unavailable: {why}",
             B::NAME
         );
-        println!(
+        skip_note!(
             "SKIP [{}] no server: {why} (scripts/registry-servers.sh up starts one)",
             B::NAME
         );
@@ -185,7 +185,7 @@ async fn setup<B: Backend>() -> Option<B> {
 }
 
 fn skip<B: Backend>(case: &str, why: &Unsupported) {
-    println!("SKIP [{}] {case}: {}", B::NAME, why.0);
+    skip_note!("SKIP [{}] {case}: {}", B::NAME, why.0);
 }
 
 fn instance(service: &str, version: &str, port: u16) -> ServiceMetaInfo {

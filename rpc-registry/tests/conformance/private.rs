@@ -31,7 +31,7 @@ pub fn binary_or_skip(backend: &str, test: &str, program: &str, version_arg: &st
             !servers_required(),
             "RPC_REQUIRE_SERVERS=1 but no `{program}` binary on the PATH"
         );
-        println!(
+        skip_note!(
             "SKIP [{backend}] {test}: no `{program}` binary (scripts/registry-servers.sh install {backend})"
         );
     }
@@ -66,7 +66,7 @@ fn openssl(args: &[&str], dir: &Path) {
 pub fn certs_or_skip(backend: &str, test: &str, dir: &Path) -> Option<TestCerts> {
     if Command::new("openssl").arg("version").output().is_err() {
         assert!(!servers_required(), "no openssl to make test certificates");
-        println!("SKIP [{backend}] {test}: no openssl binary to make test certificates");
+        skip_note!("SKIP [{backend}] {test}: no openssl binary to make test certificates");
         return None;
     }
     #[rustfmt::skip]
