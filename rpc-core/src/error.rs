@@ -205,6 +205,20 @@ impl RegistryError {
             source: Some(source.into()),
         }
     }
+
+    /// [`RegistryError::Unavailable`] without an underlying error.
+    pub fn unavailable_because(backend: &'static str, message: impl Into<String>) -> Self {
+        Self::Unavailable {
+            backend,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A registry request that did not finish within `after`.
+    pub fn timed_out(backend: &'static str, what: &str, after: std::time::Duration) -> Self {
+        Self::unavailable_because(backend, format!("{what} timed out after {after:?}"))
+    }
 }
 
 /// The configuration could not be loaded. Always names where and which key.

@@ -102,15 +102,11 @@ fn unavailable(message: impl Into<String>, e: impl Into<rpc_core::BoxError>) -> 
 }
 
 fn failed(message: impl Into<String>) -> RegistryError {
-    RegistryError::Unavailable {
-        backend: BACKEND,
-        message: message.into(),
-        source: None,
-    }
+    RegistryError::unavailable_because(BACKEND, message)
 }
 
 fn timed_out(what: &str, t: Duration) -> RegistryError {
-    failed(format!("{what} timed out after {t:?}"))
+    RegistryError::timed_out(BACKEND, what, t)
 }
 
 /// Appends `s` as lowercase `a-z0-9` runs joined by single dashes (and

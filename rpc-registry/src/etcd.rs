@@ -112,11 +112,7 @@ where
 }
 
 fn timed_out(what: &str, t: Duration) -> RegistryError {
-    RegistryError::Unavailable {
-        backend: BACKEND,
-        message: format!("{what} timed out after {t:?}"),
-        source: None,
-    }
+    RegistryError::timed_out(BACKEND, what, t)
 }
 
 /// The key root for a namespace: `/rpc/` or `/{namespace}/rpc/`.

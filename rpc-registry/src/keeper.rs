@@ -51,11 +51,7 @@ pub(crate) async fn submit_registration<R>(
         .map_err(|_| RegistryError::Shutdown)?;
     tokio::time::timeout(wait, rx)
         .await
-        .map_err(|_| RegistryError::Unavailable {
-            backend,
-            message: format!("register timed out after {wait:?}"),
-            source: None,
-        })?
+        .map_err(|_| RegistryError::timed_out(backend, "register", wait))?
         .map_err(|_| RegistryError::Shutdown)??;
     Ok(state_rx)
 }
@@ -172,10 +168,8 @@ mod deregister {
                 }
                 timeout(self.timeout, rx)
                     .await
-                    .map_err(|_| RegistryError::Unavailable {
-                        backend: self.backend,
-                        message: format!("deregister timed out after {:?}", self.timeout),
-                        source: None,
+                    .map_err(|_| {
+                        RegistryError::timed_out(self.backend, "deregister", self.timeout)
                     })?
                     .unwrap_or(Ok(()))
             })

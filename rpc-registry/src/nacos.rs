@@ -126,15 +126,11 @@ fn unavailable(message: impl Into<String>, e: impl Into<rpc_core::BoxError>) -> 
 }
 
 fn failed(message: impl Into<String>) -> RegistryError {
-    RegistryError::Unavailable {
-        backend: BACKEND,
-        message: message.into(),
-        source: None,
-    }
+    RegistryError::unavailable_because(BACKEND, message)
 }
 
 fn timed_out(what: &str, t: Duration) -> RegistryError {
-    failed(format!("{what} timed out after {t:?}"))
+    RegistryError::timed_out(BACKEND, what, t)
 }
 
 /// The Nacos service name of a service key: the key itself (`Name:version`).
