@@ -7,6 +7,7 @@
 #   scripts/consul-cluster-test.sh    (needs `consul`; builds the examples with --features consul)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/cluster-lib.sh
 
 command -v consul >/dev/null || { echo "consul not installed: scripts/registry-servers.sh install consul" >&2; exit 1; }
 compose=docker/consul/docker-compose.yml
@@ -15,18 +16,7 @@ for flag in -server -bootstrap-expect -node -data-dir -bind -client -retry-join 
   grep -q -- "$flag" "$compose" || { echo "$compose lacks $flag" >&2; exit 1; }
 done
 
-# The test command builds every backend in once (RPC_EXAMPLE_FEATURES) so the
-# cluster scripts share one release build.
-cargo build --release --features "${RPC_EXAMPLE_FEATURES:-consul}" -p example-provider -p example-consumer
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+cluster_setup consul
 
 base=$((23000 + RANDOM % 5000))
 # Server i: HTTP base+i, server RPC base+10+i, serf LAN base+20+i, serf WAN base+30+i.
@@ -67,7 +57,7 @@ RPC_REGISTRY_ADDRESS="$(http 2)" ./target/release/example-consumer --calls 500 -
 
 kill -TERM "$provider"
 wait "$provider" || { cat "$work/provider.log"; exit 1; }
-grep -q "deregistered" "$work/provider.log" || { cat "$work/provider.log"; echo "provider did not deregister" >&2; exit 1; }
+require_deregistered
 left=$(curl -fsS "$(http 2)/v1/health/service/userservice-1-0" | grep -c '"ServiceID"' || true)
 [ "$left" = 0 ] || { echo "the provider's instance is still in the catalog" >&2; exit 1; }
 echo "consul cluster test: ok"

@@ -6,6 +6,7 @@
 #   scripts/etcd-cluster-test.sh      (needs `etcd`; builds the examples with --features etcd)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/cluster-lib.sh
 
 command -v etcd >/dev/null || { echo "etcd not installed: scripts/registry-servers.sh install etcd" >&2; exit 1; }
 compose=docker/etcd/docker-compose.yml
@@ -15,18 +16,7 @@ for flag in --name --data-dir --listen-client-urls --advertise-client-urls --lis
   grep -q -- "$flag" "$compose" || { echo "$compose lacks $flag" >&2; exit 1; }
 done
 
-# The test command builds every backend in once (RPC_EXAMPLE_FEATURES) so the
-# cluster scripts share one release build.
-cargo build --release --features "${RPC_EXAMPLE_FEATURES:-etcd}" -p example-provider -p example-consumer
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+cluster_setup etcd
 
 base=$((23000 + RANDOM % 5000))
 cluster=""
@@ -64,5 +54,5 @@ kill -KILL "$member1"
 
 kill -TERM "$provider"
 wait "$provider" || { cat "$work/provider.log"; exit 1; }
-grep -q "deregistered" "$work/provider.log" || { cat "$work/provider.log"; echo "provider did not deregister" >&2; exit 1; }
+require_deregistered
 echo "etcd cluster test: ok"

@@ -8,24 +8,14 @@
 #   scripts/zookeeper-cluster-test.sh   (needs Debian's zookeeper; builds the examples with --features zookeeper)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/cluster-lib.sh
 
 [ -e /usr/share/java/zookeeper.jar ] && command -v java >/dev/null \
   || { echo "zookeeper not installed: scripts/registry-servers.sh install zookeeper" >&2; exit 1; }
 entrypoint=docker/zookeeper/entrypoint.sh
 grep -q "entrypoint.sh" docker/Dockerfile.zookeeper || { echo "Dockerfile.zookeeper does not use $entrypoint" >&2; exit 1; }
 
-# The test command builds every backend in once (RPC_EXAMPLE_FEATURES) so the
-# cluster scripts share one release build.
-cargo build --release --features "${RPC_EXAMPLE_FEATURES:-zookeeper}" -p example-provider -p example-consumer
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+cluster_setup zookeeper
 
 four() { (exec 3<>"/dev/tcp/127.0.0.1/$1" && printf '%s' "$2" >&3 && timeout 2 cat <&3) 2>/dev/null || true; }
 
@@ -63,7 +53,7 @@ kill -KILL "${pids[$((leader - 1))]}"
 
 kill -TERM "$provider"
 wait "$provider" || { cat "$work/provider.log"; exit 1; }
-grep -q "deregistered" "$work/provider.log" || { cat "$work/provider.log"; echo "provider did not deregister" >&2; exit 1; }
+require_deregistered
 if grep -q "restored in a new session" "$work/provider.log"; then
   cat "$work/provider.log"; echo "the provider lost its session over a leader change" >&2; exit 1
 fi
