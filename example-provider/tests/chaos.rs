@@ -32,10 +32,12 @@
 //! `scripts/registry-servers.sh install` puts in place); a missing one
 //! prints one SKIP line, or fails under `RPC_REQUIRE_SERVERS=1`.
 
-// The skipped-test line, shared with rpc-registry's real-server tests.
+// The skip line, feature stubs and loopback ports, shared with
+// rpc-registry's real-server tests.
 #[macro_use]
-#[path = "../../rpc-registry/tests/skip/mod.rs"]
-mod skip;
+#[allow(unused_macros, dead_code)]
+#[path = "../../rpc-registry/tests/common/mod.rs"]
+mod common;
 mod support;
 
 use std::time::Duration;
@@ -683,37 +685,18 @@ chaos_tests!(consul, Kind::Consul);
 #[cfg(feature = "nacos")]
 chaos_tests!(nacos, Kind::Nacos);
 
-#[allow(dead_code)]
-fn needs_feature(feature: &str) {
-    assert!(
-        !servers_required(),
-        "RPC_REQUIRE_SERVERS=1 but example-provider was built without the `{feature}` feature"
-    );
-    skip_note!(
-        "SKIP [{feature}] chaos tests: built without the `{feature}` feature (scripts/test.sh enables it)"
-    );
-}
+feature_stub!(etcd_chaos_needs_the_etcd_feature, "etcd", "chaos tests");
 
-#[cfg(not(feature = "etcd"))]
-#[test]
-fn etcd_chaos_needs_the_etcd_feature() {
-    needs_feature("etcd");
-}
+feature_stub!(
+    zookeeper_chaos_needs_the_zookeeper_feature,
+    "zookeeper",
+    "chaos tests"
+);
 
-#[cfg(not(feature = "zookeeper"))]
-#[test]
-fn zookeeper_chaos_needs_the_zookeeper_feature() {
-    needs_feature("zookeeper");
-}
+feature_stub!(
+    consul_chaos_needs_the_consul_feature,
+    "consul",
+    "chaos tests"
+);
 
-#[cfg(not(feature = "consul"))]
-#[test]
-fn consul_chaos_needs_the_consul_feature() {
-    needs_feature("consul");
-}
-
-#[cfg(not(feature = "nacos"))]
-#[test]
-fn nacos_chaos_needs_the_nacos_feature() {
-    needs_feature("nacos");
-}
+feature_stub!(nacos_chaos_needs_the_nacos_feature, "nacos", "chaos tests");

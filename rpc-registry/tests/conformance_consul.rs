@@ -11,24 +11,19 @@
 //! checks then go critical after the TTL.
 
 #[macro_use]
-#[allow(unused_macros)]
-mod skip;
+#[allow(unused_macros, dead_code)]
+mod common;
 #[cfg(feature = "consul")]
 #[macro_use]
 mod conformance;
 #[cfg(feature = "consul")]
 mod consul_support;
 
-#[cfg(not(feature = "consul"))]
-#[test]
-fn consul_conformance_needs_the_consul_feature() {
-    let required = std::env::var("RPC_REQUIRE_SERVERS").is_ok_and(|v| v == "1");
-    assert!(
-        !required,
-        "RPC_REQUIRE_SERVERS=1 but rpc-registry was built without the `consul` feature"
-    );
-    skip_note!("SKIP [consul] built without the `consul` feature (scripts/test.sh enables it)");
-}
+feature_stub!(
+    consul_conformance_needs_the_consul_feature,
+    "consul",
+    "conformance suite"
+);
 
 #[cfg(feature = "consul")]
 mod consul {

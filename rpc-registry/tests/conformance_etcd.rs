@@ -9,22 +9,17 @@
 //! SIGKILL case kills a real child process holding the lease.
 
 #[macro_use]
-#[allow(unused_macros)]
-mod skip;
+#[allow(unused_macros, dead_code)]
+mod common;
 #[cfg(feature = "etcd")]
 #[macro_use]
 mod conformance;
 
-#[cfg(not(feature = "etcd"))]
-#[test]
-fn etcd_conformance_needs_the_etcd_feature() {
-    let required = std::env::var("RPC_REQUIRE_SERVERS").is_ok_and(|v| v == "1");
-    assert!(
-        !required,
-        "RPC_REQUIRE_SERVERS=1 but rpc-registry was built without the `etcd` feature"
-    );
-    skip_note!("SKIP [etcd] built without the `etcd` feature (scripts/test.sh enables it)");
-}
+feature_stub!(
+    etcd_conformance_needs_the_etcd_feature,
+    "etcd",
+    "conformance suite"
+);
 
 #[cfg(feature = "etcd")]
 mod etcd {

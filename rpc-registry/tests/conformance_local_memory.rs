@@ -11,8 +11,8 @@
 //!   `MemoryRegistry::evict`; the outage is `set_reachable(false)`.
 
 #[macro_use]
-#[allow(unused_macros)]
-mod skip;
+#[allow(unused_macros, dead_code)]
+mod common;
 #[macro_use]
 mod conformance;
 

@@ -15,22 +15,17 @@
 //! a real child process connected straight to the server.
 
 #[macro_use]
-#[allow(unused_macros)]
-mod skip;
+#[allow(unused_macros, dead_code)]
+mod common;
 #[cfg(feature = "nacos")]
 #[macro_use]
 mod conformance;
 
-#[cfg(not(feature = "nacos"))]
-#[test]
-fn nacos_conformance_needs_the_nacos_feature() {
-    let required = std::env::var("RPC_REQUIRE_SERVERS").is_ok_and(|v| v == "1");
-    assert!(
-        !required,
-        "RPC_REQUIRE_SERVERS=1 but rpc-registry was built without the `nacos` feature"
-    );
-    skip_note!("SKIP [nacos] built without the `nacos` feature (scripts/test.sh enables it)");
-}
+feature_stub!(
+    nacos_conformance_needs_the_nacos_feature,
+    "nacos",
+    "conformance suite"
+);
 
 #[cfg(feature = "nacos")]
 mod nacos {

@@ -12,24 +12,17 @@
 //! holding a session.
 
 #[macro_use]
-#[allow(unused_macros)]
-mod skip;
+#[allow(unused_macros, dead_code)]
+mod common;
 #[cfg(feature = "zookeeper")]
 #[macro_use]
 mod conformance;
 
-#[cfg(not(feature = "zookeeper"))]
-#[test]
-fn zookeeper_conformance_needs_the_zookeeper_feature() {
-    let required = std::env::var("RPC_REQUIRE_SERVERS").is_ok_and(|v| v == "1");
-    assert!(
-        !required,
-        "RPC_REQUIRE_SERVERS=1 but rpc-registry was built without the `zookeeper` feature"
-    );
-    skip_note!(
-        "SKIP [zookeeper] built without the `zookeeper` feature (scripts/test.sh enables it)"
-    );
-}
+feature_stub!(
+    zookeeper_conformance_needs_the_zookeeper_feature,
+    "zookeeper",
+    "conformance suite"
+);
 
 #[cfg(feature = "zookeeper")]
 mod zookeeper {

@@ -5,8 +5,8 @@
 //! while Consul still lists it as critical), HTTPS with client certificates.
 
 #[macro_use]
-#[allow(unused_macros)]
-mod skip;
+#[allow(unused_macros, dead_code)]
+mod common;
 #[cfg(feature = "consul")]
 #[macro_use]
 #[allow(unused_macros)]
@@ -14,16 +14,11 @@ mod conformance;
 #[cfg(feature = "consul")]
 mod consul_support;
 
-#[cfg(not(feature = "consul"))]
-#[test]
-fn consul_tests_need_the_consul_feature() {
-    let required = std::env::var("RPC_REQUIRE_SERVERS").is_ok_and(|v| v == "1");
-    assert!(
-        !required,
-        "RPC_REQUIRE_SERVERS=1 but rpc-registry was built without the `consul` feature"
-    );
-    skip_note!("SKIP [consul] built without the `consul` feature (scripts/test.sh enables it)");
-}
+feature_stub!(
+    consul_tests_need_the_consul_feature,
+    "consul",
+    "real-server tests"
+);
 
 #[cfg(feature = "consul")]
 mod private_consul {
@@ -37,7 +32,8 @@ mod private_consul {
     };
     use rpc_registry::{AnyRegistry, ConsulRegistry, ServiceCache};
 
-    use crate::conformance::private::{TestCerts, binary_or_skip, certs_or_skip, free_port};
+    use crate::common::ports::free_port;
+    use crate::conformance::private::{TestCerts, binary_or_skip, certs_or_skip};
     use crate::conformance::proxy::FaultProxy;
     use crate::consul_support;
 

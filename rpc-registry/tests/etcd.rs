@@ -4,23 +4,18 @@
 //! provider partitioned past its lease TTL, TLS with client certificates.
 
 #[macro_use]
-#[allow(unused_macros)]
-mod skip;
+#[allow(unused_macros, dead_code)]
+mod common;
 #[cfg(feature = "etcd")]
 #[macro_use]
 #[allow(unused_macros)]
 mod conformance;
 
-#[cfg(not(feature = "etcd"))]
-#[test]
-fn etcd_tests_need_the_etcd_feature() {
-    let required = std::env::var("RPC_REQUIRE_SERVERS").is_ok_and(|v| v == "1");
-    assert!(
-        !required,
-        "RPC_REQUIRE_SERVERS=1 but rpc-registry was built without the `etcd` feature"
-    );
-    skip_note!("SKIP [etcd] built without the `etcd` feature (scripts/test.sh enables it)");
-}
+feature_stub!(
+    etcd_tests_need_the_etcd_feature,
+    "etcd",
+    "real-server tests"
+);
 
 #[cfg(feature = "etcd")]
 mod private_etcd {
@@ -34,7 +29,8 @@ mod private_etcd {
     };
     use rpc_registry::{EtcdRegistry, ServiceCache};
 
-    use crate::conformance::private::{TestCerts, binary_or_skip, certs_or_skip, free_port};
+    use crate::common::ports::free_port;
+    use crate::conformance::private::{TestCerts, binary_or_skip, certs_or_skip};
     use crate::conformance::proxy::FaultProxy;
 
     const WAIT: Duration = Duration::from_secs(20);

@@ -6,23 +6,18 @@
 //! it is confirmed.
 
 #[macro_use]
-#[allow(unused_macros)]
-mod skip;
+#[allow(unused_macros, dead_code)]
+mod common;
 #[cfg(feature = "nacos")]
 #[macro_use]
 #[allow(unused_macros)]
 mod conformance;
 
-#[cfg(not(feature = "nacos"))]
-#[test]
-fn nacos_tests_need_the_nacos_feature() {
-    let required = std::env::var("RPC_REQUIRE_SERVERS").is_ok_and(|v| v == "1");
-    assert!(
-        !required,
-        "RPC_REQUIRE_SERVERS=1 but rpc-registry was built without the `nacos` feature"
-    );
-    skip_note!("SKIP [nacos] built without the `nacos` feature (scripts/test.sh enables it)");
-}
+feature_stub!(
+    nacos_tests_need_the_nacos_feature,
+    "nacos",
+    "real-server tests"
+);
 
 #[cfg(feature = "nacos")]
 mod private_nacos {
@@ -40,6 +35,7 @@ mod private_nacos {
     use tokio::net::TcpStream;
     use tokio::process::{Child, Command};
 
+    use crate::common::ports::free_port_with;
     use crate::conformance::proxy::FaultProxy;
     use crate::conformance::servers_required;
 
@@ -80,28 +76,6 @@ mod private_nacos {
         None
     }
 
-    fn bindable(port: u16) -> bool {
-        std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
-    }
-
-    /// A base port P with P + 1000 and P + 2000 free too.
-    fn free_ports() -> u16 {
-        for _ in 0..200 {
-            let p = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            if p.checked_add(CONSOLE_OFFSET).is_some()
-                && bindable(p + GRPC_OFFSET)
-                && bindable(p + CONSOLE_OFFSET)
-            {
-                return p;
-            }
-        }
-        panic!("no free ports P, P + 1000, P + 2000");
-    }
-
     /// An rnacos process of this test, on loopback, data in a temp dir.
     /// Restarting it keeps the ports and starts from an empty data dir.
     struct PrivateNacos {
@@ -116,7 +90,7 @@ mod private_nacos {
         async fn start(bin: PathBuf) -> Self {
             let mut server = Self {
                 bin,
-                port: free_ports(),
+                port: free_port_with(&[GRPC_OFFSET, CONSOLE_OFFSET]),
                 root: tempfile::tempdir().unwrap(),
                 child: None,
                 runs: 0,

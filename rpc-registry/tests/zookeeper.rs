@@ -6,25 +6,18 @@
 //! private ZooKeeper process this test starts and kills itself).
 
 #[macro_use]
-#[allow(unused_macros)]
-mod skip;
+#[allow(unused_macros, dead_code)]
+mod common;
 #[cfg(feature = "zookeeper")]
 #[macro_use]
 #[allow(unused_macros)]
 mod conformance;
 
-#[cfg(not(feature = "zookeeper"))]
-#[test]
-fn zookeeper_tests_need_the_zookeeper_feature() {
-    let required = std::env::var("RPC_REQUIRE_SERVERS").is_ok_and(|v| v == "1");
-    assert!(
-        !required,
-        "RPC_REQUIRE_SERVERS=1 but rpc-registry was built without the `zookeeper` feature"
-    );
-    skip_note!(
-        "SKIP [zookeeper] built without the `zookeeper` feature (scripts/test.sh enables it)"
-    );
-}
+feature_stub!(
+    zookeeper_tests_need_the_zookeeper_feature,
+    "zookeeper",
+    "real-server tests"
+);
 
 #[cfg(feature = "zookeeper")]
 mod zookeeper {
@@ -42,7 +35,7 @@ mod zookeeper {
     use rpc_registry::{AnyRegistry, ServiceCache, ZookeeperRegistry};
     use zookeeper_client::{Acls, Client, CreateMode};
 
-    use crate::conformance::private::free_port;
+    use crate::common::ports::free_port;
     use crate::conformance::proxy::FaultProxy;
     use crate::conformance::servers_required;
 

@@ -18,22 +18,12 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::common::ports::{free_port, free_port_with};
+
 pub const ZK_JAR: &str = "/usr/share/java/zookeeper.jar";
 const ZK_CLASSPATH: &str = "/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-simple.jar";
 /// The Nacos 2.x client's gRPC port is the HTTP port + 1000.
 pub const NACOS_GRPC_OFFSET: u16 = 1000;
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn port_free(port: u16) -> bool {
-    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
-}
 
 /// Whether `program args...` runs and exits 0.
 pub fn runs(program: &str, args: &[&str]) -> bool {
@@ -441,14 +431,7 @@ pub struct Nacos {
 
 impl Nacos {
     pub fn start(dir: &Path, bin: PathBuf) -> Self {
-        let http = (0..200)
-            .map(|_| free_port())
-            .find(|&p| {
-                p < u16::MAX - 2 * NACOS_GRPC_OFFSET
-                    && port_free(p + NACOS_GRPC_OFFSET)
-                    && port_free(p + 2 * NACOS_GRPC_OFFSET)
-            })
-            .expect("no free ports P, P + 1000, P + 2000");
+        let http = free_port_with(&[NACOS_GRPC_OFFSET, 2 * NACOS_GRPC_OFFSET]);
         let mut n = Self {
             dir: dir.to_owned(),
             generation: 0,

@@ -1,21 +1,11 @@
 //! Helpers for the tests that start private registry servers of their own
-//! (`tests/{etcd,consul,zookeeper,nacos}.rs`): free ports, the binary-or-skip
-//! check, and throwaway TLS certificates.
+//! (`tests/{etcd,consul,zookeeper,nacos}.rs`): the binary-or-skip check and
+//! throwaway TLS certificates. Their ports come from `common::ports`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use super::servers_required;
-
-/// A loopback port nothing listens on at the moment of asking. Another
-/// process may take it before the server binds it: callers that can retry
-/// a start do (see the Consul agent).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
-}
 
 /// Whether `program version_arg` runs. If not, the test is skipped with one
 /// line, or fails under `RPC_REQUIRE_SERVERS=1`.
