@@ -12,8 +12,9 @@
 //!    call (the cache serves), and once it is back the providers are
 //!    listed again and a provider started then reaches the running consumer;
 //! 4. `registry_reset` — the registry restarted with an empty data dir: the
-//!    providers register again by themselves within 2x the TTL, and the
-//!    running consumer recovers;
+//!    providers register again by themselves within 2x the TTL, the running
+//!    consumer recovers, and no call fails (the consumer's cache keeps its
+//!    list while the registry is back but still empty, `client.empty_grace_ms`);
 //! 5. `unresponsive_provider` — an instance that accepts connections and
 //!    never answers: calls to it time out at the deadline, it is ejected,
 //!    later calls go to the other provider, and after the cool-down a
@@ -344,6 +345,11 @@ async fn registry_reset(kind: Kind) {
     assert!(
         late.is_empty(),
         "calls failed after the consumer's cache recovered: {}",
+        calls.describe_failures()
+    );
+    assert!(
+        calls.failed().is_empty(),
+        "calls failed while the registry was back but empty: {}",
         calls.describe_failures()
     );
 }

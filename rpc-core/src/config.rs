@@ -375,6 +375,12 @@ pub struct ClientConfig {
     /// Empty-push protection: an update that would empty a non-empty
     /// instance list while the registry connection is unhealthy is held back.
     pub empty_protection: bool,
+    /// With `empty_protection`: for this long after the registry comes back
+    /// from a break, an empty instance list from it does not replace a
+    /// non-empty one (a registry restarted empty lists nothing until its
+    /// providers register again, at their next heartbeat: within TTL / 3).
+    /// 0 turns this off.
+    pub empty_grace_ms: u64,
     /// Optional file where the consumer keeps its last good instance lists,
     /// so it can start and call while the registry is down.
     pub snapshot_file: Option<PathBuf>,
@@ -409,6 +415,7 @@ impl Default for ClientConfig {
             outlier_cooldown_ms: 5_000,
             outlier_max_ejected_percent: 50,
             empty_protection: true,
+            empty_grace_ms: 20_000,
             snapshot_file: None,
             services: BTreeMap::new(),
             timeout_ms: 3_000,

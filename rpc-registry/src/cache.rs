@@ -16,6 +16,16 @@
 //! again with exponential backoff; the backend's next snapshot then brings in
 //! additions and removals that happened meanwhile.
 //!
+//! Empty-push protection ([`CacheOptions::empty_protection`]) guards the one
+//! update that would hurt most, the one that empties a non-empty list. While
+//! the connection is unhealthy such an update waits until the connection is
+//! healthy again. For [`CacheOptions::empty_grace`] after the registry comes
+//! back from a break, an empty list from the registry waits too, since a
+//! registry restarted with no data lists nothing until its providers have
+//! registered again: the cache follows the registry's own list meanwhile and
+//! publishes it as soon as it lists an instance (so an instance that never
+//! comes back is not kept), or at the end of the grace.
+//!
 //! Every list or health change bumps a per-service version counter,
 //! published through a `tokio::sync::watch` channel, so consumers can
 //! rebuild derived state (balancers, connection pools) and tests can await a
@@ -30,12 +40,19 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use rpc_core::{Discover, RegistryError, ServiceMetaInfo, WatchEvent};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::task::AbortOnDrop;
 
 /// How long a lookup waits for the registry when the snapshot file has a
 /// list for the service.
 const SEED_WAIT: Duration = Duration::from_secs(2);
+
+/// Default [`CacheOptions::empty_grace`]. Providers register again at their
+/// next heartbeat or reconnect after a registry restart: within TTL / 3
+/// (10 s at the default 30 s TTL) for the backends that heartbeat, about 4 s
+/// for Nacos (the chaos tests' `registry_reset`).
+pub const DEFAULT_EMPTY_GRACE: Duration = Duration::from_secs(20);
 
 /// Default bound on the number of service keys a cache follows.
 pub const DEFAULT_MAX_SERVICES: usize = 4096;
@@ -57,6 +74,13 @@ pub struct CacheOptions {
     /// while the registry connection is unhealthy is held back until the
     /// backend reports the connection healthy again (which confirms it).
     pub empty_protection: bool,
+    /// With `empty_protection`: for this long after the registry comes back
+    /// from a break (the connection was lost, or the watch ended), a list
+    /// that the registry reports empty does not replace a non-empty one. A
+    /// registry restarted empty lists nothing until its providers have
+    /// registered again; their instances are published as they come back,
+    /// and an empty list at the end of the grace. Zero turns this off.
+    pub empty_grace: Duration,
     /// Where to keep the last good lists, so that a consumer started while
     /// the registry is down can use them. Written atomically, at most once
     /// a second.
@@ -71,6 +95,7 @@ impl Default for CacheOptions {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             empty_protection: true,
+            empty_grace: DEFAULT_EMPTY_GRACE,
             snapshot_file: None,
         }
     }
@@ -112,12 +137,34 @@ impl From<CacheError> for RegistryError {
     }
 }
 
+/// An update that empty-push protection keeps from the published list.
+enum Held {
+    /// An emptying update that arrived while the connection was unhealthy.
+    /// A healthy connection confirms it; any newer list event replaces it.
+    Unconfirmed(Vec<ServiceMetaInfo>),
+    /// The registry's own list, empty, within the grace after the registry
+    /// came back from a break. Later events update it, and it is published
+    /// as soon as it lists an instance, or at `until` as it is.
+    Reset {
+        truth: Vec<ServiceMetaInfo>,
+        until: Instant,
+    },
+}
+
+/// Empty-push protection's state; only the watch task changes it.
+#[derive(Default)]
+struct Protection {
+    held: Option<Held>,
+    /// When the registry last came back from a break.
+    recovered_at: Option<Instant>,
+}
+
 /// One service's cached state, shared by its watch task and its handles.
 struct Entry {
     key: String,
     empty_protection: bool,
-    /// An emptying update held back by empty-push protection.
-    held: Mutex<Option<Vec<ServiceMetaInfo>>>,
+    empty_grace: Duration,
+    protection: Mutex<Protection>,
     /// Wakes the snapshot-file writer, if there is one.
     persist: Option<Arc<tokio::sync::Notify>>,
     list: ArcSwap<Vec<ServiceMetaInfo>>,
@@ -128,11 +175,12 @@ struct Entry {
 }
 
 impl Entry {
-    fn new(key: &str, empty_protection: bool, persist: Option<Arc<tokio::sync::Notify>>) -> Self {
+    fn new(key: &str, options: &CacheOptions, persist: Option<Arc<tokio::sync::Notify>>) -> Self {
         Self {
             key: key.to_owned(),
-            empty_protection,
-            held: Mutex::new(None),
+            empty_protection: options.empty_protection,
+            empty_grace: options.empty_grace,
+            protection: Mutex::new(Protection::default()),
             persist,
             list: ArcSwap::from_pointee(Vec::new()),
             ready: AtomicBool::new(false),
@@ -186,27 +234,58 @@ impl Entry {
             .clone()
     }
 
+    fn protection(&self) -> std::sync::MutexGuard<'_, Protection> {
+        self.protection
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// When a list held for the grace after a registry restart is due.
+    fn held_until(&self) -> Option<Instant> {
+        match self.protection().held {
+            Some(Held::Reset { until, .. }) => Some(until),
+            _ => None,
+        }
+    }
+
     /// Applies one event; only the service's watch task calls this, so a
     /// load followed by a store cannot lose a concurrent update.
     /// `trusted`: the first event of a freshly established watch, which the
-    /// backend produced over a connection that just worked.
-    fn apply(&self, event: WatchEvent, trusted: bool) {
+    /// backend produced over a connection that just worked. Returns when a
+    /// held list is due (see [`Entry::release`]).
+    fn apply(&self, event: WatchEvent, trusted: bool) -> Option<Instant> {
         let current = self.list.load();
-        let mut health = None;
-        let mut first = false;
         let was_healthy = self.healthy.load(Ordering::Acquire);
+        let was_ready = self.ready.load(Ordering::Acquire);
         let confirms = trusted || matches!(event, WatchEvent::Connected(true));
-        if !matches!(event, WatchEvent::Connected(_)) {
-            // Any newer list event supersedes a held one.
-            *self.held.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        let mut protection = self.protection();
+        let mut held = protection.held.take();
+        let (health, first) = match &event {
+            WatchEvent::Snapshot(_) => (Some(true), !was_ready),
+            WatchEvent::Connected(c) => (Some(*c), false),
+            _ => (None, false),
+        };
+        let now = Instant::now();
+        if health == Some(true) && !was_healthy && was_ready {
+            protection.recovered_at = Some(now);
         }
-        let next = match event {
+        // The list the event applies to: the registry's own while a reset
+        // is held (so an instance that never comes back is not kept), the
+        // published one otherwise (a newer event replaces an unconfirmed
+        // hold).
+        let (base, reset_until): (&[ServiceMetaInfo], _) = match &held {
+            Some(Held::Reset { truth, until }) => (truth, Some(*until)),
+            _ => (current.as_slice(), None),
+        };
+        let mut health = health;
+        // Removals do not end the grace: a registry directory that comes back
+        // empty may report each instance gone one by one.
+        let lists = matches!(event, WatchEvent::Snapshot(_) | WatchEvent::Upsert(_));
+        let mut next = match event {
             WatchEvent::Snapshot(snapshot) => {
-                health = Some(true);
-                first = !self.ready.load(Ordering::Acquire);
                 self.set_last_error(None);
                 let snapshot = self.own(snapshot);
-                let (next, delta) = merge_snapshot(&current, snapshot);
+                let (next, delta) = merge_snapshot(base, snapshot);
                 if !delta.is_empty() {
                     tracing::debug!(service = %self.key, added = delta.added, removed = delta.removed, updated = delta.updated, "snapshot applied");
                 }
@@ -214,58 +293,110 @@ impl Entry {
             }
             WatchEvent::Upsert(meta) => {
                 if meta.service_key() == self.key {
-                    upsert(&current, meta)
+                    upsert(base, meta)
                 } else {
                     tracing::debug!(service = %self.key, node = %meta.node_key(), "ignoring an instance of another service");
                     None
                 }
             }
-            WatchEvent::Remove(node_key) => remove(&current, &node_key),
+            WatchEvent::Remove(node_key) => remove(base, &node_key),
             WatchEvent::Connected(connected) => {
                 if !connected {
                     tracing::warn!(service = %self.key, "registry connection lost; keeping the last known instances");
                 }
-                health = Some(connected);
-                // A healthy connection confirms an update held back while it was not.
-                let held = self
-                    .held
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .take();
-                match held {
-                    Some(list) if connected => {
-                        tracing::info!(service = %self.key, "registry healthy again: applying the held-back empty update");
-                        Some(list)
-                    }
-                    Some(list) => {
-                        *self.held.lock().unwrap_or_else(PoisonError::into_inner) = Some(list);
+                match held.take() {
+                    // A healthy connection confirms an update held back while it was not.
+                    Some(Held::Unconfirmed(list)) if connected => Some(list),
+                    other => {
+                        protection.held = other;
                         None
                     }
-                    None => None,
                 }
             }
         };
-        // Empty-push protection: never let an unhealthy registry connection
-        // wipe a good list.
-        let next = match next {
-            Some(list)
-                if self.empty_protection
-                    && list.is_empty()
-                    && !current.is_empty()
-                    && !was_healthy
-                    && !confirms =>
-            {
+        if let (Some(until), None) = (reset_until, &protection.held) {
+            // A list event during a reset hold: the registry's list goes on
+            // from the held one.
+            let truth = match (next.take(), held.take()) {
+                (Some(list), _) => list,
+                (None, Some(Held::Reset { truth, .. })) => truth,
+                (None, _) => Vec::new(),
+            };
+            if truth.is_empty() && now < until {
+                protection.held = Some(Held::Reset { truth, until });
+            } else {
+                tracing::info!(service = %self.key, instances = truth.len(), "the registry lists instances again after its restart");
+                next = Some(truth);
+            }
+        }
+        if lists {
+            // The registry lists instances again: whatever it says from now
+            // on is news, not the emptiness of a restart.
+            let listed = match &next {
+                Some(list) => !list.is_empty(),
+                // Unchanged: the published list, unless a reset is still held.
+                None => protection.held.is_none() && !current.is_empty(),
+            };
+            if listed {
+                protection.recovered_at = None;
+            }
+        }
+        let grace_until = protection
+            .recovered_at
+            .map(|at| at + self.empty_grace)
+            .filter(|until| self.empty_protection && now < *until);
+        // Empty-push protection: never let an unhealthy registry connection,
+        // or a registry just back from a break, wipe a good list.
+        if self.empty_protection && !current.is_empty() && next.as_ref().is_some_and(Vec::is_empty)
+        {
+            if !was_healthy && !confirms {
                 tracing::warn!(service = %self.key, instances = current.len(), "holding back an update that would empty the list while the registry is unhealthy");
-                *self.held.lock().unwrap_or_else(PoisonError::into_inner) = Some(list);
+                protection.held = next.take().map(Held::Unconfirmed);
                 // A held snapshot does not vouch for the connection either.
                 health = None;
-                None
+            } else if let Some(until) = grace_until {
+                tracing::warn!(service = %self.key, instances = current.len(), left = ?until.saturating_duration_since(now), "the registry lists no instance right after coming back; keeping the last list until its providers register again");
+                protection.held = next.take().map(|truth| Held::Reset { truth, until });
             }
-            other => other,
+        }
+        let due = match protection.held {
+            Some(Held::Reset { until, .. }) => Some(until),
+            _ => None,
         };
+        drop(protection);
         drop(current);
-        // Publish the list before the flags and the version: whoever sees
-        // `ready`, `healthy` or a new version must also see the list.
+        self.publish(next, health, first);
+        due
+    }
+
+    /// Publishes a list held for the grace after a registry restart, once it
+    /// is due: the registry has listed nothing for the whole grace.
+    fn release(&self) {
+        let mut protection = self.protection();
+        let truth = match protection.held.take() {
+            Some(Held::Reset { truth, until }) if Instant::now() < until => {
+                protection.held = Some(Held::Reset { truth, until });
+                return;
+            }
+            Some(Held::Reset { truth, .. }) => truth,
+            other => {
+                protection.held = other;
+                return;
+            }
+        };
+        if !self.healthy.load(Ordering::Acquire) {
+            // The connection broke again meanwhile: wait for it to confirm.
+            protection.held = Some(Held::Unconfirmed(truth));
+            return;
+        }
+        drop(protection);
+        tracing::warn!(service = %self.key, "the registry still lists no instance at the end of the grace: applying the empty list");
+        self.publish(Some(truth), None, false);
+    }
+
+    /// Publishes the list before the flags and the version: whoever sees
+    /// `ready`, `healthy` or a new version must also see the list.
+    fn publish(&self, next: Option<Vec<ServiceMetaInfo>>, health: Option<bool>, first: bool) {
         let mut changed = false;
         if let Some(next) = next {
             self.list.store(Arc::new(next));
@@ -655,7 +786,7 @@ impl<D: Discover> ServiceCache<D> {
         }
         let entry = Arc::new(Entry::new(
             service_key,
-            self.inner.options.empty_protection,
+            &self.inner.options,
             self.inner.persist.clone(),
         ));
         let task = AbortOnDrop::spawn(follow(
@@ -679,8 +810,24 @@ impl<D: Discover> ServiceCache<D> {
     }
 }
 
+async fn sleep_until(due: Option<Instant>) {
+    if let Some(due) = due {
+        tokio::time::sleep_until(due).await;
+    }
+}
+
+fn persist_if_changed(entry: &Entry, before: u64) {
+    if entry.version() != before {
+        if let Some(persist) = &entry.persist {
+            persist.notify_one();
+        }
+    }
+}
+
 /// The watch task of one service: watches, applies, and on failure keeps
-/// the list and watches again with exponential backoff.
+/// the list and watches again with exponential backoff. A list held for
+/// the grace after a registry restart is published when due, while the
+/// watch is open.
 async fn follow<D: Discover>(
     discover: Arc<D>,
     entry: Arc<Entry>,
@@ -692,17 +839,24 @@ async fn follow<D: Discover>(
         match discover.watch(&entry.key).await {
             Ok(mut watch) => {
                 let mut first = true;
-                while let Some(event) = watch.next().await {
+                let mut due = entry.held_until();
+                loop {
+                    let before = entry.version();
+                    let event = tokio::select! {
+                        event = watch.next() => event,
+                        () = sleep_until(due), if due.is_some() => {
+                            entry.release();
+                            due = entry.held_until();
+                            persist_if_changed(&entry, before);
+                            continue;
+                        }
+                    };
+                    let Some(event) = event else { break };
                     if matches!(event, WatchEvent::Snapshot(_)) {
                         backoff = backoff_min;
                     }
-                    let before = entry.version();
-                    entry.apply(event, std::mem::take(&mut first));
-                    if entry.version() != before {
-                        if let Some(persist) = &entry.persist {
-                            persist.notify_one();
-                        }
-                    }
+                    due = entry.apply(event, std::mem::take(&mut first));
+                    persist_if_changed(&entry, before);
                 }
                 tracing::warn!(service = %entry.key, retry_in = ?backoff, "registry watch ended; keeping the last known instances");
                 entry.set_last_error(Some("watch ended".into()));
@@ -981,7 +1135,15 @@ mod tests {
         w.send(WatchEvent::Snapshot(vec![meta(1), meta(2)]))
             .await
             .unwrap();
-        let cache = ServiceCache::with_options(backend.clone(), options());
+        // The grace after a break is the next test's; without it the
+        // confirming `Connected(true)` applies the held update at once.
+        let cache = ServiceCache::with_options(
+            backend.clone(),
+            CacheOptions {
+                empty_grace: Duration::ZERO,
+                ..options()
+            },
+        );
         let handle = cache.service("Echo:1.0").await.unwrap();
 
         // A healthy connection may empty the list: that is news, not noise.
@@ -1023,6 +1185,122 @@ mod tests {
             until(&handle, |l, h| h && l.is_empty()).await,
             Vec::<u16>::new()
         );
+    }
+
+    const GRACE: Duration = Duration::from_secs(10);
+
+    /// A cache over a registry that lists 1 and 2, then breaks and comes
+    /// back with no data. The clock is tokio's paused one: it moves only
+    /// when every task waits for it, so the grace is measured, not slept.
+    async fn back_empty() -> (
+        ServiceHandle,
+        mpsc::Sender<WatchEvent>,
+        Instant,
+        ServiceCache<Scripted>,
+    ) {
+        let backend = Scripted::default();
+        let w = backend.push();
+        w.send(WatchEvent::Snapshot(vec![meta(1), meta(2)]))
+            .await
+            .unwrap();
+        let cache = ServiceCache::with_options(
+            backend.clone(),
+            CacheOptions {
+                empty_grace: GRACE,
+                ..options()
+            },
+        );
+        let handle = cache.service("Echo:1.0").await.unwrap();
+        w.send(WatchEvent::Connected(false)).await.unwrap();
+        until(&handle, |_, h| !h).await;
+        let back = Instant::now();
+        w.send(WatchEvent::Connected(true)).await.unwrap();
+        w.send(WatchEvent::Snapshot(vec![])).await.unwrap();
+        until(&handle, |_, h| h).await;
+        (handle, w, back, cache)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_registry_back_empty_keeps_the_list_until_its_providers_return() {
+        let (handle, w, back, _cache) = back_empty().await;
+        // Half the grace later (the clock moves once the empty snapshot has
+        // been taken in): still the last list, and healthy.
+        tokio::time::sleep(GRACE / 2).await;
+        assert_eq!(ports(&handle.instances()), vec![1, 2]);
+        assert!(handle.is_healthy());
+        // A provider registers again: the registry's own list is published,
+        // without 2, which the registry has not listed since it came back.
+        w.send(WatchEvent::Upsert(meta(1))).await.unwrap();
+        assert_eq!(until(&handle, |l, _| l.len() == 1).await, vec![1]);
+        assert!(back.elapsed() < GRACE);
+        // Holding is over: the last instance leaving now empties the list.
+        w.send(WatchEvent::Remove(meta(1).node_key()))
+            .await
+            .unwrap();
+        assert_eq!(until(&handle, |l, _| l.is_empty()).await, Vec::<u16>::new());
+        assert!(back.elapsed() < GRACE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_registry_still_empty_at_the_end_of_the_grace_empties_the_list() {
+        let (handle, w, back, _cache) = back_empty().await;
+        // Events that leave the registry's list empty do not end the hold.
+        w.send(WatchEvent::Snapshot(vec![])).await.unwrap();
+        w.send(WatchEvent::Remove(meta(2).node_key()))
+            .await
+            .unwrap();
+        let list = tokio::time::timeout(2 * GRACE, handle.wait_until(|l, _| l.is_empty()))
+            .await
+            .expect("the empty list was never applied");
+        assert!(list.is_empty());
+        let held = back.elapsed();
+        assert!(
+            held >= GRACE && held < GRACE + Duration::from_secs(1),
+            "held for {held:?}, grace {GRACE:?}"
+        );
+        assert!(handle.is_healthy());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn instances_removed_one_by_one_after_a_break_are_held_too() {
+        let backend = Scripted::default();
+        let w = backend.push();
+        w.send(WatchEvent::Snapshot(vec![meta(1), meta(2)]))
+            .await
+            .unwrap();
+        let cache = ServiceCache::with_options(
+            backend.clone(),
+            CacheOptions {
+                empty_grace: GRACE,
+                ..options()
+            },
+        );
+        let handle = cache.service("Echo:1.0").await.unwrap();
+        // How the local backend reports a directory that came back empty.
+        w.send(WatchEvent::Connected(false)).await.unwrap();
+        w.send(WatchEvent::Connected(true)).await.unwrap();
+        w.send(WatchEvent::Remove(meta(1).node_key()))
+            .await
+            .unwrap();
+        w.send(WatchEvent::Remove(meta(2).node_key()))
+            .await
+            .unwrap();
+        tokio::time::sleep(GRACE / 2).await;
+        assert_eq!(ports(&handle.instances()), vec![2]);
+        w.send(WatchEvent::Upsert(meta(1))).await.unwrap();
+        assert_eq!(until(&handle, |l, _| l[0].service_port == 1).await, vec![1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_the_grace_an_emptying_update_applies_at_once() {
+        let (handle, w, _back, _cache) = back_empty().await;
+        w.send(WatchEvent::Snapshot(vec![meta(1)])).await.unwrap();
+        assert_eq!(until(&handle, |l, _| l.len() == 1).await, vec![1]);
+        tokio::time::sleep(GRACE).await;
+        let at = Instant::now();
+        w.send(WatchEvent::Snapshot(vec![])).await.unwrap();
+        assert_eq!(until(&handle, |l, _| l.is_empty()).await, Vec::<u16>::new());
+        assert_eq!(at.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test]

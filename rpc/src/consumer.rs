@@ -97,6 +97,7 @@ impl Consumer {
             CacheOptions {
                 ready_timeout,
                 empty_protection: config.empty_protection,
+                empty_grace: Duration::from_millis(config.empty_grace_ms),
                 snapshot_file: config.snapshot_file.clone(),
                 ..CacheOptions::default()
             },
