@@ -1130,21 +1130,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_empty_push_while_unhealthy_is_held_until_confirmed() {
-        let backend = Scripted::default();
-        let w = backend.push();
-        w.send(WatchEvent::Snapshot(vec![meta(1), meta(2)]))
-            .await
-            .unwrap();
-        // The grace after a break is the next test's; without it the
+        // The grace after a break is the next tests'; without it the
         // confirming `Connected(true)` applies the held update at once.
-        let cache = ServiceCache::with_options(
-            backend.clone(),
-            CacheOptions {
-                empty_grace: Duration::ZERO,
-                ..options()
-            },
-        );
-        let handle = cache.service("Echo:1.0").await.unwrap();
+        let (handle, w, _cache) = listing_1_and_2(Duration::ZERO).await;
 
         // A healthy connection may empty the list: that is news, not noise.
         w.send(WatchEvent::Remove(meta(1).node_key()))
@@ -1189,13 +1177,12 @@ mod tests {
 
     const GRACE: Duration = Duration::from_secs(10);
 
-    /// A cache over a registry that lists 1 and 2, then breaks and comes
-    /// back with no data. The clock is tokio's paused one: it moves only
-    /// when every task waits for it, so the grace is measured, not slept.
-    async fn back_empty() -> (
+    /// A cache with `grace` over a registry that lists 1 and 2.
+    async fn listing_1_and_2(
+        grace: Duration,
+    ) -> (
         ServiceHandle,
         mpsc::Sender<WatchEvent>,
-        Instant,
         ServiceCache<Scripted>,
     ) {
         let backend = Scripted::default();
@@ -1204,13 +1191,27 @@ mod tests {
             .await
             .unwrap();
         let cache = ServiceCache::with_options(
-            backend.clone(),
+            backend,
             CacheOptions {
-                empty_grace: GRACE,
+                empty_grace: grace,
                 ..options()
             },
         );
         let handle = cache.service("Echo:1.0").await.unwrap();
+        (handle, w, cache)
+    }
+
+    /// [`listing_1_and_2`], then the registry breaks and comes back with no
+    /// data; also returns when it came back. The clock is tokio's paused
+    /// one: it moves only when every task waits for it, so the grace is
+    /// measured, not slept.
+    async fn back_empty() -> (
+        ServiceHandle,
+        mpsc::Sender<WatchEvent>,
+        Instant,
+        ServiceCache<Scripted>,
+    ) {
+        let (handle, w, cache) = listing_1_and_2(GRACE).await;
         w.send(WatchEvent::Connected(false)).await.unwrap();
         until(&handle, |_, h| !h).await;
         let back = Instant::now();
@@ -1263,19 +1264,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn instances_removed_one_by_one_after_a_break_are_held_too() {
-        let backend = Scripted::default();
-        let w = backend.push();
-        w.send(WatchEvent::Snapshot(vec![meta(1), meta(2)]))
-            .await
-            .unwrap();
-        let cache = ServiceCache::with_options(
-            backend.clone(),
-            CacheOptions {
-                empty_grace: GRACE,
-                ..options()
-            },
-        );
-        let handle = cache.service("Echo:1.0").await.unwrap();
+        let (handle, w, _cache) = listing_1_and_2(GRACE).await;
         // How the local backend reports a directory that came back empty.
         w.send(WatchEvent::Connected(false)).await.unwrap();
         w.send(WatchEvent::Connected(true)).await.unwrap();
