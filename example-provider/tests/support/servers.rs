@@ -15,9 +15,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
 use crate::common::ports::{free_port, free_port_with};
 
 pub const ZK_JAR: &str = "/usr/share/java/zookeeper.jar";
@@ -61,29 +58,7 @@ pub async fn http(
     path: &str,
     body: &str,
 ) -> Result<(u16, String), String> {
-    let exchange = async {
-        let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        let head = format!(
-            "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(head.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).await.map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("no HTTP status in {head:?}"))?;
-        Ok((status, body.to_owned()))
-    };
-    tokio::time::timeout(Duration::from_secs(3), exchange)
-        .await
-        .map_err(|_| format!("{method} {path} on {addr}: no answer in 3 s"))?
+    crate::common::http::exchange(addr, method, path, body, Duration::from_secs(3)).await
 }
 
 /// A server process writing to a log file; SIGKILLed on drop.

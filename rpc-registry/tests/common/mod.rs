@@ -4,8 +4,10 @@
 //! * `skip_note!`: the one line a skipped real-server test prints;
 //! * `feature_stub!`: the test a file has instead when its backend's Cargo
 //!   feature is off;
-//! * [`ports`]: loopback ports for the servers a test starts itself.
+//! * [`ports`]: loopback ports for the servers a test starts itself;
+//! * [`http`]: one plain HTTP/1.0 exchange with such a server.
 
+pub mod http;
 pub mod ports;
 
 /// Writes one line to the process's stderr directly, past the test

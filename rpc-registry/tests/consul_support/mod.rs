@@ -7,9 +7,6 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
 /// `host:port` of an `http://host:port` address.
 pub fn socket_addr(address: &str) -> SocketAddr {
     let hostport = address.rsplit("//").next().unwrap_or(address);
@@ -18,26 +15,7 @@ pub fn socket_addr(address: &str) -> SocketAddr {
 
 /// One request; the status code and the body. Bounded by 5 s.
 pub async fn request(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String), String> {
-    let exchange = async {
-        let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        let head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
-        s.write_all(head.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).await.map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("no HTTP status in {head:?}"))?;
-        Ok((status, body.to_owned()))
-    };
-    tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .map_err(|_| format!("{method} {path} on {addr}: no answer in 5 s"))?
+    crate::common::http::exchange(addr, method, path, "", Duration::from_secs(5)).await
 }
 
 /// Percent-encodes a path segment.
