@@ -290,6 +290,8 @@ pub(crate) struct Scan {
     pub(crate) live: BTreeMap<String, ServiceMetaInfo>,
     /// Unreadable files and why (at most [`MAX_GARBAGE_PER_SCAN`]).
     pub(crate) garbage: Vec<(PathBuf, String)>,
+    /// The root directory's identity while it was read.
+    pub(crate) root: (u64, u64),
 }
 
 const MAX_GARBAGE_PER_SCAN: usize = 64;
@@ -341,7 +343,7 @@ impl Inner {
                 "the registry directory was replaced while it was read",
             )));
         }
-        scan
+        scan.map(|scan| Scan { root, ..scan })
     }
 
     fn scan_dir(&self, service_key: &str, lenient: bool) -> Result<Scan, RegistryError> {
@@ -735,7 +737,7 @@ impl Discover for LocalRegistry {
         let task = AbortOnDrop::spawn(poll(
             Arc::clone(&self.inner),
             service_key.to_owned(),
-            scan.live,
+            scan,
             reported,
             tx,
         ));
@@ -800,10 +802,12 @@ pub(crate) fn diff(
 async fn poll(
     inner: Arc<Inner>,
     service_key: String,
-    mut known: BTreeMap<String, ServiceMetaInfo>,
+    first: Scan,
     mut reported: HashSet<PathBuf>,
     tx: mpsc::Sender<WatchEvent>,
 ) {
+    let mut known = first.live;
+    let mut root = first.root;
     let mut tick = tokio::time::interval(inner.poll_interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     tick.tick().await;
@@ -822,6 +826,16 @@ async fn poll(
         match blocking(move || scan_inner.scan(&key, lenient)).await {
             Ok(scan) => {
                 report_new_garbage(&mut reported, &scan.garbage);
+                if connected && scan.root != root {
+                    // Replaced between two polls: the registry restarted,
+                    // which consumers must hear about as a break (an empty
+                    // new directory is not yet the truth, see the cache's
+                    // empty grace), even though no poll saw it missing.
+                    tracing::info!(dir = %inner.root.display(), service = %service_key, "local registry directory was replaced");
+                    connected = false;
+                    events.push(WatchEvent::Connected(false));
+                }
+                root = scan.root;
                 if !connected {
                     connected = true;
                     lenient_until = Some(tokio::time::Instant::now() + inner.ttl);
@@ -1145,6 +1159,22 @@ mod tests {
         // Remove) — it is only dropped after that if nobody refreshes it.
         let removed = tokio::time::timeout(Duration::from_millis(700), next(&mut w)).await;
         assert!(removed.is_err(), "dropped a record at once: {removed:?}");
+        assert_eq!(next(&mut w).await, WatchEvent::Remove(meta(5).node_key()));
+    }
+
+    #[tokio::test]
+    async fn a_directory_replaced_between_two_polls_is_reported_as_a_break() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("reg");
+        let reg = registry(&root, 1_000);
+        write_record(&reg, &meta(5), now_ms());
+        let mut w = reg.watch("Echo:1.0").await.unwrap();
+        assert_eq!(next(&mut w).await, WatchEvent::Snapshot(vec![meta(5)]));
+        // Two renames in a row: no poll can see the directory missing.
+        fs::rename(&root, dir.path().join("old")).unwrap();
+        fs::create_dir(&root).unwrap();
+        assert_eq!(next(&mut w).await, WatchEvent::Connected(false));
+        assert_eq!(next(&mut w).await, WatchEvent::Connected(true));
         assert_eq!(next(&mut w).await, WatchEvent::Remove(meta(5).node_key()));
     }
 
