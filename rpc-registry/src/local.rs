@@ -291,7 +291,7 @@ pub(crate) struct Scan {
     /// Unreadable files and why (at most [`MAX_GARBAGE_PER_SCAN`]).
     pub(crate) garbage: Vec<(PathBuf, String)>,
     /// The root directory's identity while it was read.
-    pub(crate) root: (u64, u64),
+    pub(crate) root: Identity,
 }
 
 const MAX_GARBAGE_PER_SCAN: usize = 64;
@@ -317,7 +317,7 @@ impl Inner {
     }
 
     /// The root directory's identity, or why it is not usable.
-    fn root_identity(&self) -> Result<(u64, u64), RegistryError> {
+    fn root_identity(&self) -> Result<Identity, RegistryError> {
         match fs::metadata(&self.root) {
             Ok(m) if m.is_dir() => Ok(identity(&m)),
             Ok(_) => Err(self.unreachable(io::Error::other("not a directory"))),
@@ -757,17 +757,27 @@ fn process_alive(pid: u32) -> bool {
     }
 }
 
-/// (device, inode) on Unix: what stays the same while a directory is the
-/// same directory, whatever its path.
+/// What stays the same while a directory is the same directory, whatever
+/// its path: (device, inode, birth time) on Unix. The birth time matters: a
+/// directory deleted and created again right away often gets the same inode
+/// number back (seen on ext4). Where the file system keeps no birth time,
+/// (device, inode) alone.
+type Identity = (u64, u64, u128);
+
 #[cfg(unix)]
-fn identity(m: &fs::Metadata) -> (u64, u64) {
+fn identity(m: &fs::Metadata) -> Identity {
     use std::os::unix::fs::MetadataExt;
-    (m.dev(), m.ino())
+    let born = m
+        .created()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    (m.dev(), m.ino(), born)
 }
 
 #[cfg(not(unix))]
-fn identity(_: &fs::Metadata) -> (u64, u64) {
-    (0, 0)
+fn identity(_: &fs::Metadata) -> Identity {
+    (0, 0, 0)
 }
 
 fn report_new_garbage(reported: &mut HashSet<PathBuf>, garbage: &[(PathBuf, String)]) {
@@ -1170,8 +1180,9 @@ mod tests {
         write_record(&reg, &meta(5), now_ms());
         let mut w = reg.watch("Echo:1.0").await.unwrap();
         assert_eq!(next(&mut w).await, WatchEvent::Snapshot(vec![meta(5)]));
-        // Two renames in a row: no poll can see the directory missing.
-        fs::rename(&root, dir.path().join("old")).unwrap();
+        // Deleted and created again between two polls, as a registry reset
+        // to an empty directory is (the inode number often comes back).
+        fs::remove_dir_all(&root).unwrap();
         fs::create_dir(&root).unwrap();
         assert_eq!(next(&mut w).await, WatchEvent::Connected(false));
         assert_eq!(next(&mut w).await, WatchEvent::Connected(true));
