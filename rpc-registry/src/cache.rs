@@ -129,11 +129,7 @@ pub enum CacheError {
 
 impl From<CacheError> for RegistryError {
     fn from(e: CacheError) -> Self {
-        RegistryError::Unavailable {
-            backend: "cache",
-            message: e.to_string(),
-            source: Some(Box::new(e)),
-        }
+        RegistryError::unavailable("cache", e.to_string(), e)
     }
 }
 
@@ -273,9 +269,9 @@ impl Entry {
         // is held (so an instance that never comes back is not kept), the
         // published one otherwise (a newer event replaces an unconfirmed
         // hold).
-        let (base, reset_until): (&[ServiceMetaInfo], _) = match &held {
-            Some(Held::Reset { truth, until }) => (truth, Some(*until)),
-            _ => (current.as_slice(), None),
+        let base: &[ServiceMetaInfo] = match &held {
+            Some(Held::Reset { truth, .. }) => truth,
+            _ => &current,
         };
         let mut health = health;
         // Removals do not end the grace: a registry directory that comes back
@@ -314,31 +310,20 @@ impl Entry {
                 }
             }
         };
-        if let (Some(until), None) = (reset_until, &protection.held) {
-            // A list event during a reset hold: the registry's list goes on
-            // from the held one.
-            let truth = match (next.take(), held.take()) {
-                (Some(list), _) => list,
-                (None, Some(Held::Reset { truth, .. })) => truth,
-                (None, _) => Vec::new(),
-            };
-            if truth.is_empty() && now < until {
-                protection.held = Some(Held::Reset { truth, until });
-            } else {
-                tracing::info!(service = %self.key, instances = truth.len(), "the registry lists instances again after its restart");
-                next = Some(truth);
-            }
+        if let Some(Held::Reset { truth, .. }) = held {
+            // A list event during a reset hold: its outcome is the registry's
+            // list, which the protection below holds again while it is empty.
+            next = next.or(Some(truth));
         }
         if lists {
             // The registry lists instances again: whatever it says from now
             // on is news, not the emptiness of a restart.
             let listed = match &next {
                 Some(list) => !list.is_empty(),
-                // Unchanged: the published list, unless a reset is still held.
-                None => protection.held.is_none() && !current.is_empty(),
+                None => !current.is_empty(),
             };
-            if listed {
-                protection.recovered_at = None;
+            if listed && protection.recovered_at.take().is_some() {
+                tracing::info!(service = %self.key, "the registry lists instances again since it came back");
             }
         }
         let grace_until = protection
