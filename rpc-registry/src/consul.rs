@@ -371,14 +371,6 @@ fn rejected(what: &str, status: StatusCode, body: &[u8]) -> RegistryError {
     failed(format!("{what}: HTTP {status}: {}", body.trim()))
 }
 
-fn read_pem(path: &std::path::Path, key: &str) -> Result<Vec<u8>, RegistryError> {
-    std::fs::read(path).map_err(|e| RegistryError::Unavailable {
-        backend: BACKEND,
-        message: format!("cannot read registry.tls.{key} {}", path.display()),
-        source: Some(Box::new(e)),
-    })
-}
-
 /// The HTTP(S) client: webpki roots by default; `registry.tls` gives a CA,
 /// an optional client certificate and an optional server name.
 fn http_client(tls: Option<&TlsConfig>, t: Duration) -> Result<HttpsClient, RegistryError> {
@@ -403,7 +395,9 @@ fn http_client(tls: Option<&TlsConfig>, t: Duration) -> Result<HttpsClient, Regi
                 ));
             };
             let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_slice_iter(&read_pem(ca, "ca_file")?) {
+            for cert in
+                CertificateDer::pem_slice_iter(&crate::tls::read_pem(BACKEND, ca, "ca_file")?)
+            {
                 let cert = cert.map_err(|e| unavailable("registry.tls.ca_file", e))?;
                 roots
                     .add(cert)
@@ -415,11 +409,17 @@ fn http_client(tls: Option<&TlsConfig>, t: Duration) -> Result<HttpsClient, Regi
                 .with_root_certificates(roots);
             let config = match (&tls.cert_file, &tls.key_file) {
                 (Some(cert), Some(key)) => {
-                    let chain = CertificateDer::pem_slice_iter(&read_pem(cert, "cert_file")?)
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| unavailable("registry.tls.cert_file", e))?;
-                    let key = PrivateKeyDer::from_pem_slice(&read_pem(key, "key_file")?)
-                        .map_err(|e| unavailable("registry.tls.key_file", e))?;
+                    let chain = CertificateDer::pem_slice_iter(&crate::tls::read_pem(
+                        BACKEND,
+                        cert,
+                        "cert_file",
+                    )?)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| unavailable("registry.tls.cert_file", e))?;
+                    let key = PrivateKeyDer::from_pem_slice(&crate::tls::read_pem(
+                        BACKEND, key, "key_file",
+                    )?)
+                    .map_err(|e| unavailable("registry.tls.key_file", e))?;
                     config
                         .with_client_auth_cert(chain, key)
                         .map_err(|e| unavailable("registry.tls client certificate", e))?

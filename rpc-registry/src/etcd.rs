@@ -152,25 +152,16 @@ impl fmt::Debug for EtcdRegistry {
 
 type Command = keeper::Command<(String, String)>;
 
-fn read_file(path: &std::path::Path, key: &str) -> Result<Vec<u8>, RegistryError> {
-    std::fs::read(path).map_err(|e| RegistryError::Unavailable {
-        backend: BACKEND,
-        message: format!("cannot read registry.tls.{key} {}", path.display()),
-        source: Some(Box::new(e)),
-    })
-}
-
 impl EtcdRegistry {
     /// Connects to the endpoints in `config.address` (one or a cluster) with
     /// `timeout_ms`, optional `username`/`password` and optional `tls`.
     pub async fn connect(config: &RegistryConfig) -> Result<Self, RegistryError> {
         let endpoints: Vec<String> = config.address.as_slice().to_vec();
         if endpoints.is_empty() {
-            return Err(RegistryError::Unavailable {
-                backend: BACKEND,
-                message: "registry.address lists no endpoint".into(),
-                source: None,
-            });
+            return Err(RegistryError::unavailable_because(
+                BACKEND,
+                "registry.address lists no endpoint",
+            ));
         }
         let t = config.timeout();
         let ttl = config.ttl().max(Duration::from_secs(1));
@@ -186,22 +177,23 @@ impl EtcdRegistry {
         if let Some(tls) = &config.tls {
             let mut o = TlsOptions::new();
             if let Some(ca) = &tls.ca_file {
-                o = o.ca_certificate(Certificate::from_pem(read_file(ca, "ca_file")?));
+                o = o.ca_certificate(Certificate::from_pem(crate::tls::read_pem(
+                    BACKEND, ca, "ca_file",
+                )?));
             }
             match (&tls.cert_file, &tls.key_file) {
                 (Some(cert), Some(key)) => {
                     o = o.identity(Identity::from_pem(
-                        read_file(cert, "cert_file")?,
-                        read_file(key, "key_file")?,
+                        crate::tls::read_pem(BACKEND, cert, "cert_file")?,
+                        crate::tls::read_pem(BACKEND, key, "key_file")?,
                     ));
                 }
                 (None, None) => {}
                 _ => {
-                    return Err(RegistryError::Unavailable {
-                        backend: BACKEND,
-                        message: "registry.tls needs both cert_file and key_file for a client certificate".into(),
-                        source: None,
-                    });
+                    return Err(RegistryError::unavailable_because(
+                        BACKEND,
+                        "registry.tls needs both cert_file and key_file for a client certificate",
+                    ));
                 }
             }
             if let Some(domain) = &tls.domain {
@@ -567,11 +559,10 @@ impl Keeper {
             self.restore().await;
         }
         if self.retry_at.is_some() {
-            return Err(RegistryError::Unavailable {
-                backend: BACKEND,
-                message: "the etcd lease is lost and being restored; try again".into(),
-                source: None,
-            });
+            return Err(RegistryError::unavailable_because(
+                BACKEND,
+                "the etcd lease is lost and being restored; try again",
+            ));
         }
         let lease = match self.lease {
             Some(l) => l,
@@ -672,11 +663,10 @@ impl Discover for EtcdRegistry {
         };
         match AbortOnDrop::spawn(follower.run()) {
             Some(task) => Ok(Watch::with_guard(rx, task)),
-            None => Err(RegistryError::Unavailable {
-                backend: BACKEND,
-                message: "watch needs a Tokio runtime".into(),
-                source: None,
-            }),
+            None => Err(RegistryError::unavailable_because(
+                BACKEND,
+                "watch needs a Tokio runtime",
+            )),
         }
     }
 }

@@ -13,11 +13,12 @@
 //!   tests ([`MemoryRegistry::evict`], [`MemoryRegistry::set_reachable`]).
 //! * [`cache`]: [`ServiceCache`], one watch per service key, lock-free reads
 //!   of `Arc<Vec<ServiceMetaInfo>>`, a version counter per service, keeps
-//!   its last list through registry outages.
+//!   its last list through registry outages and empty restarts.
 //! * [`factory`]: [`AnyRegistry`], the configured backend as one type.
 //! * `task` (private): abort-on-drop ownership of spawned tasks.
 //! * `keeper` (private): the command protocol of the backends' keeper tasks
 //!   (etcd, ZooKeeper, Consul, Nacos) and deregistration through it.
+//! * `tls` (private): reading the `registry.tls` files (etcd, Consul).
 //!
 //! # Cargo features
 //!
@@ -61,6 +62,8 @@ pub mod memory;
 #[cfg(feature = "nacos")]
 pub mod nacos;
 mod task;
+#[cfg(any(feature = "etcd", feature = "consul"))]
+mod tls;
 #[cfg(feature = "zookeeper")]
 pub mod zookeeper;
 

@@ -306,14 +306,14 @@ impl Scan {
 
 impl Inner {
     fn unreachable(&self, source: io::Error) -> RegistryError {
-        RegistryError::Unavailable {
-            backend: BACKEND,
-            message: format!(
+        RegistryError::unavailable(
+            BACKEND,
+            format!(
                 "registry directory {} is not accessible",
                 self.root.display()
             ),
-            source: Some(Box::new(source)),
-        }
+            source,
+        )
     }
 
     /// The root directory's identity, or why it is not usable.
@@ -481,11 +481,11 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, RegistryError> {
     let runtime = tokio::runtime::Handle::try_current().map_err(|e| no_runtime(Box::new(e)))?;
     runtime.spawn_blocking(f).await.unwrap_or_else(|e| {
-        Err(RegistryError::Unavailable {
-            backend: BACKEND,
-            message: "file system task failed".into(),
-            source: Some(Box::new(e)),
-        })
+        Err(RegistryError::unavailable(
+            BACKEND,
+            "file system task failed",
+            e,
+        ))
     })
 }
 

@@ -207,11 +207,7 @@ impl MemoryRegistry {
     }
 
     fn unavailable() -> RegistryError {
-        RegistryError::Unavailable {
-            backend: BACKEND,
-            message: "discovery is cut off (fault injection)".into(),
-            source: None,
-        }
+        RegistryError::unavailable_because(BACKEND, "discovery is cut off (fault injection)")
     }
 }
 
@@ -331,10 +327,8 @@ impl Discover for MemoryRegistry {
             },
             tx,
         ))
-        .ok_or_else(|| RegistryError::Unavailable {
-            backend: BACKEND,
-            message: "must be used within a Tokio runtime".into(),
-            source: None,
+        .ok_or_else(|| {
+            RegistryError::unavailable_because(BACKEND, "must be used within a Tokio runtime")
         })?;
         Ok(Watch::with_guard(rx, task))
     }

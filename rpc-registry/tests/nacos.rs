@@ -36,8 +36,8 @@ mod private_nacos {
     use tokio::process::{Child, Command};
 
     use crate::common::ports::free_port_with;
+    use crate::conformance::private::found_or_skip;
     use crate::conformance::proxy::FaultProxy;
-    use crate::conformance::servers_required;
 
     const WAIT: Duration = Duration::from_secs(30);
     const GRPC_OFFSET: u16 = 1000;
@@ -61,19 +61,9 @@ mod private_nacos {
                     .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
                     .map(|c| c.join("bin").join("rnacos")),
             );
-        for c in candidates {
-            if c.is_file() {
-                return Some(c);
-            }
-        }
-        assert!(
-            !servers_required(),
-            "RPC_REQUIRE_SERVERS=1 but no `rnacos` binary (scripts/registry-servers.sh install nacos)"
-        );
-        skip_note!(
-            "SKIP [nacos] {test}: no rnacos binary (scripts/registry-servers.sh install nacos)"
-        );
-        None
+        let found = candidates.into_iter().find(|c| c.is_file());
+        found_or_skip(found.is_some(), "nacos", test, "no rnacos binary");
+        found
     }
 
     /// An rnacos process of this test, on loopback, data in a temp dir.

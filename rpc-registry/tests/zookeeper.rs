@@ -36,6 +36,7 @@ mod zookeeper {
     use zookeeper_client::{Acls, Client, CreateMode};
 
     use crate::common::ports::free_port;
+    use crate::conformance::private::found_or_skip;
     use crate::conformance::proxy::FaultProxy;
     use crate::conformance::servers_required;
 
@@ -411,16 +412,7 @@ mod zookeeper {
                 .stderr(Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success());
-        if !found {
-            assert!(
-                !servers_required(),
-                "RPC_REQUIRE_SERVERS=1 but no java or {ZK_JAR}"
-            );
-            skip_note!(
-                "SKIP [zookeeper] {test}: no ZooKeeper install (scripts/registry-servers.sh install zookeeper)"
-            );
-        }
-        found
+        found_or_skip(found, "zookeeper", test, &format!("no java or no {ZK_JAR}"))
     }
 
     /// A standalone ZooKeeper on loopback, killed on drop.

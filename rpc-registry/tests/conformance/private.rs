@@ -7,8 +7,22 @@ use std::process::{Command, Stdio};
 
 use super::servers_required;
 
-/// Whether `program version_arg` runs. If not, the test is skipped with one
-/// line, or fails under `RPC_REQUIRE_SERVERS=1`.
+/// `found`, or else the test's one skip line naming what is `missing` (a
+/// failure under `RPC_REQUIRE_SERVERS=1`).
+pub fn found_or_skip(found: bool, backend: &str, test: &str, missing: &str) -> bool {
+    if !found {
+        assert!(
+            !servers_required(),
+            "RPC_REQUIRE_SERVERS=1 but {missing} (scripts/registry-servers.sh install {backend})"
+        );
+        skip_note!(
+            "SKIP [{backend}] {test}: {missing} (scripts/registry-servers.sh install {backend})"
+        );
+    }
+    found
+}
+
+/// Whether `program version_arg` runs, or a skip ([`found_or_skip`]).
 pub fn binary_or_skip(backend: &str, test: &str, program: &str, version_arg: &str) -> bool {
     let found = Command::new(program)
         .arg(version_arg)
@@ -16,16 +30,12 @@ pub fn binary_or_skip(backend: &str, test: &str, program: &str, version_arg: &st
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            !servers_required(),
-            "RPC_REQUIRE_SERVERS=1 but no `{program}` binary on the PATH"
-        );
-        skip_note!(
-            "SKIP [{backend}] {test}: no `{program}` binary (scripts/registry-servers.sh install {backend})"
-        );
-    }
-    found
+    found_or_skip(
+        found,
+        backend,
+        test,
+        &format!("no `{program}` binary on the PATH"),
+    )
 }
 
 /// A throwaway CA, a server certificate for 127.0.0.1/localhost and a
