@@ -17,7 +17,9 @@ pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RpcError {
-    /// The registry lists no instance of the service.
+    /// The registry lists no instance of the service, and listed none
+    /// before the call's deadline (a call that finds the list empty waits
+    /// for a provider until then).
     #[error("no provider available for service `{service}`")]
     NoProvider {
         /// The `name:version` key that was looked up.

@@ -289,13 +289,17 @@ impl Entry {
             }
             WatchEvent::Upsert(meta) => {
                 if meta.service_key() == self.key {
+                    tracing::debug!(service = %self.key, node = %meta.node_key(), address = %meta.address(), "instance added or updated");
                     upsert(base, meta)
                 } else {
                     tracing::debug!(service = %self.key, node = %meta.node_key(), "ignoring an instance of another service");
                     None
                 }
             }
-            WatchEvent::Remove(node_key) => remove(base, &node_key),
+            WatchEvent::Remove(node_key) => {
+                tracing::debug!(service = %self.key, node = %node_key, "instance removed");
+                remove(base, &node_key)
+            }
             WatchEvent::Connected(connected) => {
                 if !connected {
                     tracing::warn!(service = %self.key, "registry connection lost; keeping the last known instances");

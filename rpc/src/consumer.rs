@@ -6,7 +6,9 @@
 //! to inner (the order is [`ServiceClient::call_raw`], in one place):
 //!
 //! 1. **deadline** — fixed once per call (`timeout_ms`); every attempt gets
-//!    what is left, and it travels to the provider with the request;
+//!    what is left, and it travels to the provider with the request. A
+//!    call that finds no instance listed waits for one until its deadline
+//!    instead of failing at once (`Route::wait_for_instances` says why);
 //! 2. **fault tolerance** ([`crate::retry`]) — fail-fast, fail-over (another
 //!    instance, safe errors or idempotent methods only, backoff with jitter,
 //!    retry budget) or fail-safe (a configured default, applied by
@@ -238,6 +240,37 @@ impl Route {
     }
 }
 
+impl Route {
+    /// Waits, until `deadline` at the latest, for discovery to list an
+    /// instance; the set then. An empty list is an ordinary state that a
+    /// running consumer comes back from (every provider restarting, a
+    /// deployment between two versions), so a call that finds it waits for
+    /// the next provider instead of failing at once: failing at once never
+    /// awaits anything, and a caller that loops on the error would then
+    /// starve the watch task that brings the next provider in (on a
+    /// `current_thread` runtime, for good). Fails with
+    /// [`RpcError::NoProvider`] at the deadline.
+    async fn wait_for_instances(&self, deadline: Instant) -> Result<Arc<Versioned>, RpcError> {
+        let handle = self.handle().await?;
+        let mut changes = handle.changes();
+        debug!(service = %self.service_key, wait = ?deadline.saturating_duration_since(Instant::now()), "no provider listed: waiting for one until the call's deadline");
+        let listed = async {
+            // The watch's guard must not live across an await.
+            changes
+                .wait_for(|_| !handle.instances().is_empty())
+                .await
+                .is_ok()
+        };
+        match tokio::time::timeout_at(deadline, listed).await {
+            Ok(true) => self.instances().await,
+            // Timed out, or the cache was dropped.
+            _ => Err(RpcError::NoProvider {
+                service: self.service_key.clone(),
+            }),
+        }
+    }
+}
+
 /// A proxy for one service; generated clients wrap it.
 #[derive(Clone)]
 pub struct ServiceClient {
@@ -374,13 +407,11 @@ impl ServiceClient {
         // start from it.
         let started = Instant::now();
         let deadline = started + policy.timeout;
-        let versioned = route.instances().await?;
-        let set = &versioned.set;
-        if set.is_empty() {
-            return Err(RpcError::NoProvider {
-                service: route.service_key.clone(),
-            });
+        let mut versioned = route.instances().await?;
+        if versioned.set.is_empty() {
+            versioned = route.wait_for_instances(deadline).await?;
         }
+        let set = &versioned.set;
         let hash = if route.balancer.needs_hash() {
             call_hash(method, args)
         } else {

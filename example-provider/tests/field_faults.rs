@@ -1,0 +1,214 @@
+//! Regression tests for faults that users of other RPC frameworks and
+//! registries reported (issue 12), replayed against real `example-provider`
+//! processes and real, private registry servers:
+//!
+//! 1. `empty_list_recovery` — a running consumer whose only provider stops
+//!    gracefully, and which calls in a tight loop on a `current_thread`
+//!    runtime (as `example-consumer --concurrency 1` does), finds the
+//!    provider started 2 s later and does not spin while it has none.
+//!
+//! Servers are started by the tests themselves; a missing one prints one
+//! SKIP line, or fails under `RPC_REQUIRE_SERVERS=1`.
+
+#[macro_use]
+#[allow(unused_macros, dead_code)]
+#[path = "../../rpc-registry/tests/common/mod.rs"]
+mod common;
+#[allow(dead_code)]
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rpc::RpcConfig;
+use support::*;
+use tokio::sync::watch;
+
+// ------------------------------------------------------------- fault 1
+
+/// What a [`TightCaller`] has seen so far.
+#[derive(Clone, Copy, Debug, Default)]
+struct Tally {
+    ok: u64,
+    failed: u64,
+    /// When the latest call that succeeded ended.
+    last_ok: Option<std::time::Instant>,
+}
+
+/// One caller calling `get_user(1)` back to back, with nothing between its
+/// calls, on its own `current_thread` runtime in its own thread: the shape
+/// of `example-consumer --concurrency 1`. A caller loop that never awaits
+/// anything would starve that runtime, so the thread also stops by itself
+/// after `cap` of wall-clock time.
+struct TightCaller {
+    stop: Arc<AtomicBool>,
+    tally: watch::Receiver<Tally>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TightCaller {
+    fn start(config: RpcConfig, cap: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, tally) = watch::channel(Tally::default());
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let client = example_common::UserServiceClient::from_config(&config)
+                    .await
+                    .unwrap();
+                let until = std::time::Instant::now() + cap;
+                while !flag.load(Ordering::Relaxed) && std::time::Instant::now() < until {
+                    let ok = matches!(client.get_user(1).await, Ok(Ok(_)));
+                    tx.send_modify(|t| {
+                        if ok {
+                            t.ok += 1;
+                            t.last_ok = Some(std::time::Instant::now());
+                        } else {
+                            t.failed += 1;
+                        }
+                    });
+                }
+            });
+        });
+        Self {
+            stop,
+            tally,
+            thread: Some(thread),
+        }
+    }
+
+    fn now(&self) -> Tally {
+        *self.tally.borrow()
+    }
+
+    /// Waits (bounded) for a call that succeeded and ended after `after`.
+    async fn ok_after(&mut self, after: std::time::Instant, within: Duration) -> Option<Tally> {
+        let seen = self
+            .tally
+            .wait_for(|t| t.last_ok.is_some_and(|at| at > after));
+        match tokio::time::timeout(within, seen).await {
+            Ok(Ok(t)) => Some(*t),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for TightCaller {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn empty_list_recovery(kind: Kind) {
+    let Some(backend) = Backend::start(kind, "empty_list_recovery", 1).await else {
+        return;
+    };
+    let mut a = ProviderProc::start(&backend, 0).await;
+    let mut caller = TightCaller::start(backend.consumer_config(), 3 * WAIT);
+    assert!(
+        caller
+            .ok_after(std::time::Instant::now(), WAIT)
+            .await
+            .is_some(),
+        "the consumer never reached the first provider: {:?}",
+        caller.now()
+    );
+
+    // The only provider stops gracefully: it deregisters, so the running
+    // consumer's list becomes empty.
+    a.term();
+    a.exited(WAIT).await;
+    let before = caller.now();
+    // The gap of the reported input: 2 s with no provider at all.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let b = ProviderProc::start(&backend, 0).await;
+    let registered = std::time::Instant::now();
+    let Some(after) = caller.ok_after(registered, WAIT).await else {
+        panic!(
+            "[{}] the running consumer never reached the provider started after the list was empty ({:?} before, {:?} now)",
+            kind.name(),
+            before,
+            caller.now()
+        );
+    };
+    let recovered = after
+        .last_ok
+        .map(|at| at.saturating_duration_since(registered))
+        .unwrap_or_default();
+    let failed = after.failed - before.failed;
+    report(
+        kind,
+        "empty_list_recovery",
+        &[
+            ("recovered_after_registered_ms", ms(recovered)),
+            ("failed_while_empty", failed.to_string()),
+            ("provider", b.addr()),
+        ],
+    );
+    // Each call that found no provider waited for one until its deadline
+    // (3 s by default): over a gap of about 2.5 s that is one or two calls,
+    // where a caller spinning on an error that awaits nothing makes
+    // millions.
+    assert!(
+        failed <= 3,
+        "[{}] {failed} calls failed while the list was empty: the caller spun",
+        kind.name()
+    );
+    // One watch round trip (a 250 ms poll for `local`, a push elsewhere);
+    // the bound leaves room for a loaded two-core machine.
+    assert!(
+        recovered <= Duration::from_secs(3),
+        "[{}] the consumer took {recovered:?} to reach a provider that had registered",
+        kind.name()
+    );
+}
+
+// ------------------------------------------------------------- the tests
+
+mod local {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_running_consumer_recovers_from_an_empty_instance_list() {
+        empty_list_recovery(Kind::Local).await;
+    }
+}
+
+#[cfg(feature = "etcd")]
+mod etcd {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_running_consumer_recovers_from_an_empty_instance_list() {
+        empty_list_recovery(Kind::Etcd).await;
+    }
+}
+
+#[cfg(feature = "consul")]
+mod consul {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_running_consumer_recovers_from_an_empty_instance_list() {
+        empty_list_recovery(Kind::Consul).await;
+    }
+}
+
+feature_stub!(
+    etcd_field_faults_need_the_etcd_feature,
+    "etcd",
+    "field-fault tests"
+);
+feature_stub!(
+    consul_field_faults_need_the_consul_feature,
+    "consul",
+    "field-fault tests"
+);
