@@ -14,7 +14,6 @@
 #[allow(unused_macros, dead_code)]
 #[path = "../../rpc-registry/tests/common/mod.rs"]
 mod common;
-#[allow(dead_code)]
 mod support;
 
 use std::sync::Arc;

@@ -175,6 +175,15 @@ impl Args {
         let runtime = self.flavour()?;
         let repeat = self.count("--repeat", 1, MAX_REPEAT)?;
         let pin = !self.flag("--no-pin");
+        let baseline = self.take("--baseline").map(PathBuf::from);
+        let mut systems = systems;
+        if baseline.is_some() && !systems.contains(&System::Baseline) {
+            let at = systems
+                .iter()
+                .position(|&s| s == System::Rpc)
+                .map_or(0, |i| i + 1);
+            systems.insert(at, System::Baseline);
+        }
         self.finish()?;
         Ok(RunArgs {
             duration,
@@ -184,6 +193,7 @@ impl Args {
             runtime,
             repeat,
             pin,
+            baseline,
         })
     }
 

@@ -5,7 +5,7 @@
 //! ```text
 //! rpc-bench run    [--duration SECS] [--warmup SECS] [--inflight 1,32,256]
 //!                  [--systems rpc,tarpc,echo] [--runtime current|multi]
-//!                  [--repeat N] [--no-pin]
+//!                  [--repeat N] [--no-pin] [--baseline PATH]
 //! rpc-bench pick   (consumer hot path: discovery + load-balancer pick, ns and allocations)
 //! rpc-bench server --system X [--runtime R] [--registry-dir DIR] [--lifetime SECS]
 //! rpc-bench client --system X --addr HOST:PORT --inflight N [--registry-dir DIR]
@@ -38,7 +38,7 @@ const USAGE: &str = "\
 usage:
   rpc-bench pick     time the consumer's discovery + pick, count its allocations
   rpc-bench run [--duration SECS] [--warmup SECS] [--inflight LIST]
-                [--systems LIST] [--runtime current|multi] [--repeat N] [--no-pin]
+                [--systems LIST] [--runtime current|multi] [--repeat N] [--no-pin] [--baseline PATH]
   rpc-bench server --system rpc|tarpc|echo [--runtime current|multi]
                 [--registry-dir DIR] [--lifetime SECS]
   rpc-bench client --system rpc|tarpc|echo --addr HOST:PORT --inflight N
@@ -57,6 +57,9 @@ prints a Markdown table.
                     multi: tokio multi_thread runtimes with 1 worker thread
   --repeat N        runs per cell; the table shows median (min-max) (default 1)
   --no-pin          do not pin the processes with taskset
+  --baseline PATH   also run the `rpc` system of another rpc-bench binary
+                    (built from an earlier commit) as `rpc@base`, interleaved
+                    with the others: an A/B in one run
 
 server prints its listening address on stdout when ready and serves until
 SIGTERM/Ctrl-C (or --lifetime, default 600 s). client prints one RESULT line.
@@ -146,7 +149,7 @@ fn server(a: &ServerArgs) -> Result<(), String> {
     };
     rt.block_on(async {
         match a.system {
-            System::Rpc => {
+            System::Rpc | System::Baseline => {
                 let dir = a
                     .registry_dir
                     .as_deref()
@@ -179,7 +182,7 @@ fn client(a: &ClientArgs) -> Result<(), String> {
     let outcome = rt.block_on(async {
         let run = async {
             match a.system {
-                System::Rpc => {
+                System::Rpc | System::Baseline => {
                     let dir = a
                         .registry_dir
                         .as_deref()

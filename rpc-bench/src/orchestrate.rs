@@ -40,6 +40,8 @@ pub struct RunArgs {
     pub runtime: Flavour,
     pub repeat: usize,
     pub pin: bool,
+    /// Another `rpc-bench` binary whose `rpc` system runs as `rpc@base`.
+    pub baseline: Option<PathBuf>,
 }
 
 /// One client's `RESULT` line.
@@ -341,8 +343,14 @@ fn run_one(
     system: System,
     inflight: usize,
 ) -> Result<Sample, String> {
+    // The baseline is the `rpc` system of another binary.
+    let (exe, system_arg) = match (system, &a.baseline) {
+        (System::Baseline, Some(path)) => (path.as_path(), System::Rpc.name()),
+        (System::Baseline, None) => return Err("rpc@base needs --baseline PATH".into()),
+        _ => (exe, system.name()),
+    };
     let registry = match system {
-        System::Rpc => Some(
+        System::Rpc | System::Baseline => Some(
             tempfile::Builder::new()
                 .prefix("rpc-bench-registry-")
                 .tempdir()
@@ -360,7 +368,7 @@ fn run_one(
     cmd.args([
         "server",
         "--system",
-        system.name(),
+        system_arg,
         "--runtime",
         a.runtime.name(),
     ])
@@ -380,7 +388,7 @@ fn run_one(
     cmd.args([
         "client",
         "--system",
-        system.name(),
+        system_arg,
         "--runtime",
         a.runtime.name(),
     ])

@@ -44,8 +44,25 @@ pub struct ServerConfig {
     pub port: u16,
     /// Host published in the registry, if not `host` (e.g. when binding 0.0.0.0).
     pub advertise_host: Option<String>,
-    /// Connections served at once; further accepts wait.
+    /// Connections served at once. A connection beyond it is accepted and
+    /// refused at once with a go-away (request id 0: nothing was read), so
+    /// its client tries another instance instead of waiting in the kernel's
+    /// accept queue.
     pub max_connections: usize,
+    /// Longest time, in ms, from accepting a connection to its first
+    /// complete frame; a connection that sends nothing (or only part of a
+    /// frame) is closed then. Default 5 000.
+    pub first_frame_timeout_ms: u64,
+    /// Longest time, in ms, that a frame may stay partly received (a
+    /// header sent by halves, a body trickling in a byte at a time); the
+    /// connection is closed then. Default 10 000.
+    pub frame_timeout_ms: u64,
+    /// Longest time, in ms, without a frame from the peer (heartbeats
+    /// count), or without the peer taking any of the replies waiting for
+    /// it; the connection is closed then, with a go-away when the peer is
+    /// merely silent. Consumers heartbeat every 5 s, busy or idle, so a
+    /// live consumer is never closed by this. Default 30 000.
+    pub idle_timeout_ms: u64,
     /// Requests in flight per connection; the connection stops reading beyond it.
     pub max_in_flight_per_connection: usize,
     /// Requests in flight across the server; beyond it calls get `Overloaded`.
@@ -69,6 +86,9 @@ impl Default for ServerConfig {
             port: 0,
             advertise_host: None,
             max_connections: 10_000,
+            first_frame_timeout_ms: 5_000,
+            frame_timeout_ms: 10_000,
+            idle_timeout_ms: 30_000,
             max_in_flight_per_connection: 1024,
             max_in_flight: 65_536,
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
@@ -83,6 +103,18 @@ impl ServerConfig {
     /// [`ServerConfig::shutdown_timeout_ms`] as a duration.
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
+    }
+    /// [`ServerConfig::first_frame_timeout_ms`] as a duration.
+    pub fn first_frame_timeout(&self) -> Duration {
+        Duration::from_millis(self.first_frame_timeout_ms)
+    }
+    /// [`ServerConfig::frame_timeout_ms`] as a duration.
+    pub fn frame_timeout(&self) -> Duration {
+        Duration::from_millis(self.frame_timeout_ms)
+    }
+    /// [`ServerConfig::idle_timeout_ms`] as a duration.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
     }
 }
 
@@ -571,6 +603,12 @@ impl RpcConfig {
             "server.max_in_flight_per_connection",
         )?;
         positive(self.server.max_in_flight as u64, "server.max_in_flight")?;
+        positive(
+            self.server.first_frame_timeout_ms,
+            "server.first_frame_timeout_ms",
+        )?;
+        positive(self.server.frame_timeout_ms, "server.frame_timeout_ms")?;
+        positive(self.server.idle_timeout_ms, "server.idle_timeout_ms")?;
         positive(self.registry.timeout_ms, "registry.timeout_ms")?;
         positive(self.registry.ttl_secs, "registry.ttl_secs")?;
         positive(self.client.timeout_ms, "client.timeout_ms")?;

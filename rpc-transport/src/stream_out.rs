@@ -19,17 +19,18 @@ pub(crate) const STREAM_AT: usize = 8 * 1024;
 /// Writes what the socket takes now if `wbuf` holds at least [`STREAM_AT`]
 /// bytes. A full socket is not an error: the loop's own write branch
 /// finishes the job once it becomes writable.
-pub(crate) fn write_if_long(wr: &OwnedWriteHalf, wbuf: &mut BytesMut) -> io::Result<()> {
+/// Returns how many bytes went out.
+pub(crate) fn write_if_long(wr: &OwnedWriteHalf, wbuf: &mut BytesMut) -> io::Result<usize> {
     if wbuf.len() < STREAM_AT {
-        return Ok(());
+        return Ok(0);
     }
     match wr.try_write(wbuf) {
         Ok(0) => Err(io::ErrorKind::WriteZero.into()),
         Ok(n) => {
             wbuf.advance(n);
-            Ok(())
+            Ok(n)
         }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
         Err(e) => Err(e),
     }
 }

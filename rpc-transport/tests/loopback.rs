@@ -578,3 +578,260 @@ async fn connection_refused_is_a_connect_error_and_backs_off() {
     let src = std::error::Error::source(&e2).unwrap().to_string();
     assert!(src.contains("backing off"), "{src}");
 }
+
+// ----------------------------------------------------- stalled connections
+// Issue 12, fault 2: a few connections that make no progress must not take
+// a provider off the air.
+
+/// A heartbeat frame, the cheapest complete frame a peer can send.
+fn heartbeat(id: u64) -> BytesMut {
+    let mut hb = BytesMut::new();
+    encode_empty(&mut hb, MessageType::Heartbeat, id);
+    hb
+}
+
+/// Reads frames until the server closes the connection; the frames read.
+async fn frames_until_closed(stream: &mut TcpStream) -> Option<Vec<rpc_codec::Frame>> {
+    let mut codec = FrameCodec::default();
+    let mut buf = BytesMut::new();
+    let mut frames = Vec::new();
+    loop {
+        while let Some(f) = codec.decode(&mut buf).unwrap() {
+            frames.push(f);
+        }
+        match tokio::time::timeout(WAIT, stream.read_buf(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(frames),
+            Ok(Ok(_)) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_silent_connection_holding_the_last_slot_is_closed_and_others_are_refused_meanwhile() {
+    let s = start_with(ServerConfig {
+        max_connections: 1,
+        first_frame_timeout_ms: 300,
+        ..ServerConfig::default()
+    })
+    .await;
+    // Takes the only slot and sends nothing (connections are accepted in
+    // the order they were queued, so it is served before the caller's).
+    let mut silent = TcpStream::connect(s.addr).await.unwrap();
+    let ep = endpoint(s.addr);
+    let err = ep
+        .call::<_, i32>(&opts("add", WAIT), &(1, 2))
+        .await
+        .unwrap_err();
+    // Refused at once with a go-away, not left in the accept queue until
+    // its deadline: safe to send elsewhere.
+    assert!(
+        matches!(err, RpcError::Unsent { .. }),
+        "a caller of a full server got {err:?}"
+    );
+    assert!(err.is_safe_to_retry());
+    // The silent connection is closed for sending no frame in time ...
+    let frames = frames_until_closed(&mut silent)
+        .await
+        .expect("a silent connection was not closed");
+    assert!(frames.is_empty(), "{frames:?}");
+    // ... and its slot serves callers again.
+    let r: i32 = ep.call(&opts("add", WAIT), &(1, 2)).await.unwrap();
+    assert_eq!(r, 3);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_frame_sent_by_halves_is_bounded_by_the_frame_timeout() {
+    let s = start_with(ServerConfig {
+        first_frame_timeout_ms: 60_000,
+        frame_timeout_ms: 300,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut raw = TcpStream::connect(s.addr).await.unwrap();
+    raw.write_all(&heartbeat(1)).await.unwrap();
+    // Half a header, then nothing.
+    raw.write_all(&heartbeat(2)[..7]).await.unwrap();
+    let frames = frames_until_closed(&mut raw)
+        .await
+        .expect("a half-sent frame kept its connection open");
+    // The heartbeat before it was answered.
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    assert_eq!(frames[0].header.message_type, MessageType::Heartbeat);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_frame_trickling_in_a_byte_at_a_time_is_bounded_by_the_frame_timeout() {
+    let s = start_with(ServerConfig {
+        first_frame_timeout_ms: 60_000,
+        frame_timeout_ms: 500,
+        ..ServerConfig::default()
+    })
+    .await;
+    let raw = TcpStream::connect(s.addr).await.unwrap();
+    let (mut rd, mut wr) = raw.into_split();
+    wr.write_all(&heartbeat(1)).await.unwrap();
+    // A request of 200 bytes, sent a byte every 50 ms: 10 s in all, while
+    // bytes keep arriving all along.
+    let mut f = rpc_codec::FrameBuf::with_capacity(200);
+    f.body_mut().extend_from_slice(&[0u8; 200 - HEADER_LEN]);
+    let frame = f
+        .finish(0, MessageType::Request, StatusCode::Ok, 7, 1 << 20)
+        .unwrap();
+    let closed = tokio::spawn(async move {
+        let mut buf = [0u8; 256];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    });
+    let mut sent = 0;
+    for byte in frame.iter() {
+        if closed.is_finished() || wr.write_all(&[*byte]).await.is_err() {
+            break;
+        }
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        sent < frame.len(),
+        "the whole trickled frame was taken: no bound on a partial frame"
+    );
+    tokio::time::timeout(WAIT, closed).await.unwrap().unwrap();
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_idle_connection_gets_a_go_away_then_is_closed() {
+    let s = start_with(ServerConfig {
+        idle_timeout_ms: 300,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut raw = TcpStream::connect(s.addr).await.unwrap();
+    raw.write_all(&heartbeat(1)).await.unwrap();
+    let frames = frames_until_closed(&mut raw)
+        .await
+        .expect("an idle connection was not closed");
+    let kinds: Vec<_> = frames.iter().map(|f| f.header.message_type).collect();
+    assert_eq!(kinds, [MessageType::Heartbeat, MessageType::GoAway]);
+    // Nothing was read: every call the peer may have sent since is unread.
+    assert_eq!(frames[1].header.request_id, 0);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_reading_its_replies_is_closed() {
+    let s = start_with(ServerConfig {
+        idle_timeout_ms: 300,
+        ..ServerConfig::default()
+    })
+    .await;
+    let raw = TcpStream::connect(s.addr).await.unwrap();
+    // 400 echo calls of 64 KiB each: 25 MiB of replies, far more than the
+    // socket buffers and the server's write high-water mark hold.
+    let payload = "x".repeat(64 * 1024);
+    let mut requests = BytesMut::new();
+    for id in 1..=400u64 {
+        let head = rpc_codec::RequestHead {
+            request_id: id,
+            serializer: SerializerKind::Bincode,
+            deadline: Some(Duration::from_secs(60)),
+            service: "Test:1.0",
+            method: "echo",
+            metadata: &[],
+        };
+        let args =
+            rpc_transport::encode_args(SerializerKind::Bincode, &(&payload,), "Test", "echo")
+                .unwrap();
+        requests.extend_from_slice(&rpc_codec::encode_request_raw(&head, &args, 1 << 24).unwrap());
+    }
+    let (mut rd, mut wr) = raw.into_split();
+    // The writes stall once the server stops reading us; that is expected.
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(&requests).await;
+        wr
+    });
+    // The input: a peer that reads nothing for a while (as a consumer
+    // stopped with SIGSTOP), longer than the idle bound.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "a peer that read nothing kept its connection"
+    );
+    assert!(
+        total < 400 * 64 * 1024,
+        "every reply was delivered ({total} bytes): the server never gave up"
+    );
+    writer.abort();
+    s.shutdown().await;
+}
+
+// Issue 12, fault 8: a fatal decode error must not tear down calls already
+// read on the same connection.
+#[tokio::test]
+async fn a_bad_frame_behind_a_good_request_answers_the_request_then_goes_away() {
+    let s = start_with(ServerConfig {
+        max_frame_len: 4096,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut raw = TcpStream::connect(s.addr).await.unwrap();
+    let head = rpc_codec::RequestHead {
+        request_id: 1,
+        serializer: SerializerKind::Bincode,
+        deadline: Some(WAIT),
+        service: "Test:1.0",
+        method: "add",
+        metadata: &[],
+    };
+    let args =
+        rpc_transport::encode_args(SerializerKind::Bincode, &(20, 22), "Test", "add").unwrap();
+    let mut bytes = BytesMut::new();
+    bytes.extend_from_slice(&rpc_codec::encode_request_raw(&head, &args, 4096).unwrap());
+    // Right behind it, in the same write: a header claiming a body over
+    // `max_frame_len`.
+    let mut hdr = [0u8; HEADER_LEN];
+    Header {
+        serializer: 0,
+        message_type: MessageType::Request,
+        status: StatusCode::Ok,
+        request_id: 2,
+        body_len: 1 << 20,
+    }
+    .write_to(&mut hdr);
+    bytes.extend_from_slice(&hdr);
+    raw.write_all(&bytes).await.unwrap();
+    let frames = frames_until_closed(&mut raw)
+        .await
+        .expect("the connection was not closed");
+    let summary: Vec<_> = frames
+        .iter()
+        .map(|f| (f.header.message_type, f.header.request_id, f.header.status))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (MessageType::Response, 1, StatusCode::Ok),
+            (MessageType::GoAway, 1, StatusCode::Ok)
+        ]
+    );
+    let sum: i32 = rpc_codec::serializer::decode(SerializerKind::Bincode, &frames[0].body).unwrap();
+    assert_eq!(sum, 42);
+    s.shutdown().await;
+}

@@ -17,6 +17,10 @@ pub enum System {
     Tarpc,
     /// A bare length-delimited echo with the same serialization.
     Echo,
+    /// This framework as built by another `rpc-bench` binary (`run
+    /// --baseline PATH`): the A/B against an earlier commit, in the same run.
+    /// Never run by this binary itself.
+    Baseline,
 }
 
 impl System {
@@ -29,6 +33,7 @@ impl System {
             System::Rpc => "rpc",
             System::Tarpc => "tarpc",
             System::Echo => "echo",
+            System::Baseline => "rpc@base",
         }
     }
 }

@@ -75,7 +75,7 @@ struct Pending {
 /// Liveness settings of a connection.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Liveness {
-    /// With calls pending and nothing read for this long, send a heartbeat.
+    /// With nothing read for this long, send a heartbeat.
     pub(crate) heartbeat_after: Duration,
     /// With a heartbeat unanswered for this long, declare the peer dead.
     pub(crate) dead_after: Duration,
@@ -178,7 +178,7 @@ async fn drive(
                             let unread: Vec<u64> = pending.keys().copied().filter(|id| *id > line).collect();
                             debug!(%addr, line, unread = unread.len(), "server going away");
                             let why = Closed {
-                                reason: Arc::from(format!("{addr}: server shutting down (go-away)")),
+                                reason: Arc::from(format!("{addr}: the server sent a go-away (it is shutting down, full, closing an idle connection or a bad stream) before reading this call")),
                                 written: false,
                             };
                             for id in unread {
@@ -257,9 +257,11 @@ async fn drive(
                     }
                     keep
                 });
-                if pending.is_empty() {
-                    heartbeat_sent = None;
-                } else if let Some(sent) = heartbeat_sent {
+                // Idle connections heartbeat too: a server closes a
+                // connection it hears nothing from (`server.idle_timeout_ms`,
+                // 30 s by default), and a dead peer is noticed before a call
+                // is queued behind it.
+                if let Some(sent) = heartbeat_sent {
                     if sent.elapsed() >= liveness.dead_after {
                         break format!("no heartbeat reply for {:?}", liveness.dead_after);
                     }

@@ -40,7 +40,8 @@ pub struct EndpointConfig {
     pub max_frame_len: usize,
     /// Dial timeout.
     pub connect_timeout: Duration,
-    /// With calls pending and nothing heard for this long, send a heartbeat.
+    /// With nothing heard for this long, send a heartbeat (idle or not:
+    /// servers close connections they hear nothing from).
     pub heartbeat_after: Duration,
     /// With a heartbeat unanswered this long, drop the connection.
     pub dead_after: Duration,

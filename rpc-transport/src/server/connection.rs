@@ -8,11 +8,9 @@ use bytes::{Buf, BytesMut};
 use futures_util::{FutureExt, StreamExt};
 
 use crate::ids::IdMap;
-use rpc_codec::{
-    Frame, FrameCodec, MessageType, RequestEnvelope, encode_empty, encode_error, serializer,
-};
+use rpc_codec::{Frame, MessageType, RequestEnvelope, encode_empty, encode_error, serializer};
 use rpc_core::StatusCode;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::codec::FramedRead;
@@ -21,6 +19,7 @@ use tracing::{debug, warn};
 
 use super::Shared;
 use super::handler::{Call, Replier, error_chain};
+use super::liveness::{Progress, Reading, TimedCodec};
 use crate::stream_out::write_if_long;
 
 /// Replies buffered beyond this stop the connection from reading more
@@ -36,7 +35,7 @@ pub(crate) async fn serve(
 ) {
     let (rd, mut wr) = stream.into_split();
     let mut frames =
-        FramedRead::with_capacity(rd, FrameCodec::new(shared.max_frame_len), 16 * 1024);
+        FramedRead::with_capacity(rd, TimedCodec::new(shared.max_frame_len), 16 * 1024);
     let mut handlers: JoinSet<(u64, BytesMut)> = JoinSet::new();
     let mut running: IdMap<AbortHandle> = IdMap::default();
     let mut wbuf = BytesMut::with_capacity(16 * 1024);
@@ -44,47 +43,63 @@ pub(crate) async fn serve(
     // Highest request id read: a go-away promises answers up to it.
     let mut last_read: u64 = 0;
     let limit = shared.max_in_flight_per_connection;
+    let mut progress = Progress::new(shared.limits);
+    let period = shared.limits.tick();
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Whether the peer is owed a clean end: after a go-away, the close waits
+    // for the peer to close its side (bounded), so replies still on their
+    // way are not lost to a reset.
+    let mut graceful = false;
     debug!(%peer, "connection opened");
 
-    loop {
+    let reason: String = loop {
         if !reading && handlers.is_empty() && wbuf.is_empty() {
-            break;
+            break "done".into();
         }
         tokio::select! {
             biased;
             _ = force.cancelled() => {
-                debug!(%peer, in_flight = handlers.len(), "connection aborted by shutdown");
-                break;
+                break format!("aborted by shutdown with {} calls running", handlers.len());
             }
             Some(done) = handlers.join_next(), if !handlers.is_empty() => {
                 // Cancelled handlers were removed from `running` when cancelled.
                 if let Ok((id, reply)) = done {
                     running.remove(&id);
                     wbuf.extend_from_slice(&reply);
-                    if let Err(e) = write_if_long(&wr, &mut wbuf) {
-                        debug!(%peer, error = %e, "write failed");
-                        break;
+                    match write_if_long(&wr, &mut wbuf) {
+                        Ok(n) => progress.written += n as u64,
+                        Err(e) => break format!("write failed: {e}"),
                     }
                 }
             }
             next = frames.next(), if reading && handlers.len() < limit && wbuf.len() < WRITE_HIGH_WATER => {
                 match next {
                     Some(Ok(frame)) => {
+                        progress.frames += 1;
                         if frame.header.message_type == MessageType::Request {
                             last_read = last_read.max(frame.header.request_id);
                         }
                         if let Err(reason) = dispatch(frame, &shared, &mut handlers, &mut running, &mut wbuf) {
-                            warn!(%peer, reason, "closing connection: protocol violation");
-                            break;
+                            warn!(%peer, reason, last_read, "protocol violation: answering the calls already read, then closing (go-away)");
+                            encode_empty(&mut wbuf, MessageType::GoAway, last_read);
+                            reading = false;
+                            graceful = true;
                         }
-                        if let Err(e) = write_if_long(&wr, &mut wbuf) {
-                            debug!(%peer, error = %e, "write failed");
-                            break;
+                        match write_if_long(&wr, &mut wbuf) {
+                            Ok(n) => progress.written += n as u64,
+                            Err(e) => break format!("write failed: {e}"),
                         }
                     }
                     Some(Err(e)) => {
-                        warn!(%peer, reason = %error_chain(&e), "closing connection: bad frame");
-                        break;
+                        // The stream cannot be followed past a bad frame, but
+                        // the calls read before it are good: answer them, and
+                        // tell the peer where the line is so it can resend
+                        // the rest.
+                        warn!(%peer, reason = %error_chain(&e), last_read, "bad frame: answering the calls already read, then closing (go-away)");
+                        encode_empty(&mut wbuf, MessageType::GoAway, last_read);
+                        reading = false;
+                        graceful = true;
                     }
                     None => {
                         debug!(%peer, "peer closed its side");
@@ -94,15 +109,12 @@ pub(crate) async fn serve(
             }
             written = wr.write(&wbuf), if !wbuf.is_empty() => {
                 match written {
-                    Ok(0) => {
-                        debug!(%peer, "peer stopped reading");
-                        break;
+                    Ok(0) => break "the peer stopped reading".into(),
+                    Ok(n) => {
+                        wbuf.advance(n);
+                        progress.written += n as u64;
                     }
-                    Ok(n) => wbuf.advance(n),
-                    Err(e) => {
-                        debug!(%peer, error = %e, "write failed");
-                        break;
-                    }
+                    Err(e) => break format!("write failed: {e}"),
                 }
             }
             _ = stop.cancelled(), if reading => {
@@ -110,14 +122,76 @@ pub(crate) async fn serve(
                 // and tell the client where the line is so it can resend the
                 // rest elsewhere.
                 reading = false;
+                graceful = true;
                 encode_empty(&mut wbuf, MessageType::GoAway, last_read);
             }
+            _ = tick.tick() => {
+                let state = if !reading {
+                    if wbuf.is_empty() { Reading::Stopped } else { Reading::HeldByPeer }
+                } else if handlers.len() >= limit {
+                    Reading::HeldBySelf
+                } else if wbuf.len() >= WRITE_HIGH_WATER {
+                    Reading::HeldByPeer
+                } else {
+                    Reading::Open
+                };
+                match progress.check(state, frames.decoder_mut()) {
+                    Ok(()) => {}
+                    Err(stalled) if stalled.is_idle() => {
+                        // Perhaps a consumer that just has nothing to say:
+                        // a go-away lets it move on without losing a call.
+                        debug!(%peer, reason = %stalled, "closing an idle connection (go-away)");
+                        encode_empty(&mut wbuf, MessageType::GoAway, last_read);
+                        reading = false;
+                        graceful = true;
+                    }
+                    Err(stalled) => break stalled.to_string(),
+                }
+            }
         }
-    }
+    };
     // Dropping the JoinSet aborts handlers still running (peer gone or forced).
     handlers.abort_all();
     let _ = wr.shutdown().await;
-    debug!(%peer, "connection closed");
+    if graceful {
+        // Closing with unread input would reset the connection, and a reset
+        // can destroy replies the peer has not read yet. Read until the peer
+        // closes too, bounded in time and bytes.
+        let rd = frames.into_inner();
+        let _ = tokio::time::timeout(CLOSE_LINGER, discard(rd, CLOSE_LINGER_BYTES)).await;
+    }
+    debug!(%peer, reason, "connection closed");
+}
+
+/// Refuses a connection the server has no slot for: a go-away with request
+/// id 0 (nothing was read, so every call the client sent is safe to send
+/// elsewhere), then the same bounded linger as any go-away.
+pub(crate) async fn refuse(stream: TcpStream) {
+    let (rd, mut wr) = stream.into_split();
+    let mut frame = BytesMut::with_capacity(rpc_codec::HEADER_LEN);
+    encode_empty(&mut frame, MessageType::GoAway, 0);
+    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        if wr.write_all(&frame).await.is_ok() {
+            let _ = wr.shutdown().await;
+            discard(rd, CLOSE_LINGER_BYTES).await;
+        }
+    })
+    .await;
+}
+
+/// How long a connection that sent a go-away waits for its peer to close.
+const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+/// Most bytes read and dropped meanwhile.
+const CLOSE_LINGER_BYTES: usize = 1 << 20;
+
+async fn discard(mut rd: tokio::net::tcp::OwnedReadHalf, mut left: usize) {
+    let mut buf = [0u8; 4096];
+    while left > 0 {
+        match rd.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
 }
 
 /// Handles one incoming frame. `Err` means the peer broke the protocol and

@@ -10,6 +10,7 @@
 
 mod connection;
 mod handler;
+mod liveness;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -35,7 +36,13 @@ pub(crate) struct Shared {
     pub(crate) max_in_flight_per_connection: usize,
     /// Server-wide bound on running handlers; beyond it calls get `Overloaded`.
     pub(crate) in_flight: Arc<Semaphore>,
+    /// How long a connection may go without progress.
+    pub(crate) limits: liveness::Limits,
 }
+
+/// Connections being refused at once (a go-away, then a short linger) when
+/// the server is full; past this, further ones are simply closed.
+const MAX_REFUSING: usize = 64;
 
 /// Collects services, then binds.
 #[derive(Default)]
@@ -99,6 +106,7 @@ impl ServerBuilder {
                 max_frame_len: self.config.max_frame_len,
                 max_in_flight_per_connection: self.config.max_in_flight_per_connection,
                 in_flight: Arc::new(Semaphore::new(self.config.max_in_flight)),
+                limits: liveness::Limits::from_config(&self.config),
             }),
             max_connections: self.config.max_connections,
             shutdown_timeout: self.config.shutdown_timeout(),
@@ -158,17 +166,9 @@ impl Server {
         info!(%local_addr, "serving");
 
         tokio::pin!(shutdown);
+        let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
         let mut accept_failures = 0u32;
         loop {
-            // Wait for a connection slot first, so a full server stops
-            // accepting instead of accepting and dropping.
-            let permit = tokio::select! {
-                _ = &mut shutdown => break,
-                p = limit.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-            };
             let accepted = tokio::select! {
                 _ = &mut shutdown => break,
                 a = listener.accept() => a,
@@ -176,6 +176,20 @@ impl Server {
             match accepted {
                 Ok((stream, peer)) => {
                     accept_failures = 0;
+                    // A full server accepts and refuses at once: a caller
+                    // left in the kernel's accept queue would wait out its
+                    // whole deadline, where a refusal lets it try another
+                    // instance now.
+                    let Ok(permit) = limit.clone().try_acquire_owned() else {
+                        debug!(%peer, max_connections, "refusing a connection: at the connection limit (go-away)");
+                        if let Ok(slot) = refusing.clone().try_acquire_owned() {
+                            tracker.spawn(async move {
+                                connection::refuse(stream).await;
+                                drop(slot);
+                            });
+                        }
+                        continue;
+                    };
                     if let Err(e) = stream.set_nodelay(true) {
                         debug!(%peer, error = %e, "set_nodelay failed");
                     }
