@@ -20,6 +20,23 @@ use crate::error::ConfigError;
 /// Default maximum frame length: 8 MiB.
 pub const DEFAULT_MAX_FRAME_LEN: usize = 8 * 1024 * 1024;
 
+/// Largest value of every `*_ms` duration key: 24 h. Bigger values are
+/// refused at startup, naming the key; they are never meant, and unchecked
+/// they overflow the arithmetic that turns them into deadlines and TTLs
+/// (issue 12, fault 7: `registry.ttl_secs = 9223372036854775807` made the
+/// Consul backend panic).
+pub const MAX_DURATION_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Largest `registry.ttl_secs`: 24 h, as [`MAX_DURATION_MS`].
+pub const MAX_TTL_SECS: u64 = 24 * 60 * 60;
+
+/// A duration key's value (ms) as a [`Duration`], capped at
+/// [`MAX_DURATION_MS`] for configurations built in code, which skip
+/// validation.
+pub fn ms(v: u64) -> Duration {
+    Duration::from_millis(v.min(MAX_DURATION_MS))
+}
+
 const SECTIONS: [&str; 3] = ["server", "registry", "client"];
 
 /// The whole configuration.
@@ -102,19 +119,19 @@ impl Default for ServerConfig {
 impl ServerConfig {
     /// [`ServerConfig::shutdown_timeout_ms`] as a duration.
     pub fn shutdown_timeout(&self) -> Duration {
-        Duration::from_millis(self.shutdown_timeout_ms)
+        ms(self.shutdown_timeout_ms)
     }
     /// [`ServerConfig::first_frame_timeout_ms`] as a duration.
     pub fn first_frame_timeout(&self) -> Duration {
-        Duration::from_millis(self.first_frame_timeout_ms)
+        ms(self.first_frame_timeout_ms)
     }
     /// [`ServerConfig::frame_timeout_ms`] as a duration.
     pub fn frame_timeout(&self) -> Duration {
-        Duration::from_millis(self.frame_timeout_ms)
+        ms(self.frame_timeout_ms)
     }
     /// [`ServerConfig::idle_timeout_ms`] as a duration.
     pub fn idle_timeout(&self) -> Duration {
-        Duration::from_millis(self.idle_timeout_ms)
+        ms(self.idle_timeout_ms)
     }
 }
 
@@ -209,11 +226,11 @@ impl Default for RegistryConfig {
 impl RegistryConfig {
     /// [`RegistryConfig::timeout_ms`] as a duration.
     pub fn timeout(&self) -> Duration {
-        Duration::from_millis(self.timeout_ms)
+        ms(self.timeout_ms)
     }
     /// [`RegistryConfig::ttl_secs`] as a duration.
     pub fn ttl(&self) -> Duration {
-        Duration::from_secs(self.ttl_secs)
+        Duration::from_secs(self.ttl_secs.min(MAX_TTL_SECS))
     }
 }
 
@@ -462,11 +479,11 @@ impl Default for ClientConfig {
 impl ClientConfig {
     /// [`ClientConfig::timeout_ms`] as a duration.
     pub fn timeout(&self) -> Duration {
-        Duration::from_millis(self.timeout_ms)
+        ms(self.timeout_ms)
     }
     /// [`ClientConfig::connect_timeout_ms`] as a duration.
     pub fn connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.connect_timeout_ms)
+        ms(self.connect_timeout_ms)
     }
 
     /// The policy for `service_key`: these settings with its overrides applied.
@@ -477,14 +494,12 @@ impl ClientConfig {
         let mut fail_safe = self.fail_safe.clone();
         fail_safe.extend(o.fail_safe.unwrap_or_default());
         CallPolicy {
-            timeout: Duration::from_millis(o.timeout_ms.unwrap_or(self.timeout_ms)),
+            timeout: ms(o.timeout_ms.unwrap_or(self.timeout_ms)),
             load_balancer: o.load_balancer.unwrap_or(self.load_balancer),
             fault_tolerance: o.fault_tolerance.unwrap_or(self.fault_tolerance),
             retries: o.retries.unwrap_or(self.retries),
-            retry_backoff: Duration::from_millis(self.retry_backoff_ms),
-            retry_backoff_max: Duration::from_millis(
-                self.retry_backoff_max_ms.max(self.retry_backoff_ms),
-            ),
+            retry_backoff: ms(self.retry_backoff_ms),
+            retry_backoff_max: ms(self.retry_backoff_max_ms.max(self.retry_backoff_ms)),
             idempotent,
             fail_safe,
             serializer: o.serializer.unwrap_or(self.serializer),
@@ -597,6 +612,57 @@ impl RpcConfig {
                 Ok(())
             }
         };
+        let at_most = |v: u64, max: u64, key: &str, unit: &str| {
+            if v > max {
+                Err(ConfigError::new(
+                    origin,
+                    key,
+                    format!("must be at most {max} {unit} (24 h), got {v}"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let c = &self.client;
+        let durations = [
+            (
+                self.server.shutdown_timeout_ms,
+                "server.shutdown_timeout_ms",
+            ),
+            (self.server.shutdown_grace_ms, "server.shutdown_grace_ms"),
+            (
+                self.server.first_frame_timeout_ms,
+                "server.first_frame_timeout_ms",
+            ),
+            (self.server.frame_timeout_ms, "server.frame_timeout_ms"),
+            (self.server.idle_timeout_ms, "server.idle_timeout_ms"),
+            (self.registry.timeout_ms, "registry.timeout_ms"),
+            (c.retry_backoff_ms, "client.retry_backoff_ms"),
+            (c.retry_backoff_max_ms, "client.retry_backoff_max_ms"),
+            (c.outlier_cooldown_ms, "client.outlier_cooldown_ms"),
+            (c.empty_grace_ms, "client.empty_grace_ms"),
+            (c.timeout_ms, "client.timeout_ms"),
+            (c.connect_timeout_ms, "client.connect_timeout_ms"),
+        ];
+        for (v, key) in durations {
+            at_most(v, MAX_DURATION_MS, key, "ms")?;
+        }
+        for (name, o) in &c.services {
+            if let Some(v) = o.timeout_ms {
+                at_most(
+                    v,
+                    MAX_DURATION_MS,
+                    &format!("client.services.\"{name}\".timeout_ms"),
+                    "ms",
+                )?;
+            }
+        }
+        at_most(
+            self.registry.ttl_secs,
+            MAX_TTL_SECS,
+            "registry.ttl_secs",
+            "s",
+        )?;
         positive(self.server.max_connections as u64, "server.max_connections")?;
         positive(
             self.server.max_in_flight_per_connection as u64,
@@ -813,6 +879,56 @@ mod tests {
     fn zero_ttl_is_rejected() {
         let e = RpcConfig::from_toml_str("[registry]\nttl_secs = 0\n", "t").unwrap_err();
         assert_eq!(e.key, "registry.ttl_secs");
+    }
+
+    #[test]
+    fn durations_above_their_maximum_fail_naming_the_key_and_the_maximum() {
+        // Issue 12, fault 7: this TTL made the Consul backend panic.
+        let e = RpcConfig::from_toml_str(
+            "[registry]\ntype = \"consul\"\naddress = \"127.0.0.1:8500\"\nttl_secs = 9223372036854775807\n",
+            "rpc.toml",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "registry.ttl_secs");
+        assert!(e.message.contains("at most 86400 s"), "{e}");
+        assert!(e.to_string().contains("rpc.toml"), "{e}");
+        for key in [
+            "server.shutdown_timeout_ms",
+            "server.shutdown_grace_ms",
+            "server.first_frame_timeout_ms",
+            "server.frame_timeout_ms",
+            "server.idle_timeout_ms",
+            "registry.timeout_ms",
+            "client.retry_backoff_ms",
+            "client.retry_backoff_max_ms",
+            "client.outlier_cooldown_ms",
+            "client.empty_grace_ms",
+            "client.timeout_ms",
+            "client.connect_timeout_ms",
+        ] {
+            let (section, name) = key.split_once('.').unwrap();
+            let over = format!("[{section}]\n{name} = {}\n", MAX_DURATION_MS + 1);
+            let e = RpcConfig::from_toml_str(&over, "t").unwrap_err();
+            assert_eq!(e.key, key);
+            assert!(e.message.contains("at most 86400000 ms"), "{e}");
+            let at = format!("[{section}]\n{name} = {MAX_DURATION_MS}\n");
+            RpcConfig::from_toml_str(&at, "t").unwrap();
+        }
+        let e = RpcConfig::from_toml_str(
+            "[client.services.\"A:1\"]\ntimeout_ms = 9223372036854775807\n",
+            "t",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "client.services.\"A:1\".timeout_ms");
+        // Built in code, validation is skipped: the accessors cap instead
+        // of overflowing.
+        let r = RegistryConfig {
+            ttl_secs: u64::MAX,
+            timeout_ms: u64::MAX,
+            ..RegistryConfig::default()
+        };
+        assert_eq!(r.ttl(), Duration::from_secs(MAX_TTL_SECS));
+        assert_eq!(r.timeout(), Duration::from_millis(MAX_DURATION_MS));
     }
 
     #[test]

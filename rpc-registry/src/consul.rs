@@ -269,7 +269,9 @@ fn definition(
             name: "rpc heartbeat",
             ttl: go_duration(ttl),
             status: "passing",
-            deregister_critical_service_after: go_duration((ttl * 3).max(DEREGISTER_CRITICAL_MIN)),
+            deregister_critical_service_after: go_duration(
+                ttl.saturating_mul(3).max(DEREGISTER_CRITICAL_MIN),
+            ),
         },
     };
     // Strings, integers and maps only: serialization cannot fail.

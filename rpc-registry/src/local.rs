@@ -242,6 +242,10 @@ pub(crate) struct Record {
     pub(crate) pid: u32,
     #[serde(default)]
     pub(crate) owner: String,
+    /// When this host's file system says the file was last written; not
+    /// stored.
+    #[serde(skip)]
+    pub(crate) written_at: Option<SystemTime>,
 }
 
 fn now_ms() -> u64 {
@@ -286,6 +290,9 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// The outcome of reading one service directory.
 #[derive(Debug, Default)]
 pub(crate) struct Scan {
+    /// What the reader has seen of records whose heartbeat it cannot trust,
+    /// handed back for the next scan.
+    pub(crate) observed: Observed,
     /// Live instances by node key.
     pub(crate) live: BTreeMap<String, ServiceMetaInfo>,
     /// Unreadable files and why (at most [`MAX_GARBAGE_PER_SCAN`]).
@@ -295,6 +302,51 @@ pub(crate) struct Scan {
 }
 
 const MAX_GARBAGE_PER_SCAN: usize = 64;
+
+/// A heartbeat further ahead of the reader's clock than this was not written
+/// by a clock the reader can compare with (a writer whose clock runs ahead,
+/// or a record written by hand): its age is judged by observation instead.
+/// On one host every process reads the same clock, so a second is plenty.
+const FUTURE_SKEW_MS: u64 = 1_000;
+
+/// Since when a reader has seen each record with an untrustworthy (future)
+/// heartbeat unchanged, by its own monotonic clock. A live writer rewrites
+/// its record every TTL / 3, whatever its clock says, so such a record is
+/// live while it keeps changing and dead once it has not changed for a TTL
+/// (issue 12, fault 7: a dead provider whose clock ran ahead stayed listed
+/// until its timestamp came due). Holds only the records of the last scan.
+#[derive(Debug, Default)]
+pub(crate) struct Observed {
+    seen: std::collections::HashMap<PathBuf, (u64, std::time::Instant)>,
+}
+
+impl Observed {
+    /// How long (ms) the record at `path` has gone unchanged, as far as
+    /// this reader can tell. On first sight that is the age of the file by
+    /// this host's file system, when it is in the past.
+    fn unchanged_for(&mut self, path: &Path, record: &Record) -> u64 {
+        let now = std::time::Instant::now();
+        if let Some((heartbeat, since)) = self.seen.get(path)
+            && *heartbeat == record.heartbeat_ms
+        {
+            return millis(now.saturating_duration_since(*since));
+        }
+        let first_sight = !self.seen.contains_key(path);
+        let before = if first_sight {
+            record
+                .written_at
+                .and_then(|at| SystemTime::now().duration_since(at).ok())
+                .unwrap_or_default()
+        } else {
+            // It changed since the last scan: the writer is alive now.
+            Duration::ZERO
+        };
+        let since = now.checked_sub(before).unwrap_or(now);
+        self.seen
+            .insert(path.to_path_buf(), (record.heartbeat_ms, since));
+        millis(before)
+    }
+}
 
 impl Scan {
     fn garbage(&mut self, path: PathBuf, why: impl fmt::Display) {
@@ -331,9 +383,14 @@ impl Inner {
     /// not collect them). A watch that just regained the directory passes it
     /// for one TTL: providers could not heartbeat while it was gone, so every
     /// record looks dead until they have had a chance to.
-    fn scan(&self, service_key: &str, lenient: bool) -> Result<Scan, RegistryError> {
+    fn scan(
+        &self,
+        service_key: &str,
+        lenient: bool,
+        observed: Observed,
+    ) -> Result<Scan, RegistryError> {
         let root = self.root_identity()?;
-        let scan = self.scan_dir(service_key, lenient);
+        let scan = self.scan_dir(service_key, lenient, observed);
         // The directory may have been moved away (or replaced) while we read
         // it: then "no service directory" or a vanished record means "cannot
         // see the registry", not "no instances". Only a root that is still
@@ -346,7 +403,12 @@ impl Inner {
         scan.map(|scan| Scan { root, ..scan })
     }
 
-    fn scan_dir(&self, service_key: &str, lenient: bool) -> Result<Scan, RegistryError> {
+    fn scan_dir(
+        &self,
+        service_key: &str,
+        lenient: bool,
+        mut observed: Observed,
+    ) -> Result<Scan, RegistryError> {
         let dir = self.root.join(encode_name(service_key));
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
@@ -355,6 +417,7 @@ impl Inner {
         };
         let now = now_ms();
         let mut scan = Scan::default();
+        let mut untrusted: HashSet<PathBuf> = HashSet::new();
         let mut heartbeats: BTreeMap<String, u64> = BTreeMap::new();
         for entry in entries {
             let entry = match entry {
@@ -393,8 +456,12 @@ impl Inner {
             } else {
                 record.ttl_ms
             };
-            // A heartbeat from the future (clock stepped back) counts as fresh.
-            let age = now.saturating_sub(record.heartbeat_ms);
+            let age = if record.heartbeat_ms > now.saturating_add(FUTURE_SKEW_MS) {
+                untrusted.insert(path.clone());
+                observed.unchanged_for(&path, &record)
+            } else {
+                now.saturating_sub(record.heartbeat_ms)
+            };
             if age > ttl && !lenient {
                 let gc_after = millis(self.gc_after).max(ttl.saturating_mul(2));
                 // Only a record whose process is gone is garbage: a live
@@ -417,6 +484,8 @@ impl Inner {
             heartbeats.insert(node_key.clone(), record.heartbeat_ms);
             scan.live.insert(node_key, record.meta);
         }
+        observed.seen.retain(|path, _| untrusted.contains(path));
+        scan.observed = observed;
         Ok(scan)
     }
 
@@ -471,9 +540,10 @@ pub(crate) fn read_record(path: &Path) -> Result<Option<Record>, String> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.to_string()),
     };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| format!("not a registry record: {e}"))
+    let mut record: Record =
+        serde_json::from_slice(&bytes).map_err(|e| format!("not a registry record: {e}"))?;
+    record.written_at = meta.modified().ok();
+    Ok(Some(record))
 }
 
 async fn blocking<T: Send + 'static>(
@@ -585,6 +655,7 @@ impl Provider {
             ttl_ms: millis(self.ttl),
             pid: std::process::id(),
             owner: self.owner.clone(),
+            written_at: None,
         };
         let bytes = serde_json::to_vec(&record).map_err(|e| (existed, io::Error::other(e)))?;
         let write = || {
@@ -718,7 +789,9 @@ impl Discover for LocalRegistry {
     async fn discover(&self, service_key: &str) -> Result<Vec<ServiceMetaInfo>, RegistryError> {
         let inner = Arc::clone(&self.inner);
         let key = service_key.to_owned();
-        let scan = blocking(move || inner.scan(&key, false)).await?;
+        // A one-off read has no history: a record with a heartbeat from the
+        // future is judged by its file's age.
+        let scan = blocking(move || inner.scan(&key, false, Observed::default())).await?;
         log_garbage(&scan.garbage);
         Ok(scan.live.into_values().collect())
     }
@@ -726,7 +799,7 @@ impl Discover for LocalRegistry {
     async fn watch(&self, service_key: &str) -> Result<Watch, RegistryError> {
         let inner = Arc::clone(&self.inner);
         let key = service_key.to_owned();
-        let scan = blocking(move || inner.scan(&key, false)).await?;
+        let scan = blocking(move || inner.scan(&key, false, Observed::default())).await?;
         let mut reported = HashSet::new();
         report_new_garbage(&mut reported, &scan.garbage);
         let (tx, rx) = mpsc::channel(WATCH_CHANNEL_CAPACITY);
@@ -818,6 +891,7 @@ async fn poll(
 ) {
     let mut known = first.live;
     let mut root = first.root;
+    let mut observed = first.observed;
     let mut tick = tokio::time::interval(inner.poll_interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     tick.tick().await;
@@ -833,8 +907,10 @@ async fn poll(
         let key = service_key.clone();
         let mut events = Vec::new();
         let lenient = !connected || lenient_until.is_some_and(|t| tokio::time::Instant::now() < t);
-        match blocking(move || scan_inner.scan(&key, lenient)).await {
-            Ok(scan) => {
+        let seen = std::mem::take(&mut observed);
+        match blocking(move || scan_inner.scan(&key, lenient, seen)).await {
+            Ok(mut scan) => {
+                observed = std::mem::take(&mut scan.observed);
                 report_new_garbage(&mut reported, &scan.garbage);
                 if connected && scan.root != root {
                     // Replaced between two polls: the registry restarted,
@@ -924,6 +1000,7 @@ mod tests {
             ttl_ms: millis(reg.ttl()),
             pid,
             owner: "test".into(),
+            written_at: None,
         };
         fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
         path
@@ -953,6 +1030,7 @@ mod tests {
             ttl_ms: 6,
             pid: 7,
             owner: "o".into(),
+            written_at: None,
         };
         let json = serde_json::to_vec(&record).unwrap();
         assert_eq!(ServiceMetaInfo::from_json(&json).unwrap(), meta(1));
@@ -985,11 +1063,12 @@ mod tests {
             ttl_ms: 2_000,
             pid: 1,
             owner: "x".into(),
+            written_at: None,
         };
         fs::write(svc.join("h%3A2.json"), serde_json::to_vec(&record).unwrap()).unwrap();
 
         let inner = Arc::clone(&reg.inner);
-        let scan = inner.scan("Echo:1.0", false).unwrap();
+        let scan = inner.scan("Echo:1.0", false, Observed::default()).unwrap();
         assert_eq!(
             scan.live.values().cloned().collect::<Vec<_>>(),
             vec![meta(1)]
@@ -1012,6 +1091,40 @@ mod tests {
         assert_eq!(found, vec![meta(1), meta(4)]);
         assert!(fresh.exists() && stale.exists() && future.exists());
         assert!(!ancient.exists(), "a record dead for many TTLs is deleted");
+    }
+
+    /// Issue 12, fault 7: a record whose heartbeat lies in the future (its
+    /// writer's clock runs ahead) stays listed while its writer rewrites it,
+    /// and goes within a TTL of the writer's death, not when its timestamp
+    /// comes due.
+    #[tokio::test]
+    async fn a_heartbeat_from_the_future_is_judged_by_what_the_reader_observes() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path(), 300);
+        // A writer an hour ahead, alive: it rewrites its record every
+        // TTL / 3 with its own clock.
+        let ahead = 3_600_000;
+        write_record(&reg, &meta(1), now_ms() + ahead);
+        let mut w = reg.watch("Echo:1.0").await.unwrap();
+        assert_eq!(next(&mut w).await, WatchEvent::Snapshot(vec![meta(1)]));
+        let writer = {
+            let reg = reg.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    write_record(&reg, &meta(1), now_ms() + ahead);
+                }
+            })
+        };
+        // Listed for many TTLs while it is rewritten: the watch would have
+        // removed it by now if it were judged dead. A poll runs every 20 ms.
+        let kept = tokio::time::timeout(Duration::from_millis(1_500), w.next()).await;
+        assert!(kept.is_err(), "a live writer's record changed: {kept:?}");
+        // The writer dies; its last timestamp is still an hour ahead.
+        writer.abort();
+        assert_eq!(next(&mut w).await, WatchEvent::Remove(meta(1).node_key()));
+        // A one-off read, with no history, judges it by its file's age.
+        assert!(reg.discover("Echo:1.0").await.unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -1129,13 +1242,19 @@ mod tests {
         let reg = registry(dir.path(), 1_000);
         let ancient = write_record(&reg, &meta(3), now_ms() - 60_000);
         let inner = Arc::clone(&reg.inner);
-        let lenient = inner.scan("Echo:1.0", true).unwrap();
+        let lenient = inner.scan("Echo:1.0", true, Observed::default()).unwrap();
         assert_eq!(
             lenient.live.values().cloned().collect::<Vec<_>>(),
             vec![meta(3)]
         );
         assert!(ancient.exists(), "a lenient scan collects nothing");
-        assert!(inner.scan("Echo:1.0", false).unwrap().live.is_empty());
+        assert!(
+            inner
+                .scan("Echo:1.0", false, Observed::default())
+                .unwrap()
+                .live
+                .is_empty()
+        );
     }
 
     #[tokio::test]
@@ -1157,6 +1276,7 @@ mod tests {
             ttl_ms: 1_000,
             pid: 1,
             owner: "x".into(),
+            written_at: None,
         };
         let away = dir
             .path()

@@ -99,7 +99,7 @@ impl Consumer {
             CacheOptions {
                 ready_timeout,
                 empty_protection: config.empty_protection,
-                empty_grace: Duration::from_millis(config.empty_grace_ms),
+                empty_grace: rpc_core::config::ms(config.empty_grace_ms),
                 snapshot_file: config.snapshot_file.clone(),
                 ..CacheOptions::default()
             },
@@ -109,7 +109,7 @@ impl Consumer {
                 endpoint_config: EndpointConfig::from(&config),
                 outlier: OutlierPolicy {
                     failures: config.outlier_failures,
-                    cooldown: Duration::from_millis(config.outlier_cooldown_ms),
+                    cooldown: rpc_core::config::ms(config.outlier_cooldown_ms),
                     max_ejected_percent: config.outlier_max_ejected_percent,
                 },
                 config,

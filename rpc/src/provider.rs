@@ -119,7 +119,7 @@ impl Provider {
             registrations.push(reg);
         }
         let timeout = self.config.registry.timeout();
-        let grace = std::time::Duration::from_millis(self.config.server.shutdown_grace_ms);
+        let grace = rpc_core::config::ms(self.config.server.shutdown_grace_ms);
         let registry = self.registry.clone();
         let nodes: Vec<ServiceMetaInfo> = registrations.iter().map(|r| r.meta().clone()).collect();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
