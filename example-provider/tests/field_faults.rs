@@ -6,6 +6,11 @@
 //!    gracefully, and which calls in a tight loop on a `current_thread`
 //!    runtime (as `example-consumer --concurrency 1` does), finds the
 //!    provider started 2 s later and does not spin while it has none.
+//! 5. `published_address` — every spelling of the wildcard (and the
+//!    default `127.0.0.1`) as `server.host` publishes a dialable address,
+//!    never the spelling.
+//! 7. `ttl_out_of_range` — `registry.ttl_secs = 9223372036854775807` fails
+//!    at startup naming the key and its maximum, instead of a panic.
 //!
 //! Servers are started by the tests themselves; a missing one prints one
 //! SKIP line, or fails under `RPC_REQUIRE_SERVERS=1`.
@@ -170,6 +175,82 @@ async fn empty_list_recovery(kind: Kind) {
     );
 }
 
+// ------------------------------------------------------------- fault 5
+
+/// With the registry on loopback (as every test server is), a provider
+/// bound to any spelling of the wildcard, or to the default `127.0.0.1`,
+/// publishes `127.0.0.1`, and a consumer reaches it there. (A registry off
+/// loopback is covered by `rpc`'s `advertise` unit tests: a test may not
+/// send traffic off this machine.)
+async fn published_address(kind: Kind) {
+    let Some(backend) = Backend::start(kind, "published_address", 1).await else {
+        return;
+    };
+    let (_consumer, client, handle) = backend.consumer(|_| {}).await;
+    for host in [
+        "127.0.0.1",
+        "0.0.0.0",
+        "::",
+        "::0",
+        "[::]",
+        "0:0:0:0:0:0:0:0",
+        "0.0.0.00",
+    ] {
+        let mut p = ProviderProc::start_with(&backend, 0, &[("RPC_SERVER_HOST", host)]).await;
+        let port = p.port;
+        wait_list(&handle, WAIT, "the provider is listed", |l, _| {
+            l.iter().any(|m| m.service_port == port)
+        })
+        .await;
+        let listed: Vec<String> = handle
+            .instances()
+            .iter()
+            .filter(|m| m.service_port == port)
+            .map(|m| m.service_host.clone())
+            .collect();
+        assert_eq!(
+            listed,
+            ["127.0.0.1"],
+            "[{}] server.host = {host:?} published {listed:?}",
+            kind.name()
+        );
+        let user = client.get_user(1).await;
+        assert!(
+            matches!(user, Ok(Ok(_))),
+            "[{}] server.host = {host:?}: {user:?}",
+            kind.name()
+        );
+        p.term();
+        p.exited(WAIT).await;
+        wait_list(&handle, WAIT, "the provider is gone", |l, _| {
+            !l.iter().any(|m| m.service_port == port)
+        })
+        .await;
+    }
+}
+
+// ------------------------------------------------------------- fault 7
+
+/// An absurd TTL fails at startup with a message naming the key and the
+/// maximum (exit code 2: a configuration error), not a panic (101).
+async fn ttl_out_of_range(kind: Kind) {
+    let Some(backend) = Backend::start(kind, "ttl_out_of_range", 1).await else {
+        return;
+    };
+    let mut p = ProviderProc::spawn(
+        &backend,
+        0,
+        &[("RPC_REGISTRY_TTL_SECS", "9223372036854775807")],
+    );
+    let status = p.exited(WAIT).await;
+    let log = p.log();
+    assert_eq!(status.code(), Some(2), "{status}:\n{log}");
+    assert!(
+        log.contains("registry.ttl_secs") && log.contains("at most 86400 s"),
+        "{log}"
+    );
+}
+
 // ------------------------------------------------------------- the tests
 
 mod local {
@@ -178,6 +259,11 @@ mod local {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_running_consumer_recovers_from_an_empty_instance_list() {
         empty_list_recovery(Kind::Local).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_spelling_of_the_bind_host_publishes_a_dialable_address() {
+        published_address(Kind::Local).await;
     }
 }
 
@@ -189,6 +275,11 @@ mod etcd {
     async fn a_running_consumer_recovers_from_an_empty_instance_list() {
         empty_list_recovery(Kind::Etcd).await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_spelling_of_the_bind_host_publishes_a_dialable_address() {
+        published_address(Kind::Etcd).await;
+    }
 }
 
 #[cfg(feature = "consul")]
@@ -198,6 +289,11 @@ mod consul {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_running_consumer_recovers_from_an_empty_instance_list() {
         empty_list_recovery(Kind::Consul).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_out_of_range_ttl_fails_at_startup_naming_the_key() {
+        ttl_out_of_range(Kind::Consul).await;
     }
 }
 

@@ -10,6 +10,8 @@
 //!   [`WatchEvent`].
 //! * [`config`] — [`RpcConfig`], loaded from `rpc.toml` with environment
 //!   overrides; errors name the file and the key.
+//! * [`host`] — [`Host`], a configured host string parsed once (every
+//!   spelling of an address, the wildcard, loopback).
 //! * [`status`] — [`StatusCode`], the response status carried on the wire.
 //! * [`error`] — [`RpcError`] (what a call returns), [`RegistryError`],
 //!   [`ConfigError`].
@@ -24,6 +26,7 @@
 pub mod config;
 pub mod discover;
 pub mod error;
+pub mod host;
 pub mod meta;
 pub mod registry;
 pub mod status;
@@ -34,6 +37,7 @@ pub use config::{
 };
 pub use discover::{Discover, Watch, WatchEvent};
 pub use error::{BoxError, ConfigError, RegistryError, RpcError};
+pub use host::Host;
 pub use meta::{ServiceMetaInfo, service_key};
 pub use registry::{BoxFuture, Deregister, Registration, RegistrationState, Registry};
 pub use status::StatusCode;

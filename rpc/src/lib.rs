@@ -19,7 +19,8 @@
 //!   pool, load balancer) and [`ServiceClient`], the untyped proxy generated
 //!   clients wrap.
 //! * [`provider`] — [`Provider`]: bind, register, serve, shut down in order;
-//!   [`shutdown_signal`] (Ctrl-C / SIGTERM).
+//!   [`shutdown_signal`] (Ctrl-C / SIGTERM). `advertise` (private) decides
+//!   the host a provider publishes.
 //! * [`balance`] — load balancers: round robin, random, weighted,
 //!   consistent hash, power of two choices.
 //! * [`retry`] — fault tolerance: fail-fast, fail-over with backoff and a
@@ -37,6 +38,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_debug_implementations, unreachable_pub)]
 
+mod advertise;
 pub mod balance;
 pub mod consumer;
 pub mod error;

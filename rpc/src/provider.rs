@@ -46,6 +46,9 @@ impl ProviderBuilder {
     /// Binds the port and connects the registry. Nothing is registered until
     /// [`Provider::run`].
     pub async fn bind(self) -> Result<Provider, Error> {
+        // First: a provider that would publish an address nobody can dial
+        // fails before it connects or binds anything.
+        let advertise = crate::advertise::advertised_host(&self.config).await?;
         let registry = match self.registry {
             Some(r) => r,
             None => AnyRegistry::from_config(&self.config.registry).await?,
@@ -55,6 +58,7 @@ impl ProviderBuilder {
             config: self.config,
             server,
             registry,
+            advertise,
         })
     }
 }
@@ -65,6 +69,8 @@ pub struct Provider {
     config: RpcConfig,
     server: Server,
     registry: AnyRegistry,
+    /// The host published for every service (`crate::advertise`).
+    advertise: String,
 }
 
 impl Provider {
@@ -84,16 +90,7 @@ impl Provider {
 
     /// The instance records [`Provider::run`] publishes.
     pub fn instances(&self) -> Vec<ServiceMetaInfo> {
-        let host = match &self.config.server.advertise_host {
-            Some(h) => h.clone(),
-            None if self.config.server.host == "0.0.0.0" || self.config.server.host == "::" => {
-                warn!(
-                    "server.host is a wildcard and server.advertise_host is unset: advertising 127.0.0.1"
-                );
-                "127.0.0.1".to_owned()
-            }
-            None => self.config.server.host.clone(),
-        };
+        let host = &self.advertise;
         let port = self.local_addr().port();
         let mut keys = self.server.service_keys();
         keys.sort();

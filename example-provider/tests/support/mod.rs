@@ -447,6 +447,31 @@ impl ProviderProc {
     /// Starts a provider on `port` (0: any) and waits until it has
     /// registered (its `registered` log line).
     pub async fn start(backend: &Backend, port: u16) -> Self {
+        Self::start_with(backend, port, &[]).await
+    }
+
+    /// [`ProviderProc::start`] with extra `RPC_*` variables.
+    pub async fn start_with(backend: &Backend, port: u16, extra: &[(&str, &str)]) -> Self {
+        let mut p = Self::spawn(backend, port, extra);
+        let listening = p
+            .wait_line(WAIT, "listening", |l| l.contains("listening;"))
+            .await;
+        p.port = listening
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|port| port.parse().ok())
+            .unwrap_or_else(|| panic!("no addr= in {listening:?}"));
+        p.wait_line(WAIT, "registered", |l| {
+            l.contains("rpc::provider: registered ")
+        })
+        .await;
+        p
+    }
+
+    /// Starts the process and returns at once, without waiting for it to
+    /// listen or register.
+    pub fn spawn(backend: &Backend, port: u16, extra: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_example-provider"));
         cmd.args(["--port", &port.to_string()])
             .current_dir(backend.dir())
@@ -462,6 +487,7 @@ impl ProviderProc {
             }
         }
         cmd.envs(backend.provider_env());
+        cmd.envs(extra.iter().copied());
         let mut child = cmd.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -475,26 +501,12 @@ impl ProviderProc {
                 tx.send_replace(l.len());
             }
         });
-        let mut p = Self {
+        Self {
             child,
             port,
             lines,
             seen,
-        };
-        let listening = p
-            .wait_line(WAIT, "listening", |l| l.contains("listening;"))
-            .await;
-        p.port = listening
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("addr="))
-            .and_then(|a| a.rsplit(':').next())
-            .and_then(|port| port.parse().ok())
-            .unwrap_or_else(|| panic!("no addr= in {listening:?}"));
-        p.wait_line(WAIT, "registered", |l| {
-            l.contains("rpc::provider: registered ")
-        })
-        .await;
-        p
+        }
     }
 
     pub fn addr(&self) -> String {

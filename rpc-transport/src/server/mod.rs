@@ -90,7 +90,9 @@ impl ServerBuilder {
         if let Some(key) = self.duplicate {
             return Err(TransportError::DuplicateService(key));
         }
-        let addr = format!("{}:{}", self.config.host, self.config.port);
+        // Parsed, so that every spelling of an address binds the way it is
+        // published (an IPv6 address needs brackets here).
+        let addr = rpc_core::Host::parse(&self.config.host).with_port(self.config.port);
         let listener = TcpListener::bind(&addr)
             .await
             .map_err(|source| TransportError::Bind {
