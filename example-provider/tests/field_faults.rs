@@ -6,6 +6,11 @@
 //!    gracefully, and which calls in a tight loop on a `current_thread`
 //!    runtime (as `example-consumer --concurrency 1` does), finds the
 //!    provider started 2 s later and does not spin while it has none.
+//! 3. `same_address_second_writer` — a second provider publishing the same
+//!    address (bound elsewhere, `server.advertise_host` the same), stopped
+//!    gracefully, leaves the first one listed, and no call fails.
+//! 4. `etcd_drift_is_repaired` — the provider's key rewritten without a
+//!    lease is put back under the lease, so it expires after a SIGKILL.
 //! 5. `published_address` — every spelling of the wildcard (and the
 //!    default `127.0.0.1`) as `server.host` publishes a dialable address,
 //!    never the spelling.
@@ -28,6 +33,7 @@ use std::time::Duration;
 use rpc::RpcConfig;
 use support::*;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 // ------------------------------------------------------------- fault 1
 
@@ -175,6 +181,133 @@ async fn empty_list_recovery(kind: Kind) {
     );
 }
 
+// ------------------------------------------------------------- fault 3
+
+async fn same_address_second_writer(kind: Kind) {
+    let Some(backend) = Backend::start(kind, "same_address_second_writer", 1).await else {
+        return;
+    };
+    let a = ProviderProc::start(&backend, 0).await;
+    let addr = a.addr();
+    let (_consumer, client, handle) = backend.consumer(|_| {}).await;
+    wait_list(&handle, WAIT, "the first provider is listed", |l, _| {
+        has(l, &addr)
+    })
+    .await;
+    let load = Load::start(&client);
+    // The same port on another loopback address, publishing the first
+    // one's address.
+    let port = a.port.to_string();
+    let mut b = ProviderProc::start_with(
+        &backend,
+        a.port,
+        &[
+            ("RPC_SERVER_HOST", "127.0.0.2"),
+            ("RPC_SERVER_ADVERTISE_HOST", "127.0.0.1"),
+        ],
+    )
+    .await;
+    assert_eq!(b.port.to_string(), port);
+    b.term();
+    let status = b.exited(WAIT).await;
+    assert!(status.success(), "{status}:\n{}", b.log());
+    let stopped = Instant::now();
+    // What the registry itself holds, as a new consumer sees it: the first
+    // provider, still running, is listed within TTL / 3 (plus a margin
+    // for a loaded machine) ...
+    let bound = backend.ttl() / 3 + Duration::from_millis(1500);
+    let (_observer, listed) = backend.observer().await;
+    wait_list(
+        &listed,
+        bound,
+        "the first provider is listed again",
+        |l, _| has(l, &addr),
+    )
+    .await;
+    let back = stopped.elapsed();
+    // ... and stays listed: a second TTL later it is still there.
+    tokio::time::sleep(backend.ttl() + Duration::from_millis(500)).await;
+    assert!(
+        has(&listed.instances(), &addr),
+        "[{}] the first provider was unlisted again",
+        kind.name()
+    );
+    let calls = load.stop().await;
+    report(
+        kind,
+        "same_address_second_writer",
+        &[
+            ("listed_again_after_ms", ms(back)),
+            ("failed", calls.failed().len().to_string()),
+            ("calls", calls.total().to_string()),
+        ],
+    );
+    calls.assert_no_failure("a second writer of the same address stopped");
+    drop(a);
+}
+
+// ------------------------------------------------------------- fault 4
+
+/// `etcdctl` against the backend's first endpoint.
+#[cfg(feature = "etcd")]
+fn etcdctl(backend: &Backend, args: &[&str]) -> String {
+    let out = std::process::Command::new("etcdctl")
+        .arg(format!("--endpoints={}", backend.addresses()[0]))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "etcdctl {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim_end().to_owned()
+}
+
+#[cfg(feature = "etcd")]
+async fn etcd_drift_is_repaired() {
+    let Some(backend) = Backend::start(Kind::Etcd, "etcd_drift_is_repaired", 1).await else {
+        return;
+    };
+    if !servers::runs("etcdctl", &["version"]) {
+        skip("etcd", "etcd_drift_is_repaired", "no `etcdctl` binary");
+        return;
+    }
+    let mut a = ProviderProc::start(&backend, 0).await;
+    let key = format!("/rpc/{SERVICE}/{}", a.addr());
+    let value = etcdctl(&backend, &["get", &key, "--print-value-only"]);
+    assert!(value.contains(&a.port.to_string()), "{value}");
+    // The input: the same value again, without a lease.
+    etcdctl(&backend, &["put", &key, &value]);
+    let lease_of = |backend: &Backend| {
+        let json = etcdctl(backend, &["get", &key, "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        v["kvs"][0]["lease"].as_i64().unwrap_or(0)
+    };
+    assert_eq!(lease_of(&backend), 0);
+    // Put back under the provider's lease within TTL / 3 (polled: the
+    // registry tells nobody).
+    let bound = backend.ttl() / 3 + Duration::from_millis(1500);
+    let repaired = tokio::time::timeout(bound, async {
+        while lease_of(&backend) == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        repaired.is_ok(),
+        "the lease-less key was not repaired within {bound:?}"
+    );
+    // So it expires with the lease once the provider dies.
+    a.kill9();
+    a.exited(WAIT).await;
+    let (_observer, listed) = backend.observer().await;
+    let addr = a.addr();
+    wait_list(
+        &listed,
+        backend.removal_bound(),
+        "the SIGKILLed provider's key expired",
+        |l, _| !has(l, &addr),
+    )
+    .await;
+}
+
 // ------------------------------------------------------------- fault 5
 
 /// With the registry on loopback (as every test server is), a provider
@@ -265,6 +398,11 @@ mod local {
     async fn every_spelling_of_the_bind_host_publishes_a_dialable_address() {
         published_address(Kind::Local).await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_writer_of_the_same_address_leaves_the_first_listed() {
+        same_address_second_writer(Kind::Local).await;
+    }
 }
 
 #[cfg(feature = "etcd")]
@@ -280,6 +418,16 @@ mod etcd {
     async fn every_spelling_of_the_bind_host_publishes_a_dialable_address() {
         published_address(Kind::Etcd).await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_writer_of_the_same_address_leaves_the_first_listed() {
+        same_address_second_writer(Kind::Etcd).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_rewritten_without_a_lease_is_put_back_under_it() {
+        etcd_drift_is_repaired().await;
+    }
 }
 
 #[cfg(feature = "consul")]
@@ -294,6 +442,11 @@ mod consul {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_out_of_range_ttl_fails_at_startup_naming_the_key() {
         ttl_out_of_range(Kind::Consul).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_writer_of_the_same_address_leaves_the_first_listed() {
+        same_address_second_writer(Kind::Consul).await;
     }
 }
 

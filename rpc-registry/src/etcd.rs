@@ -43,8 +43,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, LeaseKeepAliveStream,
-    LeaseKeeper, PutOptions, TlsOptions, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
 };
 use rpc_core::discover::WATCH_CHANNEL_CAPACITY;
 use rpc_core::{
@@ -213,6 +213,8 @@ impl EtcdRegistry {
             lease: None,
             stream: None,
             keys: HashMap::new(),
+            displaced: HashMap::new(),
+            conflicts: HashMap::new(),
             generation: 0,
             retry_at: None,
             gone: false,
@@ -323,6 +325,13 @@ struct Keeper {
     lease: Option<i64>,
     stream: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
     keys: HashMap<String, (String, watch::Sender<RegistrationState>)>,
+    /// Keys this keeper took over from another live lease at registration
+    /// (two processes publishing one address): the value and lease it
+    /// displaced, handed back when this keeper deregisters the key.
+    displaced: HashMap<String, (Vec<u8>, i64)>,
+    /// Keys held by another live lease that this keeper stands by for, with
+    /// that lease: logged once per lease, not on every check.
+    conflicts: HashMap<String, i64>,
     generation: u64,
     /// Set while the keep-alive is interrupted: when to try to restore it next.
     retry_at: Option<Instant>,
@@ -372,6 +381,8 @@ impl Keeper {
                     };
                     if !matches!(sent, Ok(Ok(()))) {
                         self.lost("keep-alive could not be sent");
+                    } else {
+                        self.verify().await;
                     }
                 }
                 reply = next_keep_alive(&mut self.stream), if self.stream.is_some() => match reply {
@@ -533,17 +544,114 @@ impl Keeper {
         Ok(lease)
     }
 
-    async fn put(&mut self, key: &str, value: &str, lease: i64) -> Result<(), RegistryError> {
+    /// Puts `key` under `lease`; the value and lease it replaced, if any.
+    async fn put(
+        &mut self,
+        key: &str,
+        value: &str,
+        lease: i64,
+    ) -> Result<Option<(Vec<u8>, i64)>, RegistryError> {
         let client = &self.client;
-        idempotent(self.timeout, &format!("put {key}"), || {
+        let resp = idempotent(self.timeout, &format!("put {key}"), || {
             let mut c = client.clone();
             async move {
-                c.put(key, value, Some(PutOptions::new().with_lease(lease)))
-                    .await
+                c.put(
+                    key,
+                    value,
+                    Some(PutOptions::new().with_lease(lease).with_prev_key()),
+                )
+                .await
             }
         })
         .await?;
-        Ok(())
+        Ok(resp.prev_key().map(|kv| (kv.value().to_vec(), kv.lease())))
+    }
+
+    /// Compares what etcd holds under every own key with what was
+    /// registered, and repairs it (issue 12, faults 3 and 4): a key removed
+    /// by someone else is put again, and a key rewritten without a lease
+    /// (it would never expire after this process dies) or with another
+    /// value is put again under the lease. A key held by another live lease
+    /// (a second process publishing the same address) is left to it, logged
+    /// once as a conflict, and taken back once it is gone. Runs on every
+    /// keep-alive beat (TTL / 3).
+    async fn verify(&mut self) {
+        let Some(own) = self.lease else { return };
+        let keys: Vec<(String, String)> = self
+            .keys
+            .iter()
+            .map(|(k, (v, _))| (k.clone(), v.clone()))
+            .collect();
+        for (key, value) in keys {
+            let t = self.timeout;
+            let got = match timeout(t, self.client.get(key.as_str(), None)).await {
+                Ok(Ok(resp)) => resp,
+                // A failed check is tried again at the next beat; the
+                // keep-alive notices a registry that is really gone.
+                Ok(Err(e)) => {
+                    debug!(key, error = %e, "etcd: cannot check an own key");
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let why = match got.kvs().first() {
+                None => "it was removed by someone else",
+                Some(kv) if kv.lease() == 0 => {
+                    "it was rewritten without a lease (it would outlive this process)"
+                }
+                Some(kv) if kv.lease() != own => {
+                    let other = kv.lease();
+                    if self.conflicts.insert(key.clone(), other) != Some(other) {
+                        warn!(
+                            key,
+                            own_lease = own,
+                            other_lease = other,
+                            "etcd registration conflict: another live process publishes the same address; standing by until its key is gone"
+                        );
+                    }
+                    continue;
+                }
+                Some(kv) if kv.value() != value.as_bytes() => "its value was changed",
+                Some(_) => {
+                    self.conflicts.remove(&key);
+                    continue;
+                }
+            };
+            // Only if nobody changed it since the check.
+            let unchanged = match got.kvs().first() {
+                Some(kv) => {
+                    Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision())
+                }
+                None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+            };
+            let txn = Txn::new().when([unchanged]).and_then([TxnOp::put(
+                key.as_str(),
+                value.as_str(),
+                Some(PutOptions::new().with_lease(own)),
+            )]);
+            match timeout(t, self.client.txn(txn)).await {
+                Ok(Ok(r)) if r.succeeded() => {
+                    self.conflicts.remove(&key);
+                    self.generation += 1;
+                    if let Some((_, state)) = self.keys.get(&key) {
+                        state.send_replace(RegistrationState::Registered {
+                            generation: self.generation,
+                        });
+                    }
+                    warn!(
+                        key,
+                        reason = why,
+                        "etcd registration drifted from what this provider registered; restored"
+                    );
+                }
+                Ok(Ok(_)) => debug!(
+                    key,
+                    "etcd: an own key changed while it was repaired; checking again next beat"
+                ),
+                Ok(Err(e)) => debug!(key, error = %e, "etcd: cannot repair an own key"),
+                Err(_) => debug!(key, "etcd: repairing an own key timed out"),
+            }
+        }
     }
 
     async fn register(
@@ -568,7 +676,21 @@ impl Keeper {
             Some(l) => l,
             None => self.grant().await?,
         };
-        self.put(&key, &value, lease).await?;
+        if let Some((prev, other)) = self.put(&key, &value, lease).await?
+            && other != 0
+            && other != lease
+        {
+            // A key under a lease etcd still holds: another live process
+            // publishes the same address. Take it (the address is served
+            // either way), and hand it back when deregistering.
+            warn!(
+                key,
+                own_lease = lease,
+                other_lease = other,
+                "etcd registration conflict: another live process publishes the same address; taking the key over until this registration ends"
+            );
+            self.displaced.insert(key.clone(), (prev, other));
+        }
         state.send_replace(RegistrationState::Registered {
             generation: self.generation,
         });
@@ -581,10 +703,43 @@ impl Keeper {
             return Ok(());
         };
         state.send_replace(RegistrationState::Deregistered);
+        self.conflicts.remove(key);
+        let displaced = self.displaced.remove(key);
+        let Some(own) = self.lease else {
+            // No lease: the key expired with it, or was never ours.
+            return Ok(());
+        };
+        let ours = || Compare::lease(key, CompareOp::Equal, own);
+        if let Some((value, other)) = displaced {
+            // Hand the key back to the process it was taken from, if its
+            // lease still lives: its consumers see no gap.
+            let back = Txn::new().when([ours()]).and_then([TxnOp::put(
+                key,
+                value,
+                Some(PutOptions::new().with_lease(other)),
+            )]);
+            match timeout(self.timeout, self.client.txn(back)).await {
+                Ok(Ok(_)) => {
+                    info!(
+                        key,
+                        other_lease = other,
+                        "etcd key handed back to the process it was taken from"
+                    );
+                    return Ok(());
+                }
+                // Its lease is gone: delete as usual.
+                Ok(Err(e)) => debug!(key, error = %e, "etcd: cannot hand the key back"),
+                Err(_) => debug!(key, "etcd: handing the key back timed out"),
+            }
+        }
+        // Only a key that is still ours: another process may have taken it.
         let client = &self.client;
         idempotent(self.timeout, &format!("delete {key}"), || {
             let mut c = client.clone();
-            async move { c.delete(key, None).await }
+            let txn = Txn::new()
+                .when([ours()])
+                .and_then([TxnOp::delete(key, None)]);
+            async move { c.txn(txn).await }
         })
         .await?;
         Ok(())
@@ -595,7 +750,28 @@ impl Keeper {
             state.send_replace(RegistrationState::Deregistered);
         }
         self.keys.clear();
+        self.conflicts.clear();
         self.stream = None;
+        if let Some(lease) = self.lease {
+            // Keys taken over from another live process go back to it
+            // before the revoke would delete them.
+            for (key, (value, other)) in std::mem::take(&mut self.displaced) {
+                let back = Txn::new()
+                    .when([Compare::lease(key.as_str(), CompareOp::Equal, lease)])
+                    .and_then([TxnOp::put(
+                        key.as_str(),
+                        value,
+                        Some(PutOptions::new().with_lease(other)),
+                    )]);
+                if let Ok(Ok(_)) = timeout(self.timeout, self.client.txn(back)).await {
+                    info!(
+                        key,
+                        other_lease = other,
+                        "etcd key handed back to the process it was taken from"
+                    );
+                }
+            }
+        }
         if let Some(lease) = self.lease.take() {
             let client = &self.client;
             let revoked = idempotent(self.timeout, "lease revoke", || {
