@@ -430,6 +430,16 @@ mod etcd {
     }
 }
 
+#[cfg(feature = "zookeeper")]
+mod zookeeper {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_writer_of_the_same_address_leaves_the_first_listed() {
+        same_address_second_writer(Kind::Zookeeper).await;
+    }
+}
+
 #[cfg(feature = "consul")]
 mod consul {
     use super::*;
@@ -453,6 +463,11 @@ mod consul {
 feature_stub!(
     etcd_field_faults_need_the_etcd_feature,
     "etcd",
+    "field-fault tests"
+);
+feature_stub!(
+    zookeeper_field_faults_need_the_zookeeper_feature,
+    "zookeeper",
     "field-fault tests"
 );
 feature_stub!(

@@ -51,11 +51,13 @@
 //! would stay silent. After a session expiry it waits for the keeper's new
 //! session, arms the watch again and reads a snapshot.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use rpc_core::discover::WATCH_CHANNEL_CAPACITY;
 use rpc_core::{
     Discover, Registration, RegistrationState, RegistryConfig, RegistryError, ServiceMetaInfo,
@@ -305,6 +307,9 @@ impl ZookeeperRegistry {
             epoch: 0,
             session: session_tx,
             nodes: HashMap::new(),
+            watches: FuturesUnordered::new(),
+            armed: HashSet::new(),
+            conflicts: HashMap::new(),
             generation: 0,
             retry_at: None,
             backoff: BACKOFF_MIN,
@@ -476,6 +481,14 @@ struct Keeper {
     epoch: u64,
     session: watch::Sender<Option<Session>>,
     nodes: HashMap<String, (Vec<u8>, watch::Sender<RegistrationState>)>,
+    /// One exists-watch per own node: fires when the node is deleted,
+    /// changed or created, and the keeper then checks it (`verify`).
+    watches: FuturesUnordered<futures_util::future::BoxFuture<'static, String>>,
+    /// Paths with a watch armed in the current session.
+    armed: HashSet<String>,
+    /// Own paths held by another live session, with that session: logged
+    /// once per session.
+    conflicts: HashMap<String, i64>,
     generation: u64,
     /// Set while the session is lost: when to try to open a new one next.
     retry_at: Option<Instant>,
@@ -502,6 +515,11 @@ impl keeper::Keeps<(String, Vec<u8>)> for Keeper {
 
 impl Keeper {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        // A safety net under the watches: every own node is checked each
+        // session timeout / 3 as well.
+        let mut check =
+            tokio::time::interval((self.spec.session_timeout / 3).max(Duration::from_millis(300)));
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let retry_at = self.retry_at;
             tokio::select! {
@@ -512,7 +530,103 @@ impl Keeper {
                 }
                 state = next_state(&mut self.states) => self.on_state(state),
                 _ = sleep_until_opt(retry_at), if retry_at.is_some() => self.restore().await,
+                Some(path) = self.watches.next(), if !self.watches.is_empty() => {
+                    self.armed.remove(&path);
+                    self.verify(&path).await;
+                }
+                _ = check.tick(), if retry_at.is_none() => {
+                    let paths: Vec<String> = self.nodes.keys().cloned().collect();
+                    for path in paths {
+                        self.verify(&path).await;
+                    }
+                }
             }
+        }
+    }
+
+    /// Compares the node at `path` with what was registered, re-arming its
+    /// watch, and repairs it (issue 12, faults 3 and 4): a node deleted by
+    /// someone else is created again, a changed one is set back, and a
+    /// persistent node put in its place (it would outlive this process) is
+    /// replaced by an ephemeral one. A node of another live session (a
+    /// second process publishing the same address) is left to it, logged
+    /// once as a conflict; the watch then brings this keeper back when it
+    /// is gone.
+    async fn verify(&mut self, path: &str) {
+        if self.retry_at.is_some() {
+            return;
+        }
+        let (Some(client), Some((data, _))) = (self.client.clone(), self.nodes.get(path)) else {
+            return;
+        };
+        let data = data.clone();
+        let t = self.spec.timeout;
+        let stat = match timeout(t, client.check_and_watch_stat(path)).await {
+            Ok(Ok((stat, watcher))) => {
+                if self.armed.insert(path.to_owned()) {
+                    let owned = path.to_owned();
+                    self.watches.push(Box::pin(async move {
+                        watcher.changed().await;
+                        owned
+                    }));
+                }
+                stat
+            }
+            Ok(Err(e)) => {
+                debug!(%path, error = %e, "zookeeper: cannot check an own node");
+                return;
+            }
+            Err(_) => return,
+        };
+        let own = client.session_id().0;
+        let repaired = match stat {
+            None => match claim(&self.spec, &client, path, &data).await {
+                Ok(true) => Some("it was deleted by someone else"),
+                Ok(false) => None,
+                Err(e) => {
+                    debug!(%path, error = %e, "zookeeper: cannot re-create an own node");
+                    None
+                }
+            },
+            Some(stat) if stat.ephemeral_owner == own => {
+                self.conflicts.remove(path);
+                match timeout(t, client.get_data(path)).await {
+                    Ok(Ok((held, stat))) if held != data => {
+                        match timeout(t, client.set_data(path, &data, Some(stat.version))).await {
+                            Ok(Ok(_)) => Some("its data was changed"),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                }
+            }
+            Some(stat) if stat.ephemeral_owner == 0 => {
+                // A persistent node at our path never goes away on its own.
+                match timeout(t, client.delete(path, Some(stat.version))).await {
+                    Ok(Ok(())) => match claim(&self.spec, &client, path, &data).await {
+                        Ok(true) => Some("a persistent node had replaced it"),
+                        _ => None,
+                    },
+                    _ => None,
+                }
+            }
+            Some(stat) => {
+                let other = stat.ephemeral_owner;
+                if self.conflicts.insert(path.to_owned(), other) != Some(other) {
+                    warn!(%path, own_session = %format!("{own:#x}"), other_session = %format!("{other:#x}"), "zookeeper registration conflict: another live session publishes the same address; standing by until its node is gone");
+                }
+                None
+            }
+        };
+        if let Some(why) = repaired {
+            self.conflicts.remove(path);
+            self.generation += 1;
+            if let Some((_, state)) = self.nodes.get(path) {
+                state.send_replace(RegistrationState::Registered {
+                    generation: self.generation,
+                });
+            }
+            warn!(%path, reason = why, "zookeeper registration drifted from what this provider registered; restored");
         }
     }
 
@@ -594,6 +708,8 @@ impl Keeper {
                 c
             }
         };
+        // Watches of the old session ended with it.
+        self.armed.clear();
         if self.nodes.is_empty() {
             return Ok(());
         }
@@ -617,6 +733,9 @@ impl Keeper {
             generation = self.generation,
             "zookeeper registrations restored in a new session"
         );
+        for (path, _) in &nodes {
+            self.verify(path).await;
+        }
         Ok(())
     }
 
@@ -635,7 +754,8 @@ impl Keeper {
         state.send_replace(RegistrationState::Registered {
             generation: self.generation,
         });
-        self.nodes.insert(path, (data, state));
+        self.nodes.insert(path.clone(), (data, state));
+        self.verify(&path).await;
         Ok(())
     }
 
@@ -644,6 +764,7 @@ impl Keeper {
             return Ok(());
         };
         state.send_replace(RegistrationState::Deregistered);
+        self.conflicts.remove(path);
         match &self.client {
             // Without a session the node is already gone with the old one.
             Some(client) => remove_own(&self.spec, client, path).await,
@@ -689,6 +810,7 @@ async fn publish(
     let deadline = Instant::now() + t;
     let own = client.session_id().0;
     let mut last = None;
+    let mut replaced = false;
     while Instant::now() < deadline {
         let left = deadline.saturating_duration_since(Instant::now());
         let created = match timeout(left, client.create(path, data, &spec.ephemeral())).await {
@@ -725,11 +847,28 @@ async fn publish(
                     }
                     return Ok(());
                 }
+                if replaced {
+                    // Replaced once and taken again at once: another live
+                    // process publishes this address. Leave it; the
+                    // keeper's watch takes the node back when it is gone.
+                    warn!(
+                        %path,
+                        owner = %format!("{:#x}", stat.ephemeral_owner),
+                        session = %client.session_id(),
+                        "zookeeper registration conflict: another live session publishes the same address; standing by"
+                    );
+                    return Ok(());
+                }
+                replaced = true;
+                // Usually an older session of a process that restarted on
+                // this address, not expired yet: left alone, the node would
+                // vanish when that session expires. If it is a live second
+                // process instead, this is a conflict it will log.
                 warn!(
                     %path,
                     owner = %format!("{:#x}", stat.ephemeral_owner),
                     session = %client.session_id(),
-                    "replacing a node left by another session"
+                    "replacing a node of another session (a conflict if that session is a live process)"
                 );
                 match timeout(left, client.delete(path, Some(stat.version))).await {
                     Ok(Ok(()) | Err(ZkError::NoNode | ZkError::BadVersion)) => {}
@@ -750,6 +889,36 @@ async fn publish(
         Some(e) => Err(unavailable(format!("create {path}"), e)),
         None => Err(timed_out(&format!("create {path}"), t)),
     }
+}
+
+/// Creates the ephemeral node `path` only if nobody holds it: `Ok(true)` if
+/// this call created it, `Ok(false)` if a node was there (someone was
+/// faster; the caller's watch says what happens next).
+async fn claim(
+    spec: &Spec,
+    client: &Client,
+    path: &str,
+    data: &[u8],
+) -> Result<bool, RegistryError> {
+    let t = spec.timeout;
+    for _ in 0..2 {
+        match timeout(t, client.create(path, data, &spec.ephemeral())).await {
+            Ok(Ok(_)) => return Ok(true),
+            Ok(Err(ZkError::NodeExists)) => return Ok(false),
+            Ok(Err(ZkError::NoNode)) => {
+                let parent = path.rsplit_once('/').map_or(path, |(p, _)| p);
+                bounded(
+                    t,
+                    format!("creating {parent}"),
+                    client.mkdir(parent, &spec.persistent()),
+                )
+                .await?;
+            }
+            Ok(Err(e)) => return Err(unavailable(format!("create {path}"), e)),
+            Err(_) => return Err(timed_out(&format!("create {path}"), t)),
+        }
+    }
+    Ok(false)
 }
 
 /// Deletes `path` if this session owns it (a node that replaced ours is
