@@ -10,7 +10,10 @@
 //!    address (bound elsewhere, `server.advertise_host` the same), stopped
 //!    gracefully, leaves the first one listed, and no call fails.
 //! 4. `etcd_drift_is_repaired` — the provider's key rewritten without a
-//!    lease is put back under the lease, so it expires after a SIGKILL.
+//!    lease is put back under the lease, so it expires after a SIGKILL;
+//!    `consul_drift_is_repaired` — the provider's service re-registered
+//!    through the agent's API with another port (and its TTL check kept
+//!    passing) is registered again as it was, and consumers reach it.
 //! 5. `published_address` — every spelling of the wildcard (and the
 //!    default `127.0.0.1`) as `server.host` publishes a dialable address,
 //!    never the spelling.
@@ -308,6 +311,78 @@ async fn etcd_drift_is_repaired() {
     .await;
 }
 
+#[cfg(feature = "consul")]
+async fn consul_drift_is_repaired() {
+    let Some(backend) = Backend::start(Kind::Consul, "consul_drift_is_repaired", 1).await else {
+        return;
+    };
+    let agent: std::net::SocketAddr = backend.addresses()[0]
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let a = ProviderProc::start(&backend, 0).await;
+    let (_consumer, client, handle) = backend.consumer(|_| {}).await;
+    wait_list(&handle, WAIT, "the provider is listed", |l, _| {
+        has(l, &a.addr())
+    })
+    .await;
+    let id = format!("{SERVICE}/{}", a.addr());
+    let path = format!(
+        "/v1/agent/service/{}",
+        id.replace(':', "%3A").replace('/', "%2F")
+    );
+    let port_held = || async {
+        let (status, body) = servers::http(agent, "GET", &path, "").await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["Port"].as_u64().unwrap_or(0)
+    };
+    assert_eq!(port_held().await, u64::from(a.port));
+    // The input: the same service ID registered again by hand with
+    // another port and no record tag, its TTL check kept (so the provider's
+    // heartbeats keep passing it).
+    let wrong = serde_json::json!({
+        "ID": id,
+        "Name": "UserService:1.0",
+        "Address": "127.0.0.1",
+        "Port": 9,
+        "Check": {"CheckID": format!("service:{id}"), "TTL": "10s", "Status": "passing"},
+    });
+    let (status, body) = servers::http(
+        agent,
+        "PUT",
+        "/v1/agent/service/register",
+        &wrong.to_string(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(port_held().await, 9);
+    // Registered again as it was within TTL / 3 (polled: the agent tells
+    // nobody), and listed for consumers.
+    let bound = backend.ttl() / 3 + Duration::from_millis(1500);
+    let repaired = tokio::time::timeout(bound, async {
+        while port_held().await != u64::from(a.port) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        repaired.is_ok(),
+        "the drifted registration was not repaired within {bound:?}"
+    );
+    wait_list(&handle, WAIT, "the provider is listed again", |l, _| {
+        has(l, &a.addr())
+    })
+    .await;
+    assert!(matches!(client.get_user(1).await, Ok(Ok(_))));
+    assert!(
+        a.log().contains("drifted"),
+        "the provider did not say what it repaired:\n{}",
+        a.log()
+    );
+}
+
 // ------------------------------------------------------------- fault 5
 
 /// With the registry on loopback (as every test server is), a provider
@@ -457,6 +532,11 @@ mod consul {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_second_writer_of_the_same_address_leaves_the_first_listed() {
         same_address_second_writer(Kind::Consul).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_service_re_registered_with_another_port_is_put_back() {
+        consul_drift_is_repaired().await;
     }
 }
 

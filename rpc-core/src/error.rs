@@ -252,3 +252,21 @@ impl ConfigError {
         }
     }
 }
+
+/// Formats an error with its whole `source()` chain: `outer: cause: root`.
+/// Error types keep their sources separate, as they should; this is for the
+/// one log line or message at the top, where a bare outer message (`etcd
+/// registry unavailable: get /rpc/X/`) would hide the cause.
+pub fn report(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let msg = e.to_string();
+        if !s.ends_with(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = e.source();
+    }
+    s
+}

@@ -851,8 +851,11 @@ async fn follow<D: Discover>(
                 entry.set_last_error(Some("watch ended".into()));
             }
             Err(e) => {
-                tracing::warn!(service = %entry.key, error = %e, retry_in = ?backoff, "cannot watch the registry; keeping the last known instances");
-                entry.set_last_error(Some(e.to_string()));
+                // The whole chain: the outer message alone ("get /rpc/X/")
+                // hides what actually failed.
+                let chain = rpc_core::error::report(&e);
+                tracing::warn!(service = %entry.key, error = %chain, retry_in = ?backoff, "cannot watch the registry; keeping the last known instances");
+                entry.set_last_error(Some(chain));
             }
         }
         if entry.set_healthy(false) {
@@ -1032,7 +1035,11 @@ mod tests {
             self.opened.notify_waiters();
             match next {
                 Some(rx) => Ok(Watch::new(rx)),
-                None => Err(RegistryError::Shutdown),
+                None => Err(RegistryError::unavailable(
+                    "scripted",
+                    "get /rpc/Echo:1.0/",
+                    std::io::Error::other("the root cause"),
+                )),
             }
         }
     }
@@ -1350,7 +1357,11 @@ mod tests {
                 ..
             } => {
                 assert_eq!(service, "Echo:1.0");
-                assert!(last_error.is_some());
+                // The whole chain, not only the outer message (issue 12,
+                // fault 6).
+                let last = last_error.as_deref().unwrap_or_default();
+                assert!(last.contains("get /rpc/Echo:1.0/"), "{last}");
+                assert!(last.contains("the root cause"), "{last}");
             }
             other => panic!("unexpected {other:?}"),
         }

@@ -473,6 +473,8 @@ pub struct ConsulRegistry {
 struct Inner {
     agent: Agent,
     consul: Consul,
+    /// Entries discovery skipped, so each is logged once.
+    skips: crate::skip::SkipLog,
     namespace: Option<String>,
     datacenter: Option<String>,
     ttl: Duration,
@@ -555,6 +557,7 @@ impl ConsulRegistry {
             inner: Arc::new(Inner {
                 agent,
                 consul,
+                skips: crate::skip::SkipLog::default(),
                 namespace: clean_namespace(config.namespace.as_deref()).map(str::to_owned),
                 datacenter: config.datacenter.clone().filter(|s| !s.is_empty()),
                 ttl,
@@ -637,7 +640,11 @@ impl ConsulRegistry {
                 .iter()
                 .find_map(|t| t.strip_prefix(RECORD_TAG))
             else {
-                debug!(id = %node.service.id, "skipping a service without an rpc record");
+                self.inner.skips.skipped(
+                    BACKEND,
+                    &node.service.id,
+                    "it carries no rpc-record tag (registered by something else, or rewritten)",
+                );
                 continue;
             };
             match ServiceMetaInfo::from_json(json.as_bytes()) {
@@ -645,12 +652,19 @@ impl ConsulRegistry {
                     if m.service_key() == service_key
                         && self.instance_id(&m) == node.service.id =>
                 {
+                    self.inner.skips.usable(&node.service.id);
                     found.insert(m.node_key(), m);
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    warn!(id = %node.service.id, error = %e, "skipping malformed instance record")
-                }
+                Ok(m) => self.inner.skips.skipped(
+                    BACKEND,
+                    &node.service.id,
+                    &format!("its rpc record names another instance ({})", m.node_key()),
+                ),
+                Err(e) => self.inner.skips.skipped(
+                    BACKEND,
+                    &node.service.id,
+                    &format!("its rpc record is malformed: {e}"),
+                ),
             }
         }
         Ok((found.into_values().collect(), resp.index))
@@ -765,10 +779,45 @@ impl Deregister for ConsulDeregister {
 struct Entry {
     check: String,
     body: Vec<u8>,
+    /// What the agent must hold for it: address, port and record tag.
+    expected: Expected,
+    /// Another process holds this ID with another record (logged once).
+    conflict: bool,
     state: watch::Sender<RegistrationState>,
     generation: u64,
     /// The agent forgot it: re-register at the next retry.
     lost: bool,
+}
+
+/// The parts of a registration that consumers depend on.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Expected {
+    address: String,
+    port: u64,
+    record: Option<String>,
+}
+
+impl Expected {
+    /// From an agent registration body or an agent service entry (the same
+    /// field names).
+    fn of(v: &serde_json::Value) -> Self {
+        Self {
+            address: v["Address"].as_str().unwrap_or_default().to_owned(),
+            port: v["Port"].as_u64().unwrap_or(0),
+            record: v["Tags"].as_array().and_then(|tags| {
+                tags.iter()
+                    .filter_map(|t| t.as_str())
+                    .find(|t| t.starts_with(RECORD_TAG))
+                    .map(str::to_owned)
+            }),
+        }
+    }
+
+    fn from_body(body: &[u8]) -> Self {
+        serde_json::from_slice(body)
+            .map(|v| Self::of(&v))
+            .unwrap_or_default()
+    }
 }
 
 /// Heartbeats every registration of one registry and restores lost ones.
@@ -844,6 +893,9 @@ impl Keeper {
                 Err(e) => unreachable = Some(e),
             }
         }
+        if reached {
+            self.compare(t).await;
+        }
         match unreachable {
             Some(e) if !self.unreachable => {
                 warn!(error = %e, "consul agent unreachable; heartbeats go on");
@@ -854,6 +906,77 @@ impl Keeper {
                 self.unreachable = false;
             }
             _ => {}
+        }
+    }
+
+    /// Compares what the agent holds with what was registered (issue 12,
+    /// fault 4): a passing TTL check says nothing about the service it
+    /// belongs to, which someone may have re-registered with another
+    /// address or port, or without the record tag consumers read. Such an
+    /// entry is registered again. One agent call per beat for all entries.
+    async fn compare(&mut self, t: Duration) {
+        let held: serde_json::Value = match self
+            .agent
+            .ok(Method::GET, "/v1/agent/services", None, t)
+            .await
+        {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+            Err(e) => {
+                debug!(error = %e, "consul: cannot read the agent's services");
+                return;
+            }
+        };
+        let drifted: Vec<(String, String)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.lost)
+            .filter_map(|(id, e)| {
+                let there = held.get(id.as_str())?;
+                let got = Expected::of(there);
+                if got.address == e.expected.address
+                    && got.port == e.expected.port
+                    && got.record.is_some()
+                    && got.record != e.expected.record
+                {
+                    // The same address with another record: a second live
+                    // process publishing this address. Rewriting it each
+                    // beat would only make the two take turns.
+                    if !e.conflict {
+                        warn!(%id, "consul registration conflict: another process registered the same address with another record; leaving it");
+                    }
+                    return Some((id.clone(), String::new()));
+                }
+                (got != e.expected).then(|| {
+                    (
+                        id.clone(),
+                        format!(
+                            "the agent holds {}:{} ({}), registered {}:{} ({})",
+                            got.address,
+                            got.port,
+                            if got.record.is_some() { "with a record" } else { "no record tag" },
+                            e.expected.address,
+                            e.expected.port,
+                            if got.record == e.expected.record || got.record.is_none() {
+                                "the record"
+                            } else {
+                                "another record"
+                            }
+                        ),
+                    )
+                })
+            })
+            .collect();
+        for entry in self.entries.values_mut() {
+            entry.conflict = false;
+        }
+        for (id, why) in drifted {
+            if why.is_empty() {
+                if let Some(e) = self.entries.get_mut(&id) {
+                    e.conflict = true;
+                }
+                continue;
+            }
+            self.lost(&id, &format!("the registration drifted: {why}"));
         }
     }
 
@@ -916,6 +1039,8 @@ impl Keeper {
             id,
             Entry {
                 check,
+                expected: Expected::from_body(&body),
+                conflict: false,
                 body,
                 state,
                 generation: 0,

@@ -56,6 +56,7 @@ use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, info, warn};
 
 use crate::keeper::{self, KeeperDeregister};
+use crate::skip::SkipLog;
 use crate::task::AbortOnDrop;
 
 const BACKEND: &str = "etcd";
@@ -139,6 +140,8 @@ struct Inner {
     ttl: Duration,
     timeout: Duration,
     commands: mpsc::Sender<Command>,
+    /// Entries discovery skipped, so each is logged once.
+    skips: Arc<SkipLog>,
 }
 
 impl fmt::Debug for EtcdRegistry {
@@ -231,6 +234,7 @@ impl EtcdRegistry {
                 ttl,
                 timeout: t,
                 commands: tx,
+                skips: Arc::new(SkipLog::default()),
             }),
         })
     }
@@ -269,28 +273,120 @@ impl EtcdRegistry {
         }
     }
 
+    /// Reads every instance under `prefix`, at one revision, in pages.
+    ///
+    /// One unbounded range read fails once the list passes the gRPC
+    /// client's receive limit (4 MiB, tonic's default, which etcd-client
+    /// keeps): 3,000 records of 2 KB were never discovered (issue 12, fault
+    /// 6). Pages of [`PAGE`] records are read at the first page's revision
+    /// (a consistent snapshot); a page still too large is halved, down to
+    /// one record, and a single record over the limit is an error that
+    /// says so. A revision compacted between pages starts the read over.
     async fn get_prefix(
         client: &mut Client,
         prefix: &str,
         t: Duration,
+        skips: &SkipLog,
     ) -> Result<(Vec<ServiceMetaInfo>, i64), RegistryError> {
-        let resp = timeout(t, client.get(prefix, Some(GetOptions::new().with_prefix())))
-            .await
-            .map_err(|_| timed_out("get", t))?
-            .map_err(|e| unavailable(format!("get {prefix}"), e))?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let mut list = Vec::with_capacity(resp.kvs().len());
-        for kv in resp.kvs() {
-            match ServiceMetaInfo::from_json(kv.value()) {
-                Ok(m) => list.push(m),
-                Err(e) => {
-                    warn!(key = %String::from_utf8_lossy(kv.key()), error = %e, "skipping malformed instance record")
+        let end = prefix_end(prefix);
+        let mut restarts = 0;
+        'read: loop {
+            let mut from = prefix.as_bytes().to_vec();
+            let mut revision = 0;
+            let mut page = PAGE;
+            let mut list = Vec::new();
+            loop {
+                let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
+                if revision > 0 {
+                    options = options.with_revision(revision);
+                }
+                let resp = match timeout(t, client.get(from.clone(), Some(options))).await {
+                    Err(_) => return Err(timed_out(&format!("get {prefix}"), t)),
+                    Ok(Ok(resp)) => resp,
+                    Ok(Err(e)) if too_large(&e) && page > 1 => {
+                        page = (page / 2).max(1);
+                        debug!(
+                            prefix,
+                            page,
+                            "etcd: a page of instances was over the receive limit; reading smaller pages"
+                        );
+                        continue;
+                    }
+                    Ok(Err(e)) if too_large(&e) => {
+                        return Err(unavailable(
+                            format!(
+                                "get {prefix}: one instance record is larger than the client's receive limit (4 MiB, gRPC's default); retrying will not help"
+                            ),
+                            e,
+                        ));
+                    }
+                    Ok(Err(e)) if compacted(&e) && restarts < 3 => {
+                        restarts += 1;
+                        continue 'read;
+                    }
+                    Ok(Err(e)) => return Err(unavailable(format!("get {prefix}"), e)),
+                };
+                if revision == 0 {
+                    revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+                }
+                for kv in resp.kvs() {
+                    let key = String::from_utf8_lossy(kv.key());
+                    match ServiceMetaInfo::from_json(kv.value()) {
+                        Ok(m) => {
+                            skips.usable(&key);
+                            list.push(m);
+                        }
+                        Err(e) => {
+                            skips.skipped(BACKEND, &key, &format!("not an instance record: {e}"))
+                        }
+                    }
+                }
+                let last = resp.kvs().last().map(|kv| kv.key().to_vec());
+                match last {
+                    Some(mut key) if resp.more() => {
+                        // The next page starts right after the last key.
+                        key.push(0);
+                        from = key;
+                    }
+                    _ => {
+                        list.sort_by_key(|m| m.node_key());
+                        return Ok((list, revision));
+                    }
                 }
             }
         }
-        list.sort_by_key(|m| m.node_key());
-        Ok((list, revision))
     }
+}
+
+/// Records per page of a prefix read; each is a few hundred bytes to a few
+/// KiB, so a page stays far below the 4 MiB receive limit.
+const PAGE: i64 = 500;
+
+/// The end of the range holding every key that starts with `prefix`.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte 0xff: to the end of the key space.
+    vec![0]
+}
+
+/// A response over the gRPC receive limit (tonic's own check, or the
+/// server's).
+fn too_large(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if matches!(s.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted)
+            && s.message().contains("message"))
+}
+
+/// A read at a revision etcd has compacted away.
+fn compacted(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if s.code() == tonic::Code::OutOfRange && s.message().contains("compacted"))
 }
 
 impl rpc_core::Registry for EtcdRegistry {
@@ -812,6 +908,7 @@ impl Discover for EtcdRegistry {
             &mut client,
             &self.service_prefix(service_key),
             self.inner.timeout,
+            &self.inner.skips,
         )
         .await?
         .0)
@@ -823,13 +920,14 @@ impl Discover for EtcdRegistry {
         let t = self.inner.timeout;
         // The first snapshot is read here so that an unreachable etcd is an
         // error to the caller, not a silent empty list.
-        let (list, revision) = Self::get_prefix(&mut client, &prefix, t).await?;
+        let (list, revision) = Self::get_prefix(&mut client, &prefix, t, &self.inner.skips).await?;
         let (tx, rx) = mpsc::channel(WATCH_CHANNEL_CAPACITY);
         if tx.send(WatchEvent::Snapshot(list)).await.is_err() {
             return Err(RegistryError::Shutdown);
         }
         let follower = Follower {
             client,
+            skips: Arc::clone(&self.inner.skips),
             root: self.inner.root.clone(),
             prefix,
             timeout: t,
@@ -850,6 +948,7 @@ impl Discover for EtcdRegistry {
 /// Follows one service prefix.
 struct Follower {
     client: Client,
+    skips: Arc<SkipLog>,
     root: String,
     prefix: String,
     timeout: Duration,
@@ -890,7 +989,7 @@ impl Follower {
                     Ok(true) => break,
                     Ok(false) => return,
                     Err(e) => {
-                        debug!(prefix = %self.prefix, error = %e, "etcd resync failed");
+                        debug!(prefix = %self.prefix, error = %rpc_core::error::report(&e), "etcd resync failed");
                         if !self.set_connected(false).await || !self.pause(&mut backoff).await {
                             return;
                         }
@@ -922,7 +1021,8 @@ impl Follower {
     /// A fresh get, delivered as a snapshot. `Ok(false)`: consumer gone.
     async fn snapshot(&mut self) -> Result<bool, RegistryError> {
         let (list, revision) =
-            EtcdRegistry::get_prefix(&mut self.client, &self.prefix, self.timeout).await?;
+            EtcdRegistry::get_prefix(&mut self.client, &self.prefix, self.timeout, &self.skips)
+                .await?;
         self.revision = revision;
         if self.tx.send(WatchEvent::Snapshot(list)).await.is_err() {
             return Ok(false);
@@ -931,8 +1031,11 @@ impl Follower {
     }
 
     async fn follow(&mut self) -> WatchEnd {
+        // Fragmented: a burst of events (a catch-up after a break) comes in
+        // several messages instead of one over the receive limit.
         let options = WatchOptions::new()
             .with_prefix()
+            .with_fragment()
             .with_start_revision(self.revision + 1);
         let mut stream = tokio::select! {
             _ = self.tx.closed() => return WatchEnd::Closed,
@@ -982,9 +1085,16 @@ impl Follower {
                 let key = String::from_utf8_lossy(kv.key());
                 let event = match ev.event_type() {
                     EventType::Put => match ServiceMetaInfo::from_json(kv.value()) {
-                        Ok(m) => WatchEvent::Upsert(m),
+                        Ok(m) => {
+                            self.skips.usable(&key);
+                            WatchEvent::Upsert(m)
+                        }
                         Err(e) => {
-                            warn!(%key, error = %e, "skipping malformed instance record");
+                            self.skips.skipped(
+                                BACKEND,
+                                &key,
+                                &format!("not an instance record: {e}"),
+                            );
                             continue;
                         }
                     },

@@ -19,6 +19,7 @@
 //! * `keeper` (private): the command protocol of the backends' keeper tasks
 //!   (etcd, ZooKeeper, Consul, Nacos) and deregistration through it.
 //! * `tls` (private): reading the `registry.tls` files (etcd, Consul).
+//! * `skip` (private): a skipped registry entry is logged once, with why.
 //!
 //! # Cargo features
 //!
@@ -61,6 +62,8 @@ pub mod local;
 pub mod memory;
 #[cfg(feature = "nacos")]
 pub mod nacos;
+#[cfg(any(feature = "etcd", feature = "consul"))]
+mod skip;
 mod task;
 #[cfg(any(feature = "etcd", feature = "consul"))]
 mod tls;

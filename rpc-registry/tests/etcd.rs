@@ -313,4 +313,57 @@ mod private_etcd {
         let err = EtcdRegistry::connect(&missing).await.unwrap_err();
         assert!(err.to_string().contains("registry.tls.ca_file"), "{err}");
     }
+
+    /// Issue 12, fault 6: 3,000 instance records of about 2 KB (6.6 MB, over
+    /// the gRPC client's 4 MiB receive limit) are discovered, read in pages.
+    #[tokio::test]
+    async fn a_list_larger_than_one_response_is_read_in_pages() {
+        if !etcd_binary("large list") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let etcd = Etcd::start(&tmp.path().join("d"), free_port(), free_port(), None);
+        let cfg = config(etcd.endpoint());
+        let reg = connect_when_ready(&cfg).await;
+        let mut raw = etcd_client::Client::connect([etcd.endpoint()], None)
+            .await
+            .unwrap();
+        let pad = "x".repeat(2_000);
+        let mut bytes = 0;
+        for chunk in 0..30u16 {
+            let ops: Vec<etcd_client::TxnOp> = (0..100u16)
+                .map(|i| {
+                    let mut m =
+                        ServiceMetaInfo::new("Big", "1.0", "127.0.0.1", 10_000 + chunk * 100 + i);
+                    m.metadata.insert("pad".into(), pad.clone());
+                    let json = m.to_json();
+                    bytes += json.len();
+                    etcd_client::TxnOp::put(reg.instance_key(&m), json, None)
+                })
+                .collect();
+            raw.txn(etcd_client::Txn::new().and_then(ops))
+                .await
+                .unwrap();
+        }
+        assert!(bytes > 6_000_000, "{bytes}");
+        let list = tokio::time::timeout(WAIT, reg.discover("Big:1.0"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(list.len(), 3_000);
+        // A consumer's cache gets the whole list too, and follows changes.
+        let cache = ServiceCache::new(reg.clone());
+        let handle = tokio::time::timeout(WAIT, cache.service("Big:1.0"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(handle.instances().len(), 3_000);
+        let extra = ServiceMetaInfo::new("Big", "1.0", "127.0.0.1", 9_999);
+        raw.put(reg.instance_key(&extra), extra.to_json(), None)
+            .await
+            .unwrap();
+        tokio::time::timeout(WAIT, handle.wait_until(|l, _| l.len() == 3_001))
+            .await
+            .unwrap();
+    }
 }

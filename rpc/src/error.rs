@@ -18,19 +18,6 @@ pub enum Error {
     Config(#[from] ConfigError),
 }
 
-/// Formats an error with its whole `source()` chain: `outer: cause: root`.
-/// Error types here keep their sources separate, as they should; this is for
-/// the one log line or message at the top.
-pub fn report(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        let msg = e.to_string();
-        if !s.ends_with(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        cur = e.source();
-    }
-    s
-}
+/// Formats an error with its whole `source()` chain: `outer: cause: root`
+/// (defined in `rpc_core`, where the registry crate can use it too).
+pub use rpc_core::error::report;
