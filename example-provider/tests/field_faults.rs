@@ -515,6 +515,16 @@ mod zookeeper {
     }
 }
 
+#[cfg(feature = "nacos")]
+mod nacos {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_writer_of_the_same_address_leaves_the_first_listed() {
+        same_address_second_writer(Kind::Nacos).await;
+    }
+}
+
 #[cfg(feature = "consul")]
 mod consul {
     use super::*;
@@ -548,6 +558,11 @@ feature_stub!(
 feature_stub!(
     zookeeper_field_faults_need_the_zookeeper_feature,
     "zookeeper",
+    "field-fault tests"
+);
+feature_stub!(
+    nacos_field_faults_need_the_nacos_feature,
+    "nacos",
     "field-fault tests"
 );
 feature_stub!(

@@ -116,6 +116,9 @@ const HOLD_RECHECK: Duration = Duration::from_secs(1);
 /// re-sends its own after reconnecting only at its next redo (every 3 s).
 const SETTLE: Duration = Duration::from_secs(4);
 const KEEPER_TICK: Duration = Duration::from_millis(250);
+/// Longest pause between two checks that the server lists the instances as
+/// registered (a second writer of the same address deregistering it, a
+/// record changed behind the provider's back: issue 12, faults 3 and 4).
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -223,6 +226,9 @@ struct Settings {
     username: Option<String>,
     password: Option<String>,
     timeout: Duration,
+    /// How often the keeper checks that the server lists its instances as
+    /// registered: TTL / 3, at most [`RECONCILE_INTERVAL`].
+    reconcile: Duration,
     cache_dir: PathBuf,
 }
 
@@ -265,6 +271,7 @@ impl Settings {
             username: non_empty(&config.username),
             password: config.password.clone(),
             timeout: config.timeout().max(Duration::from_millis(100)),
+            reconcile: (config.ttl() / 3).clamp(Duration::from_millis(500), RECONCILE_INTERVAL),
             // The SDK always writes its naming cache to disk (never read back
             // here: `naming_load_cache_at_start` stays off); keep it out of $HOME.
             cache_dir: std::env::temp_dir().join("rpc-nacos-cache"),
@@ -556,7 +563,7 @@ impl Keeper {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut tick = tokio::time::interval(KEEPER_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut reconcile = tokio::time::interval(RECONCILE_INTERVAL);
+        let mut reconcile = tokio::time::interval(self.settings.reconcile);
         reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Every handle gone: nothing more to answer.
         let mut open = true;
@@ -890,13 +897,30 @@ impl Keeper {
                 let Some(e) = self.entries.get_mut(&node) else {
                     continue;
                 };
-                let present = listed
+                let at_address = listed
                     .iter()
-                    .any(|i| i.ip == e.instance.ip && i.port == e.instance.port);
-                if !present && !e.lost {
+                    .find(|i| i.ip == e.instance.ip && i.port == e.instance.port);
+                // What consumers read must be what was registered (issue
+                // 12, fault 4): the record, the weight, enabled.
+                let why = match at_address {
+                    None => Some("nacos no longer lists this instance"),
+                    Some(i)
+                        if i.metadata.get(META_KEY) != e.instance.metadata.get(META_KEY)
+                            || !i.enabled
+                            || (i.weight - e.instance.weight).abs() > f64::EPSILON =>
+                    {
+                        Some(
+                            "nacos holds another record, weight or enabled flag for this instance (it drifted)",
+                        )
+                    }
+                    Some(_) => None,
+                };
+                if let Some(why) = why
+                    && !e.lost
+                {
                     e.lost = true;
                     e.state.send_replace(RegistrationState::Reregistering);
-                    warn!(%node, "nacos no longer lists this instance; re-registering");
+                    warn!(%node, reason = why, "re-registering");
                 }
             }
         }
@@ -949,7 +973,20 @@ impl Discovery {
         )
         .await
         .map_err(|_| timed_out("query", t))?
-        .map_err(|e| unavailable(format!("query {service}"), e))?;
+        .map_err(|e| {
+            let chain = rpc_core::error::report(&e);
+            if chain.contains("message length too large") {
+                // nacos-sdk 0.8 builds its gRPC clients with tonic's 4 MiB
+                // receive limit and offers no setting; Nacos 2.x has no
+                // paged instance query (issue 12, fault 6).
+                unavailable(
+                    format!("query {service}: the instance list is larger than the Nacos client's gRPC receive limit (4 MiB, not configurable in nacos-sdk 0.8); retrying will not help"),
+                    e,
+                )
+            } else {
+                unavailable(format!("query {service}"), e)
+            }
+        })?;
         let mut list: Vec<ServiceMetaInfo> = instances
             .iter()
             .filter(|i| i.healthy && i.enabled)
