@@ -674,7 +674,18 @@ impl RpcConfig {
             "server.first_frame_timeout_ms",
         )?;
         positive(self.server.frame_timeout_ms, "server.frame_timeout_ms")?;
-        positive(self.server.idle_timeout_ms, "server.idle_timeout_ms")?;
+        // Consumers heartbeat every 5 s: below twice that, a live but quiet
+        // consumer's connection would be closed over and over.
+        if self.server.idle_timeout_ms < 10_000 {
+            return Err(ConfigError::new(
+                origin,
+                "server.idle_timeout_ms",
+                format!(
+                    "must be at least 10000 ms (twice the consumers' 5 s heartbeat), got {}",
+                    self.server.idle_timeout_ms
+                ),
+            ));
+        }
         positive(self.registry.timeout_ms, "registry.timeout_ms")?;
         positive(self.registry.ttl_secs, "registry.ttl_secs")?;
         positive(self.client.timeout_ms, "client.timeout_ms")?;
@@ -897,7 +908,6 @@ mod tests {
             "server.shutdown_grace_ms",
             "server.first_frame_timeout_ms",
             "server.frame_timeout_ms",
-            "server.idle_timeout_ms",
             "registry.timeout_ms",
             "client.retry_backoff_ms",
             "client.retry_backoff_max_ms",

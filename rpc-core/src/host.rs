@@ -100,13 +100,16 @@ fn inet_aton(s: &str) -> Option<Ipv4Addr> {
     }
     let mut values = Vec::with_capacity(parts.len());
     for p in &parts {
+        // Digits only: `from_str_radix` would also take a sign.
         let v = if let Some(hex) = p.strip_prefix("0x").or_else(|| p.strip_prefix("0X")) {
-            if hex.is_empty() {
-                0
-            } else {
-                u32::from_str_radix(hex, 16).ok()?
+            if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
             }
+            u32::from_str_radix(hex, 16).ok()?
         } else if p.len() > 1 && p.starts_with('0') {
+            if !p.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+                return None;
+            }
             u32::from_str_radix(&p[1..], 8).ok()?
         } else {
             if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
@@ -147,6 +150,7 @@ mod tests {
             " 0.0.0.0 ",
             "0",
             "0x0",
+            "00",
             "[0:0::0]",
         ] {
             assert!(Host::parse(s).is_unspecified(), "{s:?}");
@@ -189,7 +193,21 @@ mod tests {
         assert_eq!(v4("0x0a.010.0.1"), "10.8.0.1");
         assert_eq!(v4("3232235777"), "192.168.1.1");
         // Not addresses: names.
-        for s in ["256.0.0.1", "1.2.3.4.5", "1..2", "08.0.0.1", "1.2.3.", "x1"] {
+        for s in [
+            "256.0.0.1",
+            "1.2.3.4.5",
+            "1..2",
+            "08.0.0.1",
+            "1.2.3.",
+            "x1",
+            "0x",
+            "0x.0x",
+            "0x+7f.1",
+            "0+1.2.3.4",
+            "+1.2.3.4",
+            "1.2.3.0x100",
+            "0x100000000",
+        ] {
             assert!(matches!(Host::parse(s), Host::Name(_)), "{s:?}");
         }
     }

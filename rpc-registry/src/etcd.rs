@@ -678,19 +678,41 @@ impl Keeper {
             .iter()
             .map(|(k, (v, _))| (k.clone(), v.clone()))
             .collect();
-        for (key, value) in keys {
-            let t = self.timeout;
-            let got = match timeout(t, self.client.get(key.as_str(), None)).await {
-                Ok(Ok(resp)) => resp,
+        // One read transaction per 64 keys, all bounded together by half a
+        // beat: the check must never delay the next keep-alive.
+        let budget = self.beat_interval() / 2;
+        let checked_by = Instant::now() + budget;
+        let mut held: HashMap<String, Option<etcd_client::KeyValue>> = HashMap::new();
+        for chunk in keys.chunks(64) {
+            let reads: Vec<TxnOp> = chunk
+                .iter()
+                .map(|(k, _)| TxnOp::get(k.as_str(), None))
+                .collect();
+            let left = checked_by.saturating_duration_since(Instant::now());
+            let resp = match timeout(left, self.client.txn(Txn::new().and_then(reads))).await {
+                Ok(Ok(r)) => r,
                 // A failed check is tried again at the next beat; the
                 // keep-alive notices a registry that is really gone.
                 Ok(Err(e)) => {
-                    debug!(key, error = %e, "etcd: cannot check an own key");
-                    continue;
+                    debug!(error = %e, "etcd: cannot check the own keys");
+                    return;
                 }
-                Err(_) => continue,
+                Err(_) => {
+                    debug!(?budget, "etcd: checking the own keys took too long");
+                    return;
+                }
             };
-            let why = match got.kvs().first() {
+            for ((key, _), op) in chunk.iter().zip(resp.op_responses()) {
+                if let etcd_client::TxnOpResponse::Get(get) = op {
+                    held.insert(key.clone(), get.kvs().first().cloned());
+                }
+            }
+        }
+        for (key, value) in keys {
+            let Some(kv) = held.remove(&key) else {
+                continue;
+            };
+            let why = match &kv {
                 None => "it was removed by someone else",
                 Some(kv) if kv.lease() == 0 => {
                     "it was rewritten without a lease (it would outlive this process)"
@@ -713,8 +735,9 @@ impl Keeper {
                     continue;
                 }
             };
+            let t = self.timeout.min(budget);
             // Only if nobody changed it since the check.
-            let unchanged = match got.kvs().first() {
+            let unchanged = match &kv {
                 Some(kv) => {
                     Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision())
                 }
@@ -815,7 +838,7 @@ impl Keeper {
                 Some(PutOptions::new().with_lease(other)),
             )]);
             match timeout(self.timeout, self.client.txn(back)).await {
-                Ok(Ok(_)) => {
+                Ok(Ok(r)) if r.succeeded() => {
                     info!(
                         key,
                         other_lease = other,
@@ -823,6 +846,8 @@ impl Keeper {
                     );
                     return Ok(());
                 }
+                // No longer ours: nothing to hand back, nothing to delete.
+                Ok(Ok(_)) => return Ok(()),
                 // Its lease is gone: delete as usual.
                 Ok(Err(e)) => debug!(key, error = %e, "etcd: cannot hand the key back"),
                 Err(_) => debug!(key, "etcd: handing the key back timed out"),
@@ -859,7 +884,9 @@ impl Keeper {
                         value,
                         Some(PutOptions::new().with_lease(other)),
                     )]);
-                if let Ok(Ok(_)) = timeout(self.timeout, self.client.txn(back)).await {
+                if let Ok(Ok(r)) = timeout(self.timeout, self.client.txn(back)).await
+                    && r.succeeded()
+                {
                     info!(
                         key,
                         other_lease = other,

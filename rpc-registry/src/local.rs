@@ -1002,7 +1002,9 @@ mod tests {
             owner: "test".into(),
             written_at: None,
         };
-        fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
+        // Atomically, as a provider writes: a reader must never see half a
+        // record (a test rewriting records would see spurious removals).
+        write_atomic(&path, &serde_json::to_vec(&record).unwrap()).unwrap();
         path
     }
 
@@ -1100,9 +1102,10 @@ mod tests {
     #[tokio::test]
     async fn a_heartbeat_from_the_future_is_judged_by_what_the_reader_observes() {
         let dir = tempfile::tempdir().unwrap();
-        let reg = registry(dir.path(), 300);
+        let reg = registry(dir.path(), 1_500);
         // A writer an hour ahead, alive: it rewrites its record every
-        // TTL / 3 with its own clock.
+        // 100 ms (more often than TTL / 3, so a loaded machine's stalls do
+        // not look like a death) with its own clock.
         let ahead = 3_600_000;
         write_record(&reg, &meta(1), now_ms() + ahead);
         let mut w = reg.watch("Echo:1.0").await.unwrap();
@@ -1118,7 +1121,7 @@ mod tests {
         };
         // Listed for many TTLs while it is rewritten: the watch would have
         // removed it by now if it were judged dead. A poll runs every 20 ms.
-        let kept = tokio::time::timeout(Duration::from_millis(1_500), w.next()).await;
+        let kept = tokio::time::timeout(Duration::from_millis(4_000), w.next()).await;
         assert!(kept.is_err(), "a live writer's record changed: {kept:?}");
         // The writer dies; its last timestamp is still an hour ahead.
         writer.abort();

@@ -521,6 +521,8 @@ struct Entry {
     generation: u64,
     /// The server has (or may have) lost it; re-register when the lane is up.
     lost: bool,
+    /// Another record is registered at its address (logged once).
+    conflict: bool,
 }
 
 /// An instance whose deregistration failed: the SDK still holds it for its
@@ -728,6 +730,7 @@ impl Keeper {
                 state,
                 generation: 0,
                 lost: false,
+                conflict: false,
             },
         ) {
             // Registered again under the same node key: the new handle owns it.
@@ -900,20 +903,29 @@ impl Keeper {
                 let at_address = listed
                     .iter()
                     .find(|i| i.ip == e.instance.ip && i.port == e.instance.port);
-                // What consumers read must be what was registered (issue
-                // 12, fault 4): the record, the weight, enabled.
+                // What consumers read is the record (issue 12, faults 3 and
+                // 4). The weight and the enabled flag are left alone: the
+                // Nacos console edits them on purpose.
+                let ours = e.instance.metadata.get(META_KEY);
                 let why = match at_address {
                     None => Some("nacos no longer lists this instance"),
-                    Some(i)
-                        if i.metadata.get(META_KEY) != e.instance.metadata.get(META_KEY)
-                            || !i.enabled
-                            || (i.weight - e.instance.weight).abs() > f64::EPSILON =>
-                    {
-                        Some(
-                            "nacos holds another record, weight or enabled flag for this instance (it drifted)",
-                        )
-                    }
-                    Some(_) => None,
+                    Some(i) => match i.metadata.get(META_KEY) {
+                        held if held == ours => {
+                            e.conflict = false;
+                            None
+                        }
+                        Some(_) => {
+                            // Another record at this address: a second live
+                            // writer. Registering ours again each check would
+                            // only make the two take turns.
+                            if !e.conflict {
+                                warn!(%node, "nacos registration conflict: another process registered the same address with another record; leaving it");
+                                e.conflict = true;
+                            }
+                            None
+                        }
+                        None => Some("nacos holds this instance without its record (it drifted)"),
+                    },
                 };
                 if let Some(why) = why
                     && !e.lost

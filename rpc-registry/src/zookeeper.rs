@@ -483,7 +483,7 @@ struct Keeper {
     nodes: HashMap<String, (Vec<u8>, watch::Sender<RegistrationState>)>,
     /// One exists-watch per own node: fires when the node is deleted,
     /// changed or created, and the keeper then checks it (`verify`).
-    watches: FuturesUnordered<futures_util::future::BoxFuture<'static, String>>,
+    watches: FuturesUnordered<futures_util::future::BoxFuture<'static, (u64, String)>>,
     /// Paths with a watch armed in the current session.
     armed: HashSet<String>,
     /// Own paths held by another live session, with that session: logged
@@ -530,8 +530,12 @@ impl Keeper {
                 }
                 state = next_state(&mut self.states) => self.on_state(state),
                 _ = sleep_until_opt(retry_at), if retry_at.is_some() => self.restore().await,
-                Some(path) = self.watches.next(), if !self.watches.is_empty() => {
-                    self.armed.remove(&path);
+                Some((epoch, path)) = self.watches.next(), if !self.watches.is_empty() => {
+                    // A watch of an older session says nothing about the
+                    // one armed in this session.
+                    if epoch == self.epoch {
+                        self.armed.remove(&path);
+                    }
                     self.verify(&path).await;
                 }
                 _ = check.tick(), if retry_at.is_none() => {
@@ -565,9 +569,10 @@ impl Keeper {
             Ok(Ok((stat, watcher))) => {
                 if self.armed.insert(path.to_owned()) {
                     let owned = path.to_owned();
+                    let epoch = self.epoch;
                     self.watches.push(Box::pin(async move {
                         watcher.changed().await;
-                        owned
+                        (epoch, owned)
                     }));
                 }
                 stat
@@ -674,6 +679,12 @@ impl Keeper {
             Ok(()) => {
                 self.retry_at = None;
                 self.backoff = BACKOFF_MIN;
+                // Watch the nodes in the new session (the old session's
+                // watches ended with it).
+                let paths: Vec<String> = self.nodes.keys().cloned().collect();
+                for path in paths {
+                    self.verify(&path).await;
+                }
             }
             Err(e) => {
                 if self
@@ -733,9 +744,6 @@ impl Keeper {
             generation = self.generation,
             "zookeeper registrations restored in a new session"
         );
-        for (path, _) in &nodes {
-            self.verify(path).await;
-        }
         Ok(())
     }
 

@@ -79,9 +79,13 @@ pub(crate) async fn advertised_host(config: &RpcConfig) -> Result<String, Error>
     }
     let registry = registry_ips(config).await;
     if bind.is_unspecified() {
-        let Some(target) = registry.first().copied() else {
+        // An IPv4 wildcard listens on IPv4 only: publishing the address of
+        // an IPv6 route (a registry at `localhost`, resolved to `::1`
+        // first) would publish an address nothing listens on.
+        let v4_only = matches!(bind, Host::Ip(IpAddr::V4(_)));
+        let Some(target) = registry.iter().copied().find(|a| !v4_only || a.is_ipv4()) else {
             return Err(refuse(format!(
-                "unset, and server.host `{}` is a wildcard: the registry address ({}) does not resolve, so the address other hosts reach this provider at is unknown; set it",
+                "unset, and server.host `{}` is a wildcard: the registry address ({}) does not resolve (to an address of the bound family), so the address other hosts reach this provider at is unknown; set it",
                 server.host,
                 config.registry.address.as_slice().join(", ")
             )));
@@ -225,25 +229,40 @@ mod tests {
     }
 
     /// A registry elsewhere: a wildcard advertises this host's address on
-    /// the route to it (192.0.2.0/24 is the documentation range; no packet
-    /// is sent).
+    /// the route to it, the kernel's own answer (192.0.2.0/24 is the
+    /// documentation range; no packet is sent).
     #[tokio::test]
     async fn a_wildcard_with_a_remote_registry_advertises_a_reachable_address() {
+        let target: SocketAddr = "192.0.2.200:2379".parse().unwrap();
+        let Ok(expected) = route_source(target) else {
+            // No route there at all on this machine: the error names the
+            // key to set.
+            let c = config("0.0.0.0", None, "etcd", "192.0.2.200:2379");
+            let e = advertised(&c).await.unwrap_err();
+            assert!(e.contains("server.advertise_host"), "{e}");
+            return;
+        };
+        assert!(!expected.is_loopback() && !expected.is_unspecified());
         for host in ["0.0.0.0", "0.0.0.00"] {
             let c = config(host, None, "etcd", "192.0.2.200:2379");
-            match advertised(&c).await {
-                Ok(got) => {
-                    let h = Host::parse(&got);
-                    assert!(
-                        !h.is_loopback() && !h.is_unspecified(),
-                        "{host:?} advertised {got:?}"
-                    );
-                }
-                // A machine with no route there at all: the error names
-                // the key to set.
-                Err(e) => assert!(e.contains("server.advertise_host"), "{e}"),
-            }
+            assert_eq!(
+                advertised(&c).await.unwrap(),
+                Host::Ip(expected).to_string(),
+                "{host:?}"
+            );
         }
+    }
+
+    /// An IPv4 wildcard never publishes an IPv6 route's address.
+    #[tokio::test]
+    async fn an_ipv4_wildcard_takes_the_ipv4_route() {
+        let c = config("0.0.0.0", None, "etcd", "localhost:2379");
+        assert_eq!(advertised(&c).await.unwrap(), "127.0.0.1");
+        let c = config("0.0.0.0", None, "etcd", "[::1]:2379");
+        let e = advertised(&c).await.unwrap_err();
+        assert!(e.contains("server.advertise_host"), "{e}");
+        let c = config("::", None, "etcd", "[::1]:2379");
+        assert_eq!(advertised(&c).await.unwrap(), "[::1]");
     }
 
     #[tokio::test]

@@ -408,8 +408,12 @@ impl ServiceClient {
         let started = Instant::now();
         let deadline = started + policy.timeout;
         let mut versioned = route.instances().await?;
+        // Whether the call waited for a provider: then its first attempt
+        // has only what is left of the deadline, and starts now.
+        let mut waited = false;
         if versioned.set.is_empty() {
             versioned = route.wait_for_instances(deadline).await?;
+            waited = true;
         }
         let set = &versioned.set;
         let hash = if route.balancer.needs_hash() {
@@ -424,7 +428,7 @@ impl ServiceClient {
         let mut attempt = 0u32;
         loop {
             // The first attempt has the whole budget: no need to read the clock.
-            let (attempt_start, remaining) = if attempt == 0 {
+            let (attempt_start, remaining) = if attempt == 0 && !waited {
                 (started, policy.timeout)
             } else {
                 let now = Instant::now();

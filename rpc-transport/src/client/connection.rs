@@ -260,8 +260,12 @@ async fn drive(
                 // Idle connections heartbeat too: a server closes a
                 // connection it hears nothing from (`server.idle_timeout_ms`,
                 // 30 s by default), and a dead peer is noticed before a call
-                // is queued behind it.
-                if let Some(sent) = heartbeat_sent {
+                // is queued behind it. Not after a go-away: the server reads
+                // nothing more, so a heartbeat would go unanswered and fail
+                // calls it promised to answer; their deadlines bound them.
+                if !accepting {
+                    heartbeat_sent = None;
+                } else if let Some(sent) = heartbeat_sent {
                     if sent.elapsed() >= liveness.dead_after {
                         break format!("no heartbeat reply for {:?}", liveness.dead_after);
                     }

@@ -137,10 +137,11 @@ pub(crate) async fn serve(
                 };
                 match progress.check(state, frames.decoder_mut()) {
                     Ok(()) => {}
-                    Err(stalled) if stalled.is_idle() => {
-                        // Perhaps a consumer that just has nothing to say:
-                        // a go-away lets it move on without losing a call.
-                        debug!(%peer, reason = %stalled, "closing an idle connection (go-away)");
+                    Err(stalled) if stalled.is_graceful() => {
+                        // The calls already read are answered, and the
+                        // go-away tells the peer that nothing after them
+                        // was read, so it can send those elsewhere.
+                        debug!(%peer, reason = %stalled, last_read, "closing a connection that made no progress (go-away)");
                         encode_empty(&mut wbuf, MessageType::GoAway, last_read);
                         reading = false;
                         graceful = true;
@@ -177,6 +178,14 @@ pub(crate) async fn refuse(stream: TcpStream) {
         }
     })
     .await;
+}
+
+/// [`refuse`] without the linger: the go-away if the socket takes it at
+/// once, then the close.
+pub(crate) fn refuse_now(stream: &TcpStream) {
+    let mut frame = BytesMut::with_capacity(rpc_codec::HEADER_LEN);
+    encode_empty(&mut frame, MessageType::GoAway, 0);
+    let _ = stream.try_write(&frame);
 }
 
 /// How long a connection that sent a go-away waits for its peer to close.

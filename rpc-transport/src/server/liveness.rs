@@ -46,32 +46,48 @@ impl Limits {
     }
 }
 
-/// [`FrameCodec`] that also notes when the frame it is waiting for began to
-/// arrive. The clock is read only when a read ends inside a frame.
+/// A frame partly received: when it began, and how far it had got when.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Partial {
+    /// When its first bytes arrived.
+    pub(crate) since: Instant,
+    /// Bytes of it buffered at the last read.
+    pub(crate) bytes: usize,
+    /// When the last bytes of it arrived.
+    pub(crate) grew_at: Instant,
+}
+
+/// Slowest a frame may arrive once it has taken [`Limits::frame`]: 1 KiB/s.
+/// A large request over a slow link is several hundred times faster (8 MiB
+/// in 10 s is 800 KiB/s); a peer dribbling bytes to hold a slot is slower.
+pub(crate) const MIN_FRAME_RATE: usize = 1024;
+
+/// [`FrameCodec`] that also notes how a partly received frame progresses.
+/// The clock is read only when a read ends inside a frame.
 #[derive(Debug)]
 pub(crate) struct TimedCodec {
     inner: FrameCodec,
-    partial_since: Option<Instant>,
+    partial: Option<Partial>,
 }
 
 impl TimedCodec {
     pub(crate) fn new(max_frame_len: usize) -> Self {
         Self {
             inner: FrameCodec::new(max_frame_len),
-            partial_since: None,
+            partial: None,
         }
     }
 
-    /// Since when a frame has been partly received, if one is.
-    pub(crate) fn partial_since(&self) -> Option<Instant> {
-        self.partial_since
+    /// The frame being received, if a read ended inside one.
+    pub(crate) fn partial(&self) -> Option<Partial> {
+        self.partial
     }
 
-    /// Forgets the partial frame's start: while the server itself does not
+    /// Forgets the partial frame's timing: while the server itself does not
     /// read (its own in-flight limit), the rest of the frame may be waiting
     /// in the socket, and the time is not the peer's.
     pub(crate) fn excuse(&mut self) {
-        self.partial_since = None;
+        self.partial = None;
     }
 }
 
@@ -82,9 +98,23 @@ impl Decoder for TimedCodec {
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
         let out = self.inner.decode(src)?;
         if out.is_some() || src.is_empty() {
-            self.partial_since = None;
-        } else if self.partial_since.is_none() {
-            self.partial_since = Some(Instant::now());
+            self.partial = None;
+        } else {
+            let now = Instant::now();
+            match &mut self.partial {
+                Some(p) if p.bytes != src.len() => {
+                    p.bytes = src.len();
+                    p.grew_at = now;
+                }
+                Some(_) => {}
+                None => {
+                    self.partial = Some(Partial {
+                        since: now,
+                        bytes: src.len(),
+                        grew_at: now,
+                    })
+                }
+            }
         }
         Ok(out)
     }
@@ -104,10 +134,11 @@ pub(crate) enum Stalled {
 }
 
 impl Stalled {
-    /// Whether the peer may merely be idle: it gets a go-away, and the
-    /// replies already due, before the close.
-    pub(crate) fn is_idle(self) -> bool {
-        matches!(self, Stalled::Idle(_))
+    /// Whether the peer can still take replies: it gets a go-away, and the
+    /// replies to the calls already read, before the close. Only a peer
+    /// that reads nothing is closed outright.
+    pub(crate) fn is_graceful(self) -> bool {
+        !matches!(self, Stalled::NotReading(_))
     }
 }
 
@@ -120,7 +151,7 @@ impl std::fmt::Display for Stalled {
             ),
             Stalled::PartialFrame(d) => write!(
                 f,
-                "a frame stayed incomplete for {d:?} (server.frame_timeout_ms)"
+                "a frame stopped arriving for {d:?}, or arrived slower than {MIN_FRAME_RATE} bytes/s after it (server.frame_timeout_ms)"
             ),
             Stalled::Idle(d) => write!(
                 f,
@@ -208,13 +239,22 @@ impl Progress {
                 Ok(())
             }
             Reading::Open => {
-                if self.frames == 0 && now.duration_since(self.opened) >= l.first_frame {
-                    return Err(Stalled::NoFirstFrame(l.first_frame));
-                }
-                if let Some(since) = codec.partial_since() {
-                    if now.duration_since(since) >= l.frame {
+                if let Some(p) = codec.partial() {
+                    // Inside a frame: it must keep arriving (no stall as
+                    // long as the bound), and once it has taken that long,
+                    // at a rate a real link manages. A large frame over a
+                    // slow link passes both; a dribbling peer does not.
+                    let took = now.duration_since(p.since);
+                    let stalled = now.duration_since(p.grew_at) >= l.frame;
+                    let slow = took >= l.frame
+                        && (p.bytes as f64) < took.as_secs_f64() * MIN_FRAME_RATE as f64;
+                    if stalled || slow {
                         return Err(Stalled::PartialFrame(l.frame));
                     }
+                    return Ok(());
+                }
+                if self.frames == 0 && now.duration_since(self.opened) >= l.first_frame {
+                    return Err(Stalled::NoFirstFrame(l.first_frame));
                 }
                 if self.frames > 0 && now.duration_since(self.active_at) >= l.idle {
                     return Err(Stalled::Idle(l.idle));

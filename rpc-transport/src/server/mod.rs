@@ -184,11 +184,17 @@ impl Server {
                     // instance now.
                     let Ok(permit) = limit.clone().try_acquire_owned() else {
                         debug!(%peer, max_connections, "refusing a connection: at the connection limit (go-away)");
-                        if let Ok(slot) = refusing.clone().try_acquire_owned() {
-                            tracker.spawn(async move {
-                                connection::refuse(stream).await;
-                                drop(slot);
-                            });
+                        match refusing.clone().try_acquire_owned() {
+                            Ok(slot) => {
+                                tracker.spawn(async move {
+                                    connection::refuse(stream).await;
+                                    drop(slot);
+                                });
+                            }
+                            // Too many refusals at once to linger on each:
+                            // the go-away still goes out if the socket takes
+                            // it now (a fresh socket always has room).
+                            Err(_) => connection::refuse_now(&stream),
                         }
                         continue;
                     };
