@@ -779,11 +779,20 @@ impl Keeper {
         value: String,
         state: watch::Sender<RegistrationState>,
     ) -> Result<(), RegistryError> {
-        if self.retry_at.is_some() {
-            // A keep-alive that just broke is usually resumed at once through
-            // another member (a member died): try that now instead of
-            // refusing the registration until the next scheduled attempt.
+        // A keep-alive that just broke is usually resumed at once through
+        // another member (a member died): try that now, a few times within
+        // the timeout (the client may route the first tries to the dead
+        // member again), instead of refusing the registration until the
+        // next scheduled attempt.
+        let deadline = Instant::now() + self.timeout;
+        let mut pause = Duration::from_millis(20);
+        while self.retry_at.is_some() {
             self.restore().await;
+            if self.retry_at.is_none() || Instant::now() + pause >= deadline {
+                break;
+            }
+            sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
         }
         if self.retry_at.is_some() {
             return Err(RegistryError::unavailable_because(
