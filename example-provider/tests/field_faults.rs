@@ -6,6 +6,10 @@
 //!    gracefully, and which calls in a tight loop on a `current_thread`
 //!    runtime (as `example-consumer --concurrency 1` does), finds the
 //!    provider started 2 s later and does not spin while it has none.
+//! 2. `silent_connection_on_the_last_slot` — a process that connects,
+//!    sends nothing and is stopped with SIGSTOP, on a provider with
+//!    `server.max_connections = 1`: callers are refused at once instead of
+//!    timing out, and served once the silent connection is closed.
 //! 3. `same_address_second_writer` — a second provider publishing the same
 //!    address (bound elsewhere, `server.advertise_host` the same), stopped
 //!    gracefully, leaves the first one listed, and no call fails.
@@ -182,6 +186,71 @@ async fn empty_list_recovery(kind: Kind) {
         "[{}] the consumer took {recovered:?} to reach a provider that had registered",
         kind.name()
     );
+}
+
+// ------------------------------------------------------------- fault 2
+
+async fn silent_connection_on_the_last_slot() {
+    let Some(backend) = Backend::start(Kind::Local, "silent_connection_on_the_last_slot", 1).await
+    else {
+        return;
+    };
+    let a = ProviderProc::start_with(&backend, 0, &[("RPC_SERVER_MAX_CONNECTIONS", "1")]).await;
+    // A process that takes the only slot, sends nothing, and is stopped.
+    let mut silent = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!("exec 3<>/dev/tcp/127.0.0.1/{}; sleep 120", a.port))
+        .spawn()
+        .unwrap();
+    let opened = Instant::now();
+    // Its connection is open once its fd 3 is a socket: an external
+    // process gives no event, so poll.
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let fd = std::fs::read_link(format!("/proc/{}/fd/3", silent.id()));
+            if fd.is_ok_and(|l| l.to_string_lossy().starts_with("socket:")) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the silent process never connected");
+    let stopped = std::process::Command::new("kill")
+        .args(["-STOP", &silent.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let (_consumer, client, _handle) = backend.consumer(|_| {}).await;
+    let load = Load::start(&client);
+    // The first call that succeeds: once the silent connection was closed
+    // (server.first_frame_timeout_ms, 5 s), the caller gets its slot.
+    let served = tokio::time::timeout(WAIT, async {
+        loop {
+            if matches!(client.get_user(1).await, Ok(Ok(_))) {
+                return Instant::now();
+            }
+        }
+    })
+    .await
+    .expect("no call was served after the silent connection should have been closed");
+    let calls = load.stop().await;
+    let _ = silent.kill();
+    let _ = silent.wait();
+    let timeouts = calls.all.iter().filter(|o| o.timeout).count();
+    report(
+        Kind::Local,
+        "silent_connection_on_the_last_slot",
+        &[
+            ("served_after_ms", ms(served - opened)),
+            ("refused_fast", calls.failed().len().to_string()),
+            ("timeouts", timeouts.to_string()),
+            ("calls", calls.total().to_string()),
+        ],
+    );
+    // Refused at once (a go-away), never left to time out in the backlog.
+    assert_eq!(timeouts, 0, "{}", calls.describe_failures());
+    drop(a);
 }
 
 // ------------------------------------------------------------- fault 3
@@ -477,6 +546,11 @@ mod local {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_second_writer_of_the_same_address_leaves_the_first_listed() {
         same_address_second_writer(Kind::Local).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_stopped_process_on_the_last_slot_does_not_take_the_provider_off_the_air() {
+        silent_connection_on_the_last_slot().await;
     }
 }
 

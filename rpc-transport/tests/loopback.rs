@@ -642,8 +642,7 @@ async fn a_silent_connection_holding_the_last_slot_is_closed_and_others_are_refu
         .collect();
     assert_eq!(summary, [(MessageType::GoAway, 0)]);
     drop(silent);
-    // ... and its slot serves callers again (once the peer has closed too,
-    // or the server's 1 s linger for it is over).
+    // ... and its slot serves callers again.
     let r: i32 = ep.call(&opts("add", WAIT), &(1, 2)).await.unwrap();
     assert_eq!(r, 3);
     s.shutdown().await;

@@ -12,6 +12,7 @@ use rpc_codec::{Frame, MessageType, RequestEnvelope, encode_empty, encode_error,
 use rpc_core::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -26,13 +27,16 @@ use crate::stream_out::write_if_long;
 /// requests until the socket takes them.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
 
+/// Serves one connection until it ends. Returns the read half when the
+/// peer is owed a [`linger`] (after a go-away): the caller frees the
+/// connection's slot first, since the linger serves only the peer.
 pub(crate) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     stop: CancellationToken,
     force: CancellationToken,
-) {
+) -> Option<OwnedReadHalf> {
     let (rd, mut wr) = stream.into_split();
     let mut frames =
         FramedRead::with_capacity(rd, TimedCodec::new(shared.max_frame_len), 16 * 1024);
@@ -154,14 +158,15 @@ pub(crate) async fn serve(
     // Dropping the JoinSet aborts handlers still running (peer gone or forced).
     handlers.abort_all();
     let _ = wr.shutdown().await;
-    if graceful {
-        // Closing with unread input would reset the connection, and a reset
-        // can destroy replies the peer has not read yet. Read until the peer
-        // closes too, bounded in time and bytes.
-        let rd = frames.into_inner();
-        let _ = tokio::time::timeout(CLOSE_LINGER, discard(rd, CLOSE_LINGER_BYTES)).await;
-    }
     debug!(%peer, reason, "connection closed");
+    graceful.then(|| frames.into_inner())
+}
+
+/// Closing with unread input would reset the connection, and a reset can
+/// destroy replies the peer has not read yet: after a go-away, read until
+/// the peer closes too, bounded in time and bytes.
+pub(crate) async fn linger(rd: OwnedReadHalf) {
+    let _ = tokio::time::timeout(CLOSE_LINGER, discard(rd, CLOSE_LINGER_BYTES)).await;
 }
 
 /// Refuses a connection the server has no slot for: a go-away with request
@@ -193,7 +198,7 @@ const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 /// Most bytes read and dropped meanwhile.
 const CLOSE_LINGER_BYTES: usize = 1 << 20;
 
-async fn discard(mut rd: tokio::net::tcp::OwnedReadHalf, mut left: usize) {
+async fn discard(mut rd: OwnedReadHalf, mut left: usize) {
     let mut buf = [0u8; 4096];
     while left > 0 {
         match rd.read(&mut buf).await {

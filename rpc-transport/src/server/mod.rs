@@ -205,8 +205,11 @@ impl Server {
                     let stop = stop.clone();
                     let force = force.clone();
                     tracker.spawn(async move {
-                        connection::serve(stream, peer, shared, stop, force).await;
+                        let linger = connection::serve(stream, peer, shared, stop, force).await;
                         drop(permit);
+                        if let Some(rd) = linger {
+                            connection::linger(rd).await;
+                        }
                     });
                 }
                 Err(e) => {
