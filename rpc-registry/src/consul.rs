@@ -781,8 +781,9 @@ struct Entry {
     body: Vec<u8>,
     /// What the agent must hold for it: address, port and record tag.
     expected: Expected,
-    /// Another process holds this ID with another record (logged once).
-    conflict: bool,
+    /// Another process holds this ID with another record (logged once),
+    /// since when.
+    conflict: Option<Instant>,
     state: watch::Sender<RegistrationState>,
     generation: u64,
     /// The agent forgot it: re-register at the next retry.
@@ -941,8 +942,22 @@ impl Keeper {
                     // The same address with another record: a second live
                     // process publishing this address. Rewriting it each
                     // beat would only make the two take turns.
-                    if !e.conflict {
-                        warn!(%id, "consul registration conflict: another process registered the same address with another record; leaving it");
+                    match e.conflict {
+                        None => {
+                            warn!(%id, "consul registration conflict: another process registered the same address with another record; leaving it");
+                        }
+                        // Both share one TTL check, which this keeper keeps
+                        // passing: a second writer that died (SIGKILL)
+                        // would stay listed for good. After three TTLs,
+                        // register ours again; a live second writer then
+                        // answers in kind, a few TTLs apart, not each beat.
+                        Some(since) if since.elapsed() >= self.beat * 9 => {
+                            return Some((
+                                id.clone(),
+                                "another record has held this address for three TTLs (its writer may be gone)".to_owned(),
+                            ));
+                        }
+                        Some(_) => {}
                     }
                     return Some((id.clone(), String::new()));
                 }
@@ -966,15 +981,25 @@ impl Keeper {
                 })
             })
             .collect();
-        for entry in self.entries.values_mut() {
-            entry.conflict = false;
+        let now = Instant::now();
+        let in_conflict: std::collections::HashSet<&str> = drifted
+            .iter()
+            .filter(|(_, why)| why.is_empty())
+            .map(|(id, _)| id.as_str())
+            .collect();
+        for (id, entry) in self.entries.iter_mut() {
+            if in_conflict.contains(id.as_str()) {
+                entry.conflict.get_or_insert(now);
+            } else {
+                entry.conflict = None;
+            }
         }
         for (id, why) in drifted {
             if why.is_empty() {
-                if let Some(e) = self.entries.get_mut(&id) {
-                    e.conflict = true;
-                }
                 continue;
+            }
+            if let Some(e) = self.entries.get_mut(&id) {
+                e.conflict = None;
             }
             self.lost(&id, &format!("the registration drifted: {why}"));
         }
@@ -1040,7 +1065,7 @@ impl Keeper {
             Entry {
                 check,
                 expected: Expected::from_body(&body),
-                conflict: false,
+                conflict: None,
                 body,
                 state,
                 generation: 0,

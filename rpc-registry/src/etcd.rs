@@ -804,10 +804,26 @@ impl Keeper {
             Some(l) => l,
             None => self.grant().await?,
         };
-        if let Some((prev, other)) = self.put(&key, &value, lease).await?
-            && other != 0
-            && other != lease
-        {
+        // Who holds the key now, read before the put: the put's own record
+        // of it is lost when the put is sent again after a lost reply (the
+        // retry then sees this keeper's lease).
+        let before = match timeout(self.timeout, self.client.get(key.as_str(), None)).await {
+            Ok(Ok(r)) => r.kvs().first().map(|kv| (kv.value().to_vec(), kv.lease())),
+            _ => None,
+        };
+        let replaced = self.put(&key, &value, lease).await?;
+        let foreign = |p: &Option<(Vec<u8>, i64)>| {
+            p.as_ref()
+                .is_some_and(|(_, other)| *other != 0 && *other != lease)
+        };
+        let displaced = if foreign(&replaced) {
+            replaced
+        } else if foreign(&before) {
+            before
+        } else {
+            None
+        };
+        if let Some((prev, other)) = displaced {
             // A key under a lease etcd still holds: another live process
             // publishes the same address. Take it (the address is served
             // either way), and hand it back when deregistering.
