@@ -195,7 +195,15 @@ async fn silent_connection_on_the_last_slot() {
     else {
         return;
     };
-    let a = ProviderProc::start_with(&backend, 0, &[("RPC_SERVER_MAX_CONNECTIONS", "1")]).await;
+    let a = ProviderProc::start_with(
+        &backend,
+        0,
+        &[
+            ("RPC_SERVER_MAX_CONNECTIONS", "1"),
+            ("RUST_LOG", "info,rpc_transport=debug"),
+        ],
+    )
+    .await;
     // A process that takes the only slot, sends nothing, and is stopped.
     let mut silent = std::process::Command::new("bash")
         .arg("-c")
@@ -249,7 +257,25 @@ async fn silent_connection_on_the_last_slot() {
         ],
     );
     // Refused at once (a go-away), never left to time out in the backlog.
-    assert_eq!(timeouts, 0, "{}", calls.describe_failures());
+    let timed_out: Vec<String> = calls
+        .all
+        .iter()
+        .filter(|o| o.timeout)
+        .take(4)
+        .map(|o| {
+            format!(
+                "+{}ms: {}",
+                o.started.duration_since(opened).as_millis(),
+                o.error.as_deref().unwrap_or_default()
+            )
+        })
+        .collect();
+    assert_eq!(
+        timeouts,
+        0,
+        "calls that timed out: {timed_out:?}\nprovider log:\n{}",
+        a.log()
+    );
     drop(a);
 }
 
@@ -510,6 +536,7 @@ async fn published_address(kind: Kind) {
 
 /// An absurd TTL fails at startup with a message naming the key and the
 /// maximum (exit code 2: a configuration error), not a panic (101).
+#[cfg(feature = "consul")]
 async fn ttl_out_of_range(kind: Kind) {
     let Some(backend) = Backend::start(kind, "ttl_out_of_range", 1).await else {
         return;

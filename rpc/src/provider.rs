@@ -185,30 +185,55 @@ async fn wait_removed(registry: &AnyRegistry, nodes: &[ServiceMetaInfo]) {
     }
 }
 
-/// Completes on Ctrl-C or, on Unix, SIGTERM: the usual provider shutdown trigger.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
+/// Completes on Ctrl-C or, on Unix, SIGTERM: the usual provider shutdown
+/// trigger.
+///
+/// The signal handlers are installed when this is called, not when the
+/// future is first polled: `Provider::run` polls it only after registering,
+/// and a SIGTERM in between (an orchestrator stopping a provider that just
+/// started) would otherwise kill the process with the default action,
+/// without deregistering. Call it inside a Tokio runtime; outside one the
+/// handlers are installed at the first poll instead.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let installed = tokio::runtime::Handle::try_current().ok().map(|_| {
+            (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            )
+        });
+        async move {
+            let (term, int) = match installed {
+                Some(pair) => pair,
+                None => (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ),
+            };
+            let wait = |s: std::io::Result<tokio::signal::unix::Signal>, name: &'static str| async move {
+                match s {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, signal = name, "cannot listen for the signal");
+                        std::future::pending::<()>().await;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = wait(term, "SIGTERM") => {}
+                _ = wait(int, "SIGINT") => {}
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             warn!(error = %e, "cannot listen for Ctrl-C");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
     }
 }

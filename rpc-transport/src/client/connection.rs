@@ -84,6 +84,9 @@ pub(crate) struct Liveness {
 /// A live connection. Dropping the last handle stops its task; calls still
 /// waiting then fail with `ConnectionClosed`.
 pub(crate) struct Connection {
+    /// The server refused the connection: a go-away naming request 0
+    /// before any response (it is at its connection limit).
+    refused: Arc<std::sync::OnceLock<Instant>>,
     // Unbounded because every queued call holds an `in_flight` permit, which
     // is the bound; a bounded channel would pay a second semaphore per call.
     tx: mpsc::UnboundedSender<Outgoing>,
@@ -102,20 +105,28 @@ impl Connection {
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let closed = Arc::new(AtomicBool::new(false));
+        let refused = Arc::new(std::sync::OnceLock::new());
         let task = tokio::spawn(drive(
             stream,
             rx,
             addr,
             closed.clone(),
+            refused.clone(),
             max_frame_len,
             liveness,
         ));
         Self {
+            refused,
             tx,
             closed,
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
             _task: tokio_util::task::AbortOnDropHandle::new(task),
         }
+    }
+
+    /// When the server refused this connection, if it did (see the field).
+    pub(crate) fn refused_at(&self) -> Option<Instant> {
+        self.refused.get().copied()
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -134,6 +145,7 @@ async fn drive(
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     addr: Arc<str>,
     closed: Arc<AtomicBool>,
+    refused: Arc<std::sync::OnceLock<Instant>>,
     max_frame_len: usize,
     liveness: Liveness,
 ) {
@@ -150,6 +162,8 @@ async fn drive(
     let mut accepting = true;
     let mut next_id: u64 = 0;
     let mut yielded = false;
+    // Whether any response arrived: a go-away before one is a refusal.
+    let mut answered = false;
 
     let reason: String = loop {
         if !accepting && pending.is_empty() && wbuf.is_empty() {
@@ -164,6 +178,7 @@ async fn drive(
                     heartbeat_sent = None;
                     match frame.header.message_type {
                         MessageType::Response => {
+                            answered = true;
                             // A reply to an abandoned call has nowhere to go.
                             if let Some(p) = pending.remove(&frame.header.request_id) {
                                 let _ = p.reply.send(Ok(frame));
@@ -172,6 +187,9 @@ async fn drive(
                         MessageType::Heartbeat => {}
                         MessageType::GoAway => {
                             let line = frame.header.request_id;
+                            if line == 0 && !answered {
+                                let _ = refused.set(Instant::now());
+                            }
                             // New calls go to a new connection from now on.
                             closed.store(true, Ordering::Release);
                             accepting = false;

@@ -355,6 +355,24 @@ impl Endpoint {
         })
     }
 
+    /// The pause before dialling again after `failures` failed dials (or
+    /// refusals): exponential from `backoff_initial` to `backoff_max`, with
+    /// equal jitter (half fixed, half random), so that the consumers of a
+    /// restarted or full provider do not all dial again in lockstep.
+    fn backoff(&self, failures: u32) -> Duration {
+        use std::hash::BuildHasher;
+        let full = self
+            .config
+            .backoff_initial
+            .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+            .min(self.config.backoff_max);
+        // A random number without a dependency: std's per-instance hash
+        // keys are random, which is all jitter needs.
+        let r = std::collections::hash_map::RandomState::new().hash_one(failures);
+        let half = full / 2;
+        half + Duration::from_nanos(r % (u64::try_from(half.as_nanos()).unwrap_or(u64::MAX).max(1)))
+    }
+
     /// A live connection, dialling one if its slot has none; `true` if that
     /// took a wait (a dial, or another caller's dial).
     async fn connection(&self) -> Result<(Arc<Connection>, bool), RpcError> {
@@ -370,6 +388,21 @@ impl Endpoint {
         if let Some(c) = slot.conn.load_full() {
             if !c.is_closed() {
                 return Ok((c, true));
+            }
+            if let Some(refused_at) = c.refused_at() {
+                // A full server refused it: dialling again at once would
+                // only add to a storm of refused connections. Back off as
+                // after a failed dial; the calls meanwhile fail fast and
+                // fail over to other instances.
+                slot.conn.store(None);
+                dial.failures = dial.failures.saturating_add(1);
+                // From the refusal, not from now: a call that comes along
+                // after the backoff must not start one.
+                dial.retry_at = Some(refused_at + self.backoff(dial.failures));
+                dial.last_error = Some((
+                    io::ErrorKind::ConnectionRefused,
+                    "the server refused the connection: it is at its connection limit".into(),
+                ));
             }
         }
         let now = Instant::now();
@@ -417,11 +450,7 @@ impl Endpoint {
             }
             Err(e) => {
                 dial.failures = dial.failures.saturating_add(1);
-                let backoff = self
-                    .config
-                    .backoff_initial
-                    .saturating_mul(1u32 << (dial.failures - 1).min(16))
-                    .min(self.config.backoff_max);
+                let backoff = self.backoff(dial.failures);
                 dial.retry_at = Some(Instant::now() + backoff);
                 dial.last_error = Some((e.kind(), e.to_string()));
                 debug!(addr = %self.addr, error = %e, ?backoff, "dial failed");
