@@ -855,27 +855,10 @@ impl Keeper {
         };
         let ours = || Compare::lease(key, CompareOp::Equal, own);
         if let Some((value, other)) = displaced {
-            // Hand the key back to the process it was taken from, if its
-            // lease still lives: its consumers see no gap.
-            let back = Txn::new().when([ours()]).and_then([TxnOp::put(
-                key,
-                value,
-                Some(PutOptions::new().with_lease(other)),
-            )]);
-            match timeout(self.timeout, self.client.txn(back)).await {
-                Ok(Ok(r)) if r.succeeded() => {
-                    info!(
-                        key,
-                        other_lease = other,
-                        "etcd key handed back to the process it was taken from"
-                    );
-                    return Ok(());
-                }
-                // No longer ours: nothing to hand back, nothing to delete.
-                Ok(Ok(_)) => return Ok(()),
-                // Its lease is gone: delete as usual.
-                Ok(Err(e)) => debug!(key, error = %e, "etcd: cannot hand the key back"),
-                Err(_) => debug!(key, "etcd: handing the key back timed out"),
+            // Handed back, or no longer ours: nothing to delete. Not done
+            // (its lease is gone): delete as usual.
+            if self.hand_back(key, value, other, own).await {
+                return Ok(());
             }
         }
         // Only a key that is still ours: another process may have taken it.
@@ -891,6 +874,39 @@ impl Keeper {
         Ok(())
     }
 
+    /// Puts `key` back under `other`, the live lease it was taken from, if
+    /// it is still under `own`, so the other process's consumers see no gap.
+    /// `true` if settled: handed back, or no longer ours and left alone;
+    /// `false` if not done (the other lease is gone, or etcd did not answer).
+    async fn hand_back(&self, key: &str, value: Vec<u8>, other: i64, own: i64) -> bool {
+        let back = Txn::new()
+            .when([Compare::lease(key, CompareOp::Equal, own)])
+            .and_then([TxnOp::put(
+                key,
+                value,
+                Some(PutOptions::new().with_lease(other)),
+            )]);
+        match timeout(self.timeout, self.client.clone().txn(back)).await {
+            Ok(Ok(r)) if r.succeeded() => {
+                info!(
+                    key,
+                    other_lease = other,
+                    "etcd key handed back to the process it was taken from"
+                );
+                true
+            }
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                debug!(key, error = %e, "etcd: cannot hand the key back");
+                false
+            }
+            Err(_) => {
+                debug!(key, "etcd: handing the key back timed out");
+                false
+            }
+        }
+    }
+
     async fn revoke(&mut self) {
         for (_, state) in self.keys.values() {
             state.send_replace(RegistrationState::Deregistered);
@@ -902,22 +918,7 @@ impl Keeper {
             // Keys taken over from another live process go back to it
             // before the revoke would delete them.
             for (key, (value, other)) in std::mem::take(&mut self.displaced) {
-                let back = Txn::new()
-                    .when([Compare::lease(key.as_str(), CompareOp::Equal, lease)])
-                    .and_then([TxnOp::put(
-                        key.as_str(),
-                        value,
-                        Some(PutOptions::new().with_lease(other)),
-                    )]);
-                if let Ok(Ok(r)) = timeout(self.timeout, self.client.txn(back)).await
-                    && r.succeeded()
-                {
-                    info!(
-                        key,
-                        other_lease = other,
-                        "etcd key handed back to the process it was taken from"
-                    );
-                }
+                self.hand_back(&key, value, other, lease).await;
             }
         }
         if let Some(lease) = self.lease.take() {

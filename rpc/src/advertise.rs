@@ -77,6 +77,11 @@ pub(crate) async fn advertised_host(config: &RpcConfig) -> Result<String, Error>
         }
         return Ok(bind.to_string());
     }
+    // A name or a routable address is published as it is: only the
+    // wildcard and loopback need to know where the registry is.
+    if !bind.is_unspecified() && !bind.is_loopback() {
+        return Ok(bind.to_string());
+    }
     let registry = registry_ips(config).await;
     if bind.is_unspecified() {
         // An IPv4 wildcard listens on IPv4 only: publishing the address of

@@ -58,17 +58,6 @@ impl FromStr for System {
     }
 }
 
-/// Formats an error with its `source()` chain.
-pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        let msg = e.to_string();
-        if !s.ends_with(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        cur = e.source();
-    }
-    s
-}
+/// Formats an error with its `source()` chain (the framework's own
+/// formatter, shared by every system here).
+pub use rpc::error::report as chain;

@@ -174,8 +174,7 @@ pub(crate) async fn linger(rd: OwnedReadHalf) {
 /// elsewhere), then the same bounded linger as any go-away.
 pub(crate) async fn refuse(stream: TcpStream) {
     let (rd, mut wr) = stream.into_split();
-    let mut frame = BytesMut::with_capacity(rpc_codec::HEADER_LEN);
-    encode_empty(&mut frame, MessageType::GoAway, 0);
+    let frame = refusal();
     let _ = tokio::time::timeout(CLOSE_LINGER, async {
         if wr.write_all(&frame).await.is_ok() {
             let _ = wr.shutdown().await;
@@ -188,9 +187,14 @@ pub(crate) async fn refuse(stream: TcpStream) {
 /// [`refuse`] without the linger: the go-away if the socket takes it at
 /// once, then the close.
 pub(crate) fn refuse_now(stream: &TcpStream) {
+    let _ = stream.try_write(&refusal());
+}
+
+/// The go-away of a refusal: request id 0, nothing was read.
+fn refusal() -> BytesMut {
     let mut frame = BytesMut::with_capacity(rpc_codec::HEADER_LEN);
     encode_empty(&mut frame, MessageType::GoAway, 0);
-    let _ = stream.try_write(&frame);
+    frame
 }
 
 /// How long a connection that sent a go-away waits for its peer to close.
