@@ -26,7 +26,7 @@ use serde::Serialize;
 use crate::error::CodecError;
 use crate::frame::{FrameBuf, MessageType};
 use crate::serializer;
-use rpc_core::{SerializerKind, StatusCode};
+use rpc_core::{Metadata, SerializerKind, StatusCode};
 
 /// A parsed request envelope, borrowing from the frame body.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,8 +111,9 @@ pub struct RequestHead<'a> {
     pub service: &'a str,
     /// Method name.
     pub method: &'a str,
-    /// Caller metadata.
-    pub metadata: &'a [(&'a str, &'a str)],
+    /// Caller metadata (binary values go as base64 text: see
+    /// [`Metadata::wire_entries`]). An empty map encodes as a zero count.
+    pub metadata: &'a Metadata,
 }
 
 /// Encodes a whole request frame, arguments serialized straight into it.
@@ -157,9 +158,11 @@ fn encode_request_with(
     let count = u16::try_from(head.metadata.len())
         .map_err(|_| CodecError::BadEnvelope("more than 65535 metadata entries"))?;
     b.put_u16(count);
-    for (k, v) in head.metadata {
-        put_str(b, k, "metadata key longer than 65535 bytes")?;
-        put_str(b, v, "metadata value longer than 65535 bytes")?;
+    if !head.metadata.is_empty() {
+        for (k, v) in head.metadata.wire_entries() {
+            put_str(b, k, "metadata key longer than 65535 bytes")?;
+            put_str(b, &v, "metadata value longer than 65535 bytes")?;
+        }
     }
     args(b)?;
     f.finish(
@@ -241,7 +244,7 @@ mod tests {
             deadline: Some(Duration::from_millis(1500)),
             service: "UserService:1.0",
             method: "get_user",
-            metadata: &[("trace", "abc")],
+            metadata: &[("trace", "abc")].into_iter().collect(),
         };
         let frame = encode_request(&head, &(7u64, "x"), 1 << 20).unwrap();
         let h = Header::parse(&frame, 1 << 20).unwrap().unwrap();
@@ -265,7 +268,7 @@ mod tests {
             deadline: Some(Duration::from_millis(5)),
             service: "S:1",
             method: "m",
-            metadata: &[],
+            metadata: &rpc_core::Metadata::new(),
         };
         let typed = encode_request(&head, &(1u8, "two"), 1 << 20).unwrap();
         let mut args = BytesMut::new();
@@ -282,7 +285,7 @@ mod tests {
             deadline: None,
             service: "S:1",
             method: "m",
-            metadata: &[("k", "v")],
+            metadata: &[("k", "v")].into_iter().collect(),
         };
         let frame = encode_request(&head, &(), 1 << 20).unwrap();
         let body = &frame[HEADER_LEN..];
@@ -301,7 +304,7 @@ mod tests {
             deadline: None,
             service: "S:1",
             method: "m",
-            metadata: &[],
+            metadata: &rpc_core::Metadata::new(),
         };
         let big = vec![0u8; 4096];
         assert!(matches!(

@@ -33,6 +33,9 @@ fn golden(name: &str, bytes: &[u8]) {
     assert_eq!(frame.body.len() + HEADER_LEN, want.len());
 }
 
+static TRACE: std::sync::LazyLock<rpc_core::Metadata> =
+    std::sync::LazyLock::new(|| [("trace-id", "t1")].into_iter().collect());
+
 fn head(serializer: SerializerKind) -> RequestHead<'static> {
     RequestHead {
         request_id: 1,
@@ -40,7 +43,7 @@ fn head(serializer: SerializerKind) -> RequestHead<'static> {
         deadline: Some(Duration::from_millis(1500)),
         service: "UserService:1.0",
         method: "get_user",
-        metadata: &[("trace-id", "t1")],
+        metadata: &TRACE,
     }
 }
 

@@ -117,14 +117,18 @@ proptest! {
         json in any::<bool>(),
     ) {
         let serializer = if json { SerializerKind::Json } else { SerializerKind::Bincode };
-        let meta_refs: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let md: rpc_core::Metadata = meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let wire_meta: Vec<(String, String)> =
+            md.wire_entries().map(|(k, v)| (k.to_owned(), v.into_owned())).collect();
+        let meta_refs: Vec<(&str, &str)> =
+            wire_meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let head = RequestHead {
             request_id: 5,
             serializer,
             deadline: deadline_us.map(Duration::from_micros),
             service: &service,
             method: &method,
-            metadata: &meta_refs,
+            metadata: &md,
         };
         let wire = encode_request(&head, &args, 1 << 20).unwrap();
         let mut buf = BytesMut::from(&wire[..]);
@@ -133,6 +137,7 @@ proptest! {
         prop_assert_eq!(env.service, service.as_str());
         prop_assert_eq!(env.method, method.as_str());
         prop_assert_eq!(&env.metadata, &meta_refs);
+        prop_assert_eq!(&rpc_core::Metadata::from_wire(env.metadata.iter().copied()).unwrap(), &md);
         prop_assert_eq!(env.deadline, head.deadline);
         let back: (u64, String) = rpc_codec::serializer::decode(serializer, env.args).unwrap();
         prop_assert_eq!(back, args);

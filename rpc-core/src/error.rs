@@ -119,6 +119,20 @@ impl RpcError {
         }
     }
 
+    /// Whether a server layer refused the call for want of valid credentials
+    /// ([`StatusCode::Unauthenticated`]). Never retried, never counted
+    /// against the provider's health.
+    pub fn is_unauthenticated(&self) -> bool {
+        self.code() == Some(StatusCode::Unauthenticated)
+    }
+
+    /// Whether a server layer refused the call as not permitted
+    /// ([`StatusCode::PermissionDenied`]). Never retried, never counted
+    /// against the provider's health.
+    pub fn is_permission_denied(&self) -> bool {
+        self.code() == Some(StatusCode::PermissionDenied)
+    }
+
     /// Whether the provider (rather than the caller's own input) is to blame:
     /// what an outlier detector counts against an instance.
     pub fn is_provider_failure(&self) -> bool {

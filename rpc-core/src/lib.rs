@@ -12,6 +12,8 @@
 //!   overrides; errors name the file and the key.
 //! * [`host`] — [`Host`], a configured host string parsed once (every
 //!   spelling of an address, the wildcard, loopback).
+//! * [`context`] — [`Metadata`] sent with a call, and the [`Context`] of
+//!   the incoming call a provider is serving (read with `Context::current`).
 //! * [`status`] — [`StatusCode`], the response status carried on the wire.
 //! * [`error`] — [`RpcError`] (what a call returns), [`RegistryError`],
 //!   [`ConfigError`].
@@ -24,6 +26,7 @@
 #![warn(missing_debug_implementations, unreachable_pub)]
 
 pub mod config;
+pub mod context;
 pub mod discover;
 pub mod error;
 pub mod host;
@@ -35,6 +38,7 @@ pub use config::{
     CallPolicy, ClientConfig, FaultTolerance, LoadBalancerKind, RegistryConfig, RegistryKind,
     RpcConfig, SerializerKind, ServerConfig, ServiceOverrides,
 };
+pub use context::{Context, MetaValue, Metadata};
 pub use discover::{Discover, Watch, WatchEvent};
 pub use error::{BoxError, ConfigError, RegistryError, RpcError};
 pub use host::Host;

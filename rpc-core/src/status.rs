@@ -27,6 +27,14 @@ pub enum StatusCode {
     Overloaded = 7,
     /// The server is shutting down and accepts no new calls.
     ShuttingDown = 8,
+    /// The call carries no valid credentials: a server layer (for example
+    /// an auth check on a token in the metadata) refused it before the
+    /// handler ran. Added without a protocol version bump: older peers
+    /// decode it as [`StatusCode::Unknown`] with the message intact.
+    Unauthenticated = 9,
+    /// The caller is known but may not make this call: a server layer
+    /// refused it before the handler ran. Added like `Unauthenticated`.
+    PermissionDenied = 10,
     /// A status byte this version does not know.
     Unknown = 255,
 }
@@ -44,6 +52,8 @@ impl StatusCode {
             6 => Self::Timeout,
             7 => Self::Overloaded,
             8 => Self::ShuttingDown,
+            9 => Self::Unauthenticated,
+            10 => Self::PermissionDenied,
             _ => Self::Unknown,
         }
     }
@@ -75,6 +85,8 @@ impl fmt::Display for StatusCode {
             Self::Timeout => "deadline exceeded",
             Self::Overloaded => "overloaded",
             Self::ShuttingDown => "shutting down",
+            Self::Unauthenticated => "unauthenticated",
+            Self::PermissionDenied => "permission denied",
             Self::Unknown => "unknown status",
         };
         f.write_str(s)
@@ -87,9 +99,11 @@ mod tests {
 
     #[test]
     fn every_code_round_trips() {
-        for v in 0..=8u8 {
+        for v in 0..=10u8 {
             assert_eq!(StatusCode::from_u8(v).as_u8(), v);
         }
-        assert_eq!(StatusCode::from_u8(9), StatusCode::Unknown);
+        assert_eq!(StatusCode::from_u8(11), StatusCode::Unknown);
+        assert!(!StatusCode::Unauthenticated.is_safe_to_retry());
+        assert!(!StatusCode::PermissionDenied.is_safe_to_retry());
     }
 }

@@ -154,7 +154,7 @@ fn opts(method: &str, timeout: Duration) -> CallOptions<'_> {
         method,
         serializer: SerializerKind::Bincode,
         timeout,
-        metadata: &[],
+        metadata: rpc_core::Metadata::empty(),
     }
 }
 
@@ -730,7 +730,7 @@ async fn a_large_frame_arriving_steadily_is_not_cut_by_the_frame_timeout() {
         deadline: Some(WAIT),
         service: "Test:1.0",
         method: "echo",
-        metadata: &[],
+        metadata: rpc_core::Metadata::empty(),
     };
     let args =
         rpc_transport::encode_args(SerializerKind::Bincode, &(&payload,), "Test", "echo").unwrap();
@@ -786,7 +786,7 @@ async fn a_peer_that_stops_reading_its_replies_is_closed() {
             deadline: Some(Duration::from_secs(60)),
             service: "Test:1.0",
             method: "echo",
-            metadata: &[],
+            metadata: rpc_core::Metadata::empty(),
         };
         let args =
             rpc_transport::encode_args(SerializerKind::Bincode, &(&payload,), "Test", "echo")
@@ -841,7 +841,7 @@ async fn a_bad_frame_behind_a_good_request_answers_the_request_then_goes_away() 
         deadline: Some(WAIT),
         service: "Test:1.0",
         method: "add",
-        metadata: &[],
+        metadata: rpc_core::Metadata::empty(),
     };
     let args =
         rpc_transport::encode_args(SerializerKind::Bincode, &(20, 22), "Test", "add").unwrap();

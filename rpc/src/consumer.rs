@@ -479,7 +479,7 @@ impl ServiceClient {
                 method,
                 serializer: policy.serializer,
                 timeout: remaining,
-                metadata: &[],
+                metadata: rpc_core::Metadata::empty(),
             };
             // 5. transport; 4. its outcome, for outlier detection
             let err = match instance

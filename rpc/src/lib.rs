@@ -50,11 +50,19 @@ pub use consumer::{Consumer, ServiceClient};
 pub use error::Error;
 pub use provider::{Provider, ProviderBuilder, shutdown_signal};
 pub use rpc_core::config::Addresses;
+pub use rpc_core::context::{self, Context, MetaValue, Metadata};
 pub use rpc_core::{
     CallPolicy, ClientConfig, FaultTolerance, LoadBalancerKind, RegistryConfig, RegistryError,
     RegistryKind, RpcConfig, RpcError, SerializerKind, ServerConfig, ServiceMetaInfo, StatusCode,
 };
 pub use rpc_macros::service;
+
+/// The provider side's seams: [`server::ServerLayer`] (code around every
+/// call) and what it works with.
+pub mod server {
+    pub use rpc_core::Context;
+    pub use rpc_transport::server::{CallError, HandlerFuture, ServerLayer};
+}
 pub use rpc_registry as registry;
 pub use rpc_transport as transport;
 pub use serde;

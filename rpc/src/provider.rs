@@ -37,6 +37,14 @@ impl ProviderBuilder {
         self
     }
 
+    /// Adds a layer around every call this provider serves
+    /// ([`crate::server::ServerLayer`]: authentication, logging, metrics).
+    /// The first layer added is the outermost.
+    pub fn layer(mut self, layer: impl crate::server::ServerLayer) -> Self {
+        self.server = self.server.layer(layer);
+        self
+    }
+
     /// Uses this registry instead of the configured one.
     pub fn registry(mut self, registry: AnyRegistry) -> Self {
         self.registry = Some(registry);

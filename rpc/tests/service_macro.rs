@@ -177,6 +177,7 @@ fn decode<T: DeserializeOwned>(kind: SerializerKind, body: &[u8]) -> T {
         method: "(decoding a reply)",
         args: body,
         replier: Replier::new(0, kind, MAX_FRAME),
+        context: &rpc::Context::new("test:1.0", "m"),
     };
     match call.decode_args() {
         Ok(v) => v,
@@ -196,6 +197,7 @@ async fn invoke<R: DeserializeOwned>(
         method,
         args: &args,
         replier: Replier::new(REQUEST_ID, kind, MAX_FRAME),
+        context: &rpc::Context::new("test:1.0", "m"),
     };
     let frame = handler.call(call)?.await?;
     // The reply must be a whole response frame for this request.
@@ -298,6 +300,7 @@ async fn json_arguments_are_a_tuple_array() {
         method: "rename",
         args,
         replier: Replier::new(1, SerializerKind::Json, MAX_FRAME),
+        context: &rpc::Context::new("test:1.0", "m"),
     };
     let frame = match server.call(call) {
         Ok(future) => future.await,
@@ -341,6 +344,7 @@ async fn undecodable_arguments_are_serialization_errors_before_running() {
                 method,
                 args: &args,
                 replier: Replier::new(1, kind, MAX_FRAME),
+                context: &rpc::Context::new("test:1.0", "m"),
             };
             let Err(err) = server.call(call) else {
                 panic!("{method} ({kind:?}) accepted {args:?}")
@@ -364,6 +368,7 @@ async fn handler_futures_are_send_and_static() {
             method: "get_user",
             args: &args,
             replier: Replier::new(id, kind, MAX_FRAME),
+            context: &rpc::Context::new("test:1.0", "m"),
         };
         let future = match handler.call(call) {
             Ok(f) => f,

@@ -83,8 +83,8 @@ pub struct CallOptions<'a> {
     pub serializer: SerializerKind,
     /// Time the caller waits, from now.
     pub timeout: Duration,
-    /// Metadata sent with the call.
-    pub metadata: &'a [(&'a str, &'a str)],
+    /// Metadata sent with the call ([`rpc_core::Metadata::empty`] for none).
+    pub metadata: &'a rpc_core::Metadata,
 }
 
 #[derive(Default)]

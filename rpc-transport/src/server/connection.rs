@@ -9,7 +9,7 @@ use futures_util::{FutureExt, StreamExt};
 
 use crate::ids::IdMap;
 use rpc_codec::{Frame, MessageType, RequestEnvelope, encode_empty, encode_error, serializer};
-use rpc_core::StatusCode;
+use rpc_core::{Context, Metadata, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
@@ -84,7 +84,7 @@ pub(crate) async fn serve(
                         if frame.header.message_type == MessageType::Request {
                             last_read = last_read.max(frame.header.request_id);
                         }
-                        if let Err(reason) = dispatch(frame, &shared, &mut handlers, &mut running, &mut wbuf) {
+                        if let Err(reason) = dispatch(frame, peer, &shared, &mut handlers, &mut running, &mut wbuf) {
                             warn!(%peer, reason, last_read, "protocol violation: answering the calls already read, then closing (go-away)");
                             encode_empty(&mut wbuf, MessageType::GoAway, last_read);
                             reading = false;
@@ -216,6 +216,7 @@ async fn discard(mut rd: OwnedReadHalf, mut left: usize) {
 /// the connection must close.
 fn dispatch(
     frame: Frame,
+    peer: SocketAddr,
     shared: &Shared,
     handlers: &mut JoinSet<(u64, BytesMut)>,
     running: &mut IdMap<AbortHandle>,
@@ -263,6 +264,34 @@ fn dispatch(
         );
         return Ok(());
     };
+    // Metadata costs nothing unless the caller sent some.
+    let metadata = if env.metadata.is_empty() {
+        Metadata::new()
+    } else {
+        match Metadata::from_wire(env.metadata.iter().copied()) {
+            Ok(md) => md,
+            Err(e) => {
+                fail(wbuf, StatusCode::BadRequest, &e.to_string());
+                return Ok(());
+            }
+        }
+    };
+    // Shares the frame's buffer: the names are slices of it.
+    let cx = Context::from_request(
+        frame.body.clone(),
+        env.service,
+        env.method,
+        metadata,
+        env.deadline,
+        peer,
+    );
+    for layer in shared.layers.iter() {
+        if let Err(e) = layer.on_call(&cx) {
+            debug!(%peer, service = env.service, method = env.method, status = %e.status, "a server layer refused the call");
+            fail(wbuf, e.status, &e.message);
+            return Ok(());
+        }
+    }
     let Ok(permit) = shared.in_flight.clone().try_acquire_owned() else {
         fail(
             wbuf,
@@ -276,22 +305,26 @@ fn dispatch(
         method: env.method,
         args: env.args,
         replier,
+        context: &cx,
     };
-    let fut = match service.call(call) {
+    let mut fut = match service.call(call) {
         Ok(fut) => fut,
         Err(e) => {
             fail(wbuf, e.status, &e.message);
             return Ok(());
         }
     };
-    let deadline = env.deadline;
+    // Innermost first, so the first layer added ends up outermost.
+    for layer in shared.layers.iter().rev() {
+        fut = layer.around(&cx, fut);
+    }
     let serializer_id = h.serializer;
     // Fast path: most handlers finish on their first poll. Answer those
     // inline — no task, no timer, no map entry. A handler that is not done
     // yet has registered interest with whatever it waits on; moving it into
     // a task and polling it there re-registers with the task's waker.
-    let mut fut = fut;
-    let polled = std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().now_or_never()));
+    let mut fut = cx.scope(fut);
+    let polled = std::panic::catch_unwind(AssertUnwindSafe(|| (&mut fut).now_or_never()));
     if let Some(outcome) = polled.transpose() {
         drop(permit);
         let reply = match outcome {
@@ -307,10 +340,13 @@ fn dispatch(
         wbuf.extend_from_slice(&reply);
         return Ok(());
     }
+    // The one clock read of a call that waits: the deadline the handler
+    // sees is the one it is held to.
+    let deadline = fut.context().and_then(Context::deadline);
     let guarded = AssertUnwindSafe(fut).catch_unwind();
     let task = handlers.spawn(async move {
         let outcome = match deadline {
-            Some(d) => tokio::time::timeout(d, guarded).await.ok(),
+            Some(d) => tokio::time::timeout_at(d, guarded).await.ok(),
             None => Some(guarded.await),
         };
         drop(permit);

@@ -7,7 +7,7 @@ use std::pin::Pin;
 
 use bytes::BytesMut;
 use rpc_codec::{CodecError, serializer};
-use rpc_core::{SerializerKind, StatusCode};
+use rpc_core::{Context, SerializerKind, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -38,6 +38,9 @@ pub struct Call<'a> {
     pub args: &'a [u8],
     /// How to encode the reply.
     pub replier: Replier,
+    /// The call's context: service, method, metadata, deadline, peer. The
+    /// handler's future runs with it current ([`Context::current`]).
+    pub context: &'a Context,
 }
 
 impl Call<'_> {

@@ -10,6 +10,7 @@
 
 mod connection;
 mod handler;
+mod layer;
 mod liveness;
 
 use std::collections::HashMap;
@@ -26,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 pub use handler::{Call, CallError, HandlerFuture, Replier, ServiceHandler};
+pub use layer::ServerLayer;
 
 use crate::error::TransportError;
 
@@ -38,6 +40,8 @@ pub(crate) struct Shared {
     pub(crate) in_flight: Arc<Semaphore>,
     /// How long a connection may go without progress.
     pub(crate) limits: liveness::Limits,
+    /// Layers around every call, outermost first.
+    pub(crate) layers: Box<[Arc<dyn ServerLayer>]>,
 }
 
 /// Connections being refused at once (a go-away, then a short linger) when
@@ -50,6 +54,7 @@ pub struct ServerBuilder {
     config: ServerConfig,
     services: HashMap<String, Arc<dyn ServiceHandler>>,
     duplicate: Option<String>,
+    layers: Vec<Arc<dyn ServerLayer>>,
 }
 
 impl std::fmt::Debug for ServerBuilder {
@@ -57,6 +62,7 @@ impl std::fmt::Debug for ServerBuilder {
         f.debug_struct("ServerBuilder")
             .field("config", &self.config)
             .field("services", &self.services.keys().collect::<Vec<_>>())
+            .field("layers", &self.layers.len())
             .finish()
     }
 }
@@ -68,7 +74,20 @@ impl ServerBuilder {
             config,
             services: HashMap::new(),
             duplicate: None,
+            layers: Vec::new(),
         }
+    }
+
+    /// Adds a layer around every call ([`ServerLayer`]). The first added
+    /// is the outermost.
+    pub fn layer(mut self, layer: impl ServerLayer) -> Self {
+        self.layers.push(Arc::new(layer));
+        self
+    }
+
+    /// Adds an already shared layer.
+    pub fn add_layer(&mut self, layer: Arc<dyn ServerLayer>) {
+        self.layers.push(layer);
     }
 
     /// Adds a service (usually a generated `FooServer`).
@@ -109,6 +128,7 @@ impl ServerBuilder {
                 max_in_flight_per_connection: self.config.max_in_flight_per_connection,
                 in_flight: Arc::new(Semaphore::new(self.config.max_in_flight)),
                 limits: liveness::Limits::from_config(&self.config),
+                layers: self.layers.into_boxed_slice(),
             }),
             max_connections: self.config.max_connections,
             shutdown_timeout: self.config.shutdown_timeout(),
