@@ -398,6 +398,7 @@ mod tests {
             method: "rename",
             args: &args,
             replier,
+            context: &rpc::Context::new("UserService:1.0", "m"),
         };
         let reply = match server.call(call) {
             Ok(future) => future.await,
@@ -410,6 +411,7 @@ mod tests {
             method: "no_such_method",
             args: b"[]",
             replier,
+            context: &rpc::Context::new("UserService:1.0", "m"),
         };
         let status = server.call(call).err().map(|e| e.status);
         assert_eq!(status, Some(StatusCode::MethodNotFound));

@@ -371,8 +371,12 @@ pub struct ServiceOverrides {
 /// `[client.services."key"]` overrides.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CallPolicy {
-    /// Per-call deadline (covers every retry).
+    /// Per-call deadline (covers every retry): `[client].timeout_ms`, or
+    /// the service's own when it sets one.
     pub timeout: Duration,
+    /// `[client.services."S"].timeout_ms` when set: it wins over a method's
+    /// `#[rpc(timeout_ms)]`, which wins over `[client].timeout_ms`.
+    pub service_timeout: Option<Duration>,
     /// Load balancer.
     pub load_balancer: LoadBalancerKind,
     /// Fault tolerance.
@@ -411,8 +415,12 @@ pub struct ClientConfig {
     pub retry_budget_ratio: f64,
     /// ... plus this many retries per second regardless.
     pub retry_budget_min_per_sec: u32,
-    /// Methods (by name, any service) safe to retry after any provider failure.
+    /// Methods (by wire name, any service) safe to retry after any provider
+    /// failure, besides those marked `#[rpc(idempotent)]`.
     pub idempotent: Vec<String>,
+    /// Metadata keys a call made while serving another passes on, besides
+    /// the W3C `traceparent` and `tracestate`.
+    pub propagate_metadata: Vec<String>,
     /// `fail_safe` defaults: method name -> JSON value returned on failure.
     pub fail_safe: BTreeMap<String, String>,
     /// Consecutive provider failures that eject an instance.
@@ -459,6 +467,7 @@ impl Default for ClientConfig {
             retry_budget_ratio: 0.2,
             retry_budget_min_per_sec: 10,
             idempotent: Vec::new(),
+            propagate_metadata: Vec::new(),
             fail_safe: BTreeMap::new(),
             outlier_failures: 5,
             outlier_cooldown_ms: 5_000,
@@ -495,6 +504,7 @@ impl ClientConfig {
         fail_safe.extend(o.fail_safe.unwrap_or_default());
         CallPolicy {
             timeout: ms(o.timeout_ms.unwrap_or(self.timeout_ms)),
+            service_timeout: o.timeout_ms.map(ms),
             load_balancer: o.load_balancer.unwrap_or(self.load_balancer),
             fault_tolerance: o.fault_tolerance.unwrap_or(self.fault_tolerance),
             retries: o.retries.unwrap_or(self.retries),

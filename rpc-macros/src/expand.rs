@@ -222,9 +222,16 @@ fn expand_client(service: &Service, names: &Names) -> TokenStream {
         let arg_names = m.args.iter().map(|a| &a.ident);
         let tys = m.args.iter().map(|a| &a.ty);
         let output = output_type(m);
+        let idempotent = m.idempotent;
+        let timeout = match m.timeout_ms {
+            Some(ms) => {
+                quote!(::core::option::Option::Some(::core::time::Duration::from_millis(#ms)))
+            }
+            None => quote!(::core::option::Option::None),
+        };
         // A missing `Serialize` on an argument type (or `Deserialize` on the
         // output) is then reported at the method's parameter list.
-        let call_fn = Ident::new("call", m.params_span);
+        let call_fn = Ident::new("call_method", m.params_span);
         // A blank doc line keeps the generated paragraph out of the user's last one.
         let separator = attrs
             .iter()
@@ -244,7 +251,12 @@ fn expand_client(service: &Service, names: &Names) -> TokenStream {
             #vis async fn #method(&self #(, #params)*)
                 -> ::core::result::Result<#output, ::rpc::RpcError>
             {
-                self.inner.#call_fn::<(#(#tys,)*), #output>(#wire, &(#(#arg_names,)*)).await
+                const INFO: ::rpc::client::MethodInfo = ::rpc::client::MethodInfo {
+                    name: #wire,
+                    idempotent: #idempotent,
+                    timeout: #timeout,
+                };
+                self.inner.#call_fn::<(#(#tys,)*), #output>(INFO, &(#(#arg_names,)*)).await
             }
         }
     });
@@ -252,15 +264,31 @@ fn expand_client(service: &Service, names: &Names) -> TokenStream {
     let doc = format!(
         "Client for [`{ident}`]: one method per service method, each returning the \
          method's output or an `rpc::RpcError`.\n\n\
-         Cheap to clone; clones share the consumer's connections."
+         Cheap to clone; clones share the consumer's connections. `S` is the call \
+         stack (`rpc::client` docs): the default for a plain `rpc::Consumer`, another \
+         for a consumer with layers, or a stub in tests."
     );
     let name_doc = format!("Service name on the wire and in the registry: `{name}`.");
     let version_doc = format!("Service version: `{version}`.");
+    let client_name = client.to_string();
+    // Like `__RpcImpl`: must not shadow a user type called `S`.
+    let stack = Ident::new("__RpcStack", Span::call_site());
     quote! {
         #[doc = #doc]
-        #[derive(::core::clone::Clone, ::core::fmt::Debug)]
-        #vis struct #client {
-            inner: ::rpc::ServiceClient,
+        #vis struct #client<#stack = ::rpc::client::DefaultStack> {
+            inner: ::rpc::ServiceClient<#stack>,
+        }
+
+        impl<#stack> ::core::clone::Clone for #client<#stack> {
+            fn clone(&self) -> Self {
+                Self { inner: ::core::clone::Clone::clone(&self.inner) }
+            }
+        }
+
+        impl<#stack> ::core::fmt::Debug for #client<#stack> {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+                f.debug_struct(#client_name).field("inner", &self.inner).finish()
+            }
         }
 
         impl #client {
@@ -272,13 +300,6 @@ fn expand_client(service: &Service, names: &Names) -> TokenStream {
 
             /// Method names on the wire, in declaration order.
             #vis const METHODS: &[&str] = &[#(#wire_names),*];
-
-            /// A client that calls the service through `consumer`.
-            #vis fn new(consumer: &::rpc::Consumer) -> Self {
-                Self {
-                    inner: consumer.service(Self::SERVICE_NAME, Self::SERVICE_VERSION),
-                }
-            }
 
             /// Builds a consumer from `config` and a client on it. Clients of
             /// several services should share one `rpc::Consumer` (and its
@@ -293,15 +314,31 @@ fn expand_client(service: &Service, names: &Names) -> TokenStream {
                 let consumer = ::rpc::Consumer::from_config(config).await?;
                 ::core::result::Result::Ok(Self::new(&consumer))
             }
+        }
+
+        impl<#stack: ::rpc::client::Call> #client<#stack> {
+            /// A client that calls the service through `consumer` (and its layers).
+            #vis fn new<C: ::rpc::client::MakeStack<Stack = #stack>>(consumer: &C) -> Self {
+                Self {
+                    inner: consumer.make_service(#name, #version),
+                }
+            }
 
             /// Wraps an untyped proxy, which should be for this service's name and version.
-            #vis fn from_service_client(client: ::rpc::ServiceClient) -> Self {
+            #vis fn from_service_client(client: ::rpc::ServiceClient<#stack>) -> Self {
                 Self { inner: client }
             }
 
             /// The untyped proxy underneath.
-            #vis fn service_client(&self) -> &::rpc::ServiceClient {
+            #vis fn service_client(&self) -> &::rpc::ServiceClient<#stack> {
                 &self.inner
+            }
+
+            /// This client with per-call options (timeout, metadata, hash
+            /// key) for its calls; shares the connections, instance set,
+            /// balancer and retry budget (`rpc::CallOptions`).
+            #vis fn with(&self, options: ::rpc::CallOptions) -> Self {
+                Self { inner: self.inner.with(options) }
             }
 
             #(#methods)*

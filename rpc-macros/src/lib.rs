@@ -230,10 +230,11 @@ mod tests {
         assert_eq!(
             client,
             [
-                "new",
                 "from_config",
+                "new",
                 "from_service_client",
                 "service_client",
+                "with",
                 "get_user",
                 "ping"
             ]
@@ -331,12 +332,42 @@ mod tests {
             .count();
         // The user's line, a blank separator and the generated paragraph.
         assert_eq!(docs, 3);
-        let body = &rename.block;
-        assert!(
-            quote!(#body)
-                .to_string()
-                .contains("(\"rename\" , & (user , name ,))")
+        let body_block = &rename.block;
+        let body = quote!(#body_block).to_string();
+        assert!(body.contains("(INFO , & (user , name ,))"), "{body}");
+        assert!(body.contains("name : \"rename\""), "{body}");
+        assert!(body.contains("idempotent : false"), "{body}");
+    }
+
+    #[test]
+    fn method_attributes_reach_the_client_and_the_wire_name() {
+        let file = expand(
+            quote!(),
+            quote! {
+                trait S {
+                    #[rpc(idempotent, timeout_ms = 250, name = "getUser")]
+                    async fn get_user(&self, id: u64) -> u32;
+                    async fn put(&self, id: u64) -> u32;
+                }
+            },
         );
+        let text = quote!(#file).to_string();
+        assert!(
+            text.contains("name : \"getUser\" , idempotent : true"),
+            "{text}"
+        );
+        assert!(text.contains("Duration :: from_millis (250u64)"), "{text}");
+        assert!(
+            text.contains("name : \"put\" , idempotent : false"),
+            "{text}"
+        );
+        assert!(
+            text.contains("METHODS : & [& str] = & [\"getUser\" , \"put\"]"),
+            "{text}"
+        );
+        // Dispatch answers the wire name; the trait no longer carries `#[rpc]`.
+        assert!(text.contains("\"getUser\" =>"), "{text}");
+        assert!(!text.contains("# [rpc"), "{text}");
     }
 
     #[test]

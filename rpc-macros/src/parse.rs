@@ -28,7 +28,11 @@ const RESERVED_CLIENT_NAMES: &[&str] = &[
     "from_config",
     "from_service_client",
     "service_client",
+    "with",
 ];
+
+/// Longest `#[rpc(timeout_ms)]`: a day, like `rpc.toml`'s durations.
+const MAX_TIMEOUT_MS: u64 = 86_400_000;
 
 /// A validated `#[service]` trait.
 pub(crate) struct Service {
@@ -52,8 +56,13 @@ pub(crate) struct Method {
     /// deprecation).
     pub(crate) client_attrs: Vec<Attribute>,
     pub(crate) ident: Ident,
-    /// The method name as sent on the wire: the identifier without `r#`.
+    /// The method name as sent on the wire: `#[rpc(name = "..")]`, or the
+    /// identifier without `r#`.
     pub(crate) wire_name: String,
+    /// `#[rpc(idempotent)]`.
+    pub(crate) idempotent: bool,
+    /// `#[rpc(timeout_ms = N)]`.
+    pub(crate) timeout_ms: Option<u64>,
     pub(crate) args: Vec<Arg>,
     /// `None` for a method without `->`.
     pub(crate) output: Option<Type>,
@@ -198,6 +207,18 @@ pub(crate) fn parse(attr: TokenStream, item: TokenStream) -> syn::Result<Service
             ),
         }
     }
+    for (i, m) in methods.iter().enumerate() {
+        if let Some(first) = methods[..i].iter().find(|o| o.wire_name == m.wire_name) {
+            errors.spanned(
+                &m.ident,
+                format!(
+                    "two methods are called `{}` on the wire (`{}` and `{}`): give one another \
+                     `#[rpc(name = \"...\")]`",
+                    m.wire_name, first.ident, m.ident
+                ),
+            );
+        }
+    }
     errors.finish()?;
 
     let ItemTrait {
@@ -219,6 +240,12 @@ pub(crate) fn parse(attr: TokenStream, item: TokenStream) -> syn::Result<Service
 }
 
 fn check_trait_header(errors: &mut Errors, item: &ItemTrait) {
+    for attr in item.attrs.iter().filter(|a| a.path().is_ident("rpc")) {
+        errors.spanned(
+            attr,
+            "`#[rpc(..)]` goes on methods; service arguments go in `#[service(name = .., version = ..)]`",
+        );
+    }
     if let Some(u) = &item.unsafety {
         errors.spanned(u, "a `#[service]` trait cannot be `unsafe`");
     }
@@ -256,6 +283,8 @@ fn parse_method(errors: &mut Errors, f: &TraitItemFn) -> Method {
             );
         }
     }
+
+    let rpc_attrs = parse_rpc_attrs(errors, &f.attrs);
 
     check_signature_header(errors, sig);
     check_generics(
@@ -342,16 +371,18 @@ fn parse_method(errors: &mut Errors, f: &TraitItemFn) -> Method {
     };
 
     let ident = sig.ident.clone();
-    let wire_name = ident.unraw().to_string();
-    if RESERVED_CLIENT_NAMES.contains(&wire_name.as_str()) {
+    let rust_name = ident.unraw().to_string();
+    if RESERVED_CLIENT_NAMES.contains(&rust_name.as_str()) {
         errors.spanned(
             &ident,
             format!(
-                "`{wire_name}` cannot be a `#[service]` method name: it collides with the \
-                 generated client's `{wire_name}`; rename the method"
+                "`{rust_name}` cannot be a `#[service]` method name: it collides with the \
+                 generated client's `{rust_name}`; rename the method (`#[rpc(name = \"{rust_name}\")]` \
+                 keeps its name on the wire)"
             ),
         );
     }
+    let wire_name = rpc_attrs.name.unwrap_or(rust_name);
 
     let client_attrs = f
         .attrs
@@ -360,15 +391,102 @@ fn parse_method(errors: &mut Errors, f: &TraitItemFn) -> Method {
         .cloned()
         .collect();
     Method {
-        attrs: f.attrs.clone(),
+        // `#[rpc]` is ours: the rewritten trait must not carry it.
+        attrs: f
+            .attrs
+            .iter()
+            .filter(|a| !a.path().is_ident("rpc"))
+            .cloned()
+            .collect(),
         client_attrs,
         ident,
         wire_name,
+        idempotent: rpc_attrs.idempotent,
+        timeout_ms: rpc_attrs.timeout_ms,
         args,
         output,
         span: sig.span(),
         params_span: sig.paren_token.span.join(),
     }
+}
+
+/// What `#[rpc(..)]` on a method says.
+#[derive(Default)]
+struct RpcAttrs {
+    idempotent: bool,
+    timeout_ms: Option<u64>,
+    name: Option<String>,
+}
+
+const RPC_ATTR_USAGE: &str =
+    "expected `#[rpc(idempotent)]`, `#[rpc(timeout_ms = 500)]` or `#[rpc(name = \"getUser\")]`";
+
+/// Reads every `#[rpc(..)]` of a method; bad usage is an error on the
+/// offending token.
+fn parse_rpc_attrs(errors: &mut Errors, attrs: &[Attribute]) -> RpcAttrs {
+    let mut out = RpcAttrs::default();
+    let mut seen_idempotent = false;
+    for attr in attrs.iter().filter(|a| a.path().is_ident("rpc")) {
+        let syn::Meta::List(list) = &attr.meta else {
+            errors.spanned(attr, RPC_ATTR_USAGE);
+            continue;
+        };
+        let parser = syn::meta::parser(|meta| {
+            if meta.path.is_ident("idempotent") {
+                if !meta.input.is_empty() && !meta.input.peek(syn::Token![,]) {
+                    return Err(
+                        meta.error("`idempotent` takes no value: write `#[rpc(idempotent)]`")
+                    );
+                }
+                if seen_idempotent {
+                    return Err(meta.error("duplicate `#[rpc]` argument `idempotent`"));
+                }
+                seen_idempotent = true;
+                out.idempotent = true;
+            } else if meta.path.is_ident("timeout_ms") {
+                if out.timeout_ms.is_some() {
+                    return Err(meta.error("duplicate `#[rpc]` argument `timeout_ms`"));
+                }
+                let lit: syn::LitInt = meta.value()?.parse().map_err(|e| {
+                    syn::Error::new(e.span(), "`timeout_ms` takes an integer number of milliseconds, e.g. `timeout_ms = 500`")
+                })?;
+                let ms: u64 = lit.base10_parse()?;
+                if ms == 0 || ms > MAX_TIMEOUT_MS {
+                    return Err(syn::Error::new(
+                        lit.span(),
+                        format!("`timeout_ms` must be between 1 and {MAX_TIMEOUT_MS} (a day)"),
+                    ));
+                }
+                out.timeout_ms = Some(ms);
+            } else if meta.path.is_ident("name") {
+                if out.name.is_some() {
+                    return Err(meta.error("duplicate `#[rpc]` argument `name`"));
+                }
+                let lit: LitStr = meta.value()?.parse()?;
+                let v = lit.value();
+                if v.is_empty()
+                    || v.chars().any(|c| c.is_whitespace() || c.is_control())
+                    || v.len() > 255
+                {
+                    return Err(syn::Error::new(
+                        lit.span(),
+                        "a wire name must be 1 to 255 bytes with no whitespace or control characters",
+                    ));
+                }
+                out.name = Some(v);
+            } else {
+                let key = type_text(&meta.path);
+                return Err(meta.error(format!(
+                    "unknown `#[rpc]` argument `{key}`; expected `idempotent`, `timeout_ms = N` or `name = \"...\"`"
+                )));
+            }
+            Ok(())
+        });
+        if let Err(e) = syn::parse::Parser::parse2(parser, list.tokens.clone()) {
+            errors.push(e);
+        }
+    }
+    out
 }
 
 fn check_signature_header(errors: &mut Errors, sig: &Signature) {

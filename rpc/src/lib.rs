@@ -39,14 +39,13 @@
 #![warn(missing_debug_implementations, unreachable_pub)]
 
 mod advertise;
-pub mod balance;
-pub mod consumer;
+pub mod client;
 pub mod error;
-pub mod outlier;
 pub mod provider;
-pub mod retry;
 
-pub use consumer::{Consumer, ServiceClient};
+pub use client::consumer::{self, Consumer};
+pub use client::service::ServiceClient;
+pub use client::{CallOptions, balance, outlier, retry};
 pub use error::Error;
 pub use provider::{Provider, ProviderBuilder, shutdown_signal};
 pub use rpc_core::config::Addresses;

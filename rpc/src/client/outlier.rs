@@ -170,6 +170,58 @@ impl Health {
     }
 }
 
+/// The outlier-detection layer: records each attempt's outcome against
+/// the instance it went to (picked by `LoadBalance`, which also took the
+/// probe slot of an instance whose cool-down ended: `cx.probe`).
+#[derive(Debug)]
+pub struct Outlier<S> {
+    inner: S,
+    policy: OutlierPolicy,
+}
+
+impl<S> Outlier<S> {
+    /// Around `inner`, ejecting by `policy`.
+    pub fn new(inner: S, policy: OutlierPolicy) -> Self {
+        Self { inner, policy }
+    }
+}
+
+impl<S: super::Call> super::Call for Outlier<S> {
+    async fn call(
+        &self,
+        cx: &mut super::ClientContext<'_>,
+        args: &[u8],
+    ) -> Result<rpc_transport::RawReply, RpcError> {
+        let outcome = self.inner.call(cx, args).await;
+        let (Some(versioned), Some(idx)) = (cx.set.as_ref(), cx.picked) else {
+            return outcome;
+        };
+        let set = &versioned.set;
+        let Some(instance) = set.instances.get(idx) else {
+            return outcome;
+        };
+        match &outcome {
+            Ok(_) => instance.health.success(instance.endpoint.addr()),
+            Err(e) => {
+                let ejected = set
+                    .instances
+                    .iter()
+                    .filter(|i| i.health.is_ejected())
+                    .count();
+                instance.health.failure(
+                    e,
+                    instance.endpoint.addr(),
+                    &self.policy,
+                    ejected,
+                    set.len(),
+                    cx.probe,
+                );
+            }
+        }
+        outcome
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

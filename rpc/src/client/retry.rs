@@ -4,7 +4,8 @@
 //! * fail-fast: the first error is the answer.
 //! * fail-over: try ANOTHER instance, only when that cannot execute the call
 //!   twice ([`RpcError::is_safe_to_retry`]: not sent, refused, overloaded,
-//!   shutting down) or the method is listed as idempotent (then any provider
+//!   shutting down) or the method is idempotent (`#[rpc(idempotent)]` or
+//!   listed in `client.idempotent`; then any provider
 //!   failure qualifies). At most `retries` extra attempts, never past the
 //!   call's deadline, with exponential backoff and full jitter, and only
 //!   while the [`RetryBudget`] allows: during an outage retries cannot
@@ -12,20 +13,28 @@
 //! * fail-safe: no retry; on failure the typed client returns the method's
 //!   configured default (JSON), logging the error.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rpc_core::{CallPolicy, FaultTolerance, RpcError};
+use rpc_transport::RawReply;
+use tokio::time::Instant;
+use tracing::debug;
 
-use crate::balance::random_below;
-use crate::outlier::now_nanos;
+use super::balance::random_below;
+use super::outlier::{nanos_at, now_nanos};
+use super::{Call, ClientContext};
 
 const WINDOW_NANOS: u64 = 10_000_000_000;
 
 /// Whether the failed attempt number `attempt` (0-based) may be retried.
+/// `idempotent`: the method's `#[rpc(idempotent)]`; the configured list
+/// can add methods, not remove them.
 pub(crate) fn should_retry(
     policy: &CallPolicy,
     method: &str,
+    idempotent: bool,
     err: &RpcError,
     attempt: u32,
 ) -> bool {
@@ -35,7 +44,77 @@ pub(crate) fn should_retry(
     err.is_safe_to_retry()
         || (err.is_provider_failure()
             && !matches!(err, RpcError::Timeout { .. })
-            && policy.idempotent.iter().any(|m| m == method))
+            && (idempotent || policy.idempotent.iter().any(|m| m == method)))
+}
+
+/// The fault-tolerance layer: runs the attempts of one call (module docs).
+/// Each attempt gets what is left of the deadline; a retry goes to another
+/// instance (the balancer skips tried ones).
+#[derive(Debug)]
+pub struct Retry<S> {
+    inner: S,
+    policy: CallPolicy,
+    budget: Arc<RetryBudget>,
+}
+
+impl<S> Retry<S> {
+    /// Around `inner`, retrying by `policy` within `budget` (shared by the
+    /// service's clients).
+    pub fn new(inner: S, policy: CallPolicy, budget: Arc<RetryBudget>) -> Self {
+        Self {
+            inner,
+            policy,
+            budget,
+        }
+    }
+}
+
+impl<S: Call> Call for Retry<S> {
+    async fn call(&self, cx: &mut ClientContext<'_>, args: &[u8]) -> Result<RawReply, RpcError> {
+        self.budget.record_call_at(nanos_at(cx.started.into_std()));
+        let mut attempt = 0u32;
+        loop {
+            // The first attempt has the whole budget: no need to read the clock.
+            if attempt > 0 || cx.waited {
+                let now = Instant::now();
+                cx.attempt_start = now;
+                cx.remaining = cx.deadline.saturating_duration_since(now);
+            }
+            if cx.remaining.is_zero() {
+                return Err(RpcError::Timeout {
+                    service: cx.service.to_owned(),
+                    method: cx.method.name.to_owned(),
+                    timeout: cx.timeout,
+                });
+            }
+            cx.attempt = attempt;
+            let err = match self.inner.call(cx, args).await {
+                Ok(reply) => return Ok(reply),
+                Err(e) => e,
+            };
+            if !should_retry(
+                &self.policy,
+                cx.method.name,
+                cx.method.idempotent,
+                &err,
+                attempt,
+            ) {
+                return Err(err);
+            }
+            if !self.budget.try_retry() {
+                debug!(service = %cx.service, method = cx.method.name, "retry budget exhausted");
+                return Err(err);
+            }
+            if let Some(idx) = cx.picked {
+                cx.tried.add(idx);
+            }
+            attempt += 1;
+            let pause = backoff(&self.policy, attempt)
+                .min(cx.deadline.saturating_duration_since(Instant::now()));
+            debug!(service = %cx.service, method = cx.method.name, attempt, ?pause, error = %err, "retrying on another instance");
+            tokio::time::sleep(pause).await;
+        }
+    }
 }
 
 /// Backoff before retry number `retry` (1-based): uniform in
@@ -101,6 +180,12 @@ impl RetryBudget {
         }
     }
 
+    /// Calls counted in the current window (for tests and stats).
+    #[doc(hidden)]
+    pub fn calls_in_window(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
     /// Counts a call.
     pub fn record_call(&self) {
         self.record_call_at(now_nanos());
@@ -154,17 +239,34 @@ mod tests {
     #[test]
     fn fail_over_retries_only_what_cannot_run_twice() {
         let p = policy();
-        assert!(should_retry(&p, "rename", &refused(), 0));
-        assert!(should_retry(&p, "rename", &refused(), 1));
-        assert!(!should_retry(&p, "rename", &refused(), 2), "retries = 2");
+        assert!(should_retry(&p, "rename", false, &refused(), 0));
+        assert!(should_retry(&p, "rename", false, &refused(), 1));
         assert!(
-            !should_retry(&p, "rename", &lost_after_write(), 0),
+            !should_retry(&p, "rename", false, &refused(), 2),
+            "retries = 2"
+        );
+        assert!(
+            !should_retry(&p, "rename", false, &lost_after_write(), 0),
             "may have run"
         );
         let mut idem = policy();
         idem.idempotent = vec!["get_user".into()];
-        assert!(should_retry(&idem, "get_user", &lost_after_write(), 0));
-        assert!(!should_retry(&idem, "rename", &lost_after_write(), 0));
+        assert!(should_retry(
+            &idem,
+            "get_user",
+            false,
+            &lost_after_write(),
+            0
+        ));
+        assert!(!should_retry(
+            &idem,
+            "rename",
+            false,
+            &lost_after_write(),
+            0
+        ));
+        // The attribute alone is enough.
+        assert!(should_retry(&p, "rename", true, &lost_after_write(), 0));
     }
 
     #[test]
@@ -172,7 +274,7 @@ mod tests {
         for ft in [FaultTolerance::FailFast, FaultTolerance::FailSafe] {
             let mut p = policy();
             p.fault_tolerance = ft;
-            assert!(!should_retry(&p, "m", &refused(), 0));
+            assert!(!should_retry(&p, "m", true, &refused(), 0));
         }
     }
 

@@ -1,0 +1,241 @@
+//! Consumers: discovery cache, connection pool, and the layers every
+//! service client they build gets.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rpc_core::{CallPolicy, ClientConfig, RpcConfig, RpcError};
+use rpc_registry::{AnyRegistry, CacheOptions, ServiceCache};
+use rpc_transport::{Endpoint, EndpointConfig};
+
+use super::balance::{self, LoadBalance, LoadBalancer};
+use super::discover::{Discover, Route};
+use super::outlier::{Health, Outlier, OutlierPolicy};
+use super::retry::{Retry, RetryBudget};
+use super::service::{ClientInner, ServiceClient};
+use super::{ClientStack, Deadline, Identity, Layer, MakeStack, Stack, Transport};
+
+/// Shared consumer state: registry cache and connection pool. One per
+/// process is typical; clients of several services share it.
+///
+/// `O` and `A` are the user layers around each call and around each
+/// attempt ([`Consumer::layer`], [`Consumer::attempt_layer`]); a plain
+/// consumer has none.
+#[derive(Clone)]
+pub struct Consumer<O = Identity, A = Identity> {
+    inner: Arc<ConsumerInner>,
+    outer: O,
+    attempt: A,
+    balancer: Option<Arc<dyn LoadBalancer>>,
+}
+
+pub(crate) struct ConsumerInner {
+    pub(crate) config: ClientConfig,
+    pub(crate) endpoint_config: EndpointConfig,
+    pub(crate) outlier: OutlierPolicy,
+    pub(crate) cache: ServiceCache<AnyRegistry>,
+    /// Metadata keys propagated besides the standard ones.
+    pub(crate) propagate: Arc<[String]>,
+    /// Connections and breaker state by address. Pruned whenever a
+    /// service's set is rebuilt, so it never holds more than the instances
+    /// some service still lists.
+    pub(crate) pool: Mutex<HashMap<String, Pooled>>,
+}
+
+#[derive(Clone)]
+pub(crate) struct Pooled {
+    pub(crate) endpoint: Arc<Endpoint>,
+    pub(crate) health: Arc<Health>,
+}
+
+impl<O, A> fmt::Debug for Consumer<O, A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Consumer")
+            .field("registry", &self.inner.cache.discover().kind())
+            .field("services", &self.inner.cache.len())
+            .field("layers", &std::any::type_name::<O>())
+            .field("attempt_layers", &std::any::type_name::<A>())
+            .field(
+                "balancer",
+                &self.balancer.as_ref().map(|b| b.name().to_owned()),
+            )
+            .finish()
+    }
+}
+
+impl Consumer {
+    /// Builds a consumer from configuration: connects the configured
+    /// registry and applies `[client]`.
+    pub async fn from_config(config: &RpcConfig) -> Result<Self, RpcError> {
+        let registry = AnyRegistry::from_config(&config.registry).await?;
+        Ok(Self::with_registry(
+            registry,
+            config.client.clone(),
+            config.registry.timeout(),
+        ))
+    }
+
+    /// A consumer over an already built registry (tests, embedding).
+    /// `ready_timeout` bounds the wait for a service's first instance list.
+    pub fn with_registry(
+        registry: AnyRegistry,
+        config: ClientConfig,
+        ready_timeout: Duration,
+    ) -> Self {
+        let cache = ServiceCache::with_options(
+            registry,
+            CacheOptions {
+                ready_timeout,
+                empty_protection: config.empty_protection,
+                empty_grace: rpc_core::config::ms(config.empty_grace_ms),
+                snapshot_file: config.snapshot_file.clone(),
+                ..CacheOptions::default()
+            },
+        );
+        Self {
+            inner: Arc::new(ConsumerInner {
+                endpoint_config: EndpointConfig::from(&config),
+                outlier: OutlierPolicy {
+                    failures: config.outlier_failures,
+                    cooldown: rpc_core::config::ms(config.outlier_cooldown_ms),
+                    max_ejected_percent: config.outlier_max_ejected_percent,
+                },
+                propagate: config.propagate_metadata.clone().into(),
+                config,
+                cache,
+                pool: Mutex::new(HashMap::new()),
+            }),
+            outer: Identity,
+            attempt: Identity,
+            balancer: None,
+        }
+    }
+}
+
+impl<O, A> Consumer<O, A> {
+    /// The discovery cache (instances per service, change notifications).
+    pub fn cache(&self) -> &ServiceCache<AnyRegistry> {
+        &self.inner.cache
+    }
+
+    /// This consumer (sharing its cache and connections) with `layer`
+    /// around every call its service clients make: after the deadline is
+    /// fixed, before discovery and retries (`crate::client` docs). The
+    /// first layer added is the outermost.
+    pub fn layer<L>(self, layer: L) -> Consumer<Stack<L, O>, A> {
+        Consumer {
+            inner: self.inner,
+            outer: Stack::new(layer, self.outer),
+            attempt: self.attempt,
+            balancer: self.balancer,
+        }
+    }
+
+    /// This consumer with `layer` around every attempt: after the instance
+    /// is picked (`ClientContext::instance`), before outlier detection
+    /// records the outcome. The first layer added is the outermost.
+    pub fn attempt_layer<L>(self, layer: L) -> Consumer<O, Stack<L, A>> {
+        Consumer {
+            inner: self.inner,
+            outer: self.outer,
+            attempt: Stack::new(layer, self.attempt),
+            balancer: self.balancer,
+        }
+    }
+
+    /// This consumer with `balancer` for every service, instead of the
+    /// configured `load_balancer`. Each service client gets this same
+    /// value (share state across services through it, or keep it per
+    /// instance set with [`LoadBalancer::prepare`]).
+    pub fn balancer(mut self, balancer: impl LoadBalancer) -> Self {
+        self.balancer = Some(Arc::new(balancer));
+        self
+    }
+}
+
+impl<O, A> Consumer<O, A>
+where
+    O: Layer<Discover<Retry<LoadBalance<<A as Layer<Outlier<Transport>>>::Service>>>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    A: Layer<Outlier<Transport>> + Clone + Send + Sync + 'static,
+{
+    /// A proxy for one service, with the policy `[client]` (and its
+    /// `[client.services."name:version"]` overrides) gives it.
+    pub fn service(&self, name: &str, version: &str) -> ServiceClient<ClientStack<O, A>> {
+        let key = rpc_core::service_key(name, version);
+        let policy = self.inner.config.policy_for(&key);
+        self.service_with_policy(name, version, policy)
+    }
+
+    /// A proxy for one service with an explicit policy (a stack of its own:
+    /// instance set, balancer state, retry budget).
+    pub fn service_with_policy(
+        &self,
+        name: &str,
+        version: &str,
+        policy: CallPolicy,
+    ) -> ServiceClient<ClientStack<O, A>> {
+        let inner = &self.inner;
+        let c = &inner.config;
+        let service_key = rpc_core::service_key(name, version);
+        let balancer = self
+            .balancer
+            .clone()
+            .unwrap_or_else(|| balance::built_in(policy.load_balancer));
+        let route = Arc::new(Route::new(
+            inner.clone(),
+            service_key.clone(),
+            balancer.clone(),
+        ));
+        let budget = Arc::new(RetryBudget::new(
+            c.retry_budget_ratio,
+            c.retry_budget_min_per_sec,
+        ));
+        let attempt = self.attempt.layer(Outlier::new(
+            Transport::new(policy.serializer),
+            inner.outlier,
+        ));
+        let balanced = LoadBalance::new(attempt, balancer, inner.outlier.cooldown);
+        let retried = Retry::new(balanced, policy.clone(), budget.clone());
+        let discovered = Discover::new(retried, route.clone());
+        let stack = Deadline::new(
+            self.outer.layer(discovered),
+            policy.timeout,
+            policy.service_timeout,
+            inner.propagate.clone(),
+        );
+        let again = self.clone();
+        ServiceClient::from_inner(ClientInner {
+            stack,
+            service_key,
+            policy,
+            args_hint: std::sync::atomic::AtomicUsize::new(128),
+            route: Some(route),
+            budget: Some(budget),
+            rebuild: Some(Box::new(move |name, version, policy| {
+                again.service_with_policy(name, version, policy)
+            })),
+        })
+    }
+}
+
+impl<O, A> MakeStack for Consumer<O, A>
+where
+    O: Layer<Discover<Retry<LoadBalance<<A as Layer<Outlier<Transport>>>::Service>>>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    A: Layer<Outlier<Transport>> + Clone + Send + Sync + 'static,
+{
+    type Stack = ClientStack<O, A>;
+
+    fn make_service(&self, name: &str, version: &str) -> ServiceClient<Self::Stack> {
+        self.service(name, version)
+    }
+}

@@ -1,0 +1,155 @@
+//! What a call carries down the client stack.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rpc_core::Metadata;
+use tokio::time::Instant;
+
+use super::balance::{Instance, Tried};
+use super::discover::Versioned;
+use super::options::CallOptions;
+
+/// What `#[service]` knows about a method: its wire name and attributes
+/// (`#[rpc(idempotent, timeout_ms = ..)]`). Generated clients pass one per
+/// call; [`MethodInfo::new`] has no attributes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MethodInfo {
+    /// The wire name.
+    pub name: &'static str,
+    /// `#[rpc(idempotent)]`: fail-over may retry it after any provider
+    /// failure (also when the call may have run).
+    pub idempotent: bool,
+    /// `#[rpc(timeout_ms = ..)]`: its default timeout.
+    pub timeout: Option<Duration>,
+}
+
+impl MethodInfo {
+    /// A method without attributes.
+    pub const fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            idempotent: false,
+            timeout: None,
+        }
+    }
+}
+
+/// One call on its way down the stack (module docs of [`crate::client`]).
+///
+/// User layers read the service, method, deadline and attempt, and read or
+/// add [`metadata`](Self::metadata_mut). The built-in layers keep their
+/// per-call state here (crate-private), so the layers themselves are
+/// shared, immutable, and the stack allocates nothing per call.
+#[derive(Debug)]
+pub struct ClientContext<'a> {
+    pub(crate) service: &'a str,
+    pub(crate) method: MethodInfo,
+    pub(crate) options: Option<&'a CallOptions>,
+    pub(crate) metadata: Metadata,
+    /// When the call started: the one clock read of a call that succeeds at once.
+    pub(crate) started: Instant,
+    pub(crate) timeout: Duration,
+    pub(crate) deadline: Instant,
+    pub(crate) attempt: u32,
+    /// When the current attempt started, and its time left.
+    pub(crate) attempt_start: Instant,
+    pub(crate) remaining: Duration,
+    /// Whether the call waited for a provider to be listed.
+    pub(crate) waited: bool,
+    pub(crate) hash_key: Option<u64>,
+    pub(crate) set: Option<Arc<Versioned>>,
+    pub(crate) tried: Tried,
+    pub(crate) picked: Option<usize>,
+    pub(crate) probe: bool,
+}
+
+impl<'a> ClientContext<'a> {
+    /// A context for a call of `method` on `service`, starting now with
+    /// `timeout` (the [`Deadline`](super::Deadline) layer settles the
+    /// final timeout and deadline).
+    pub fn new(service: &'a str, method: MethodInfo, timeout: Duration) -> Self {
+        let started = Instant::now();
+        Self {
+            service,
+            method,
+            options: None,
+            metadata: Metadata::new(),
+            started,
+            timeout,
+            deadline: started + timeout,
+            attempt: 0,
+            attempt_start: started,
+            remaining: timeout,
+            waited: false,
+            hash_key: None,
+            set: None,
+            tried: Tried::default(),
+            picked: None,
+            probe: false,
+        }
+    }
+
+    pub(crate) fn with_options(mut self, options: Option<&'a CallOptions>) -> Self {
+        if let Some(o) = options {
+            if !o.metadata.is_empty() {
+                self.metadata = o.metadata.clone();
+            }
+            self.hash_key = o.hash_key;
+        }
+        self.options = options;
+        self
+    }
+
+    /// `name:version` of the service called.
+    pub fn service(&self) -> &str {
+        self.service
+    }
+
+    /// The method's wire name.
+    pub fn method(&self) -> &str {
+        self.method.name
+    }
+
+    /// The method's attributes.
+    pub fn method_info(&self) -> &MethodInfo {
+        &self.method
+    }
+
+    /// The metadata sent with the call.
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+
+    /// The metadata, to add to (a token, a trace id).
+    pub fn metadata_mut(&mut self) -> &mut Metadata {
+        &mut self.metadata
+    }
+
+    /// The call's timeout (after per-call options, configuration, method
+    /// attributes and an incoming deadline have had their say).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// When the call gives up.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// The attempt number, 0 for the first.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Time left for the current attempt when it started.
+    pub fn attempt_remaining(&self) -> Duration {
+        self.remaining
+    }
+
+    /// The instance picked for the current attempt (below `LoadBalance`).
+    pub fn instance(&self) -> Option<&Instance> {
+        let set = self.set.as_ref()?;
+        set.set.instances.get(self.picked?)
+    }
+}

@@ -1,0 +1,43 @@
+//! The transport layer: the picked instance's pooled, multiplexed connection.
+
+use rpc_core::{RpcError, SerializerKind};
+use rpc_transport::RawReply;
+
+use super::{Call, ClientContext};
+
+/// Sends the attempt to the instance `LoadBalance` picked, with the time
+/// left and the call's metadata, and waits for the reply.
+#[derive(Debug, Clone, Copy)]
+pub struct Transport {
+    serializer: SerializerKind,
+}
+
+impl Transport {
+    /// Sends with `serializer` (the arguments are encoded with it).
+    pub fn new(serializer: SerializerKind) -> Self {
+        Self { serializer }
+    }
+}
+
+impl Call for Transport {
+    async fn call(&self, cx: &mut ClientContext<'_>, args: &[u8]) -> Result<RawReply, RpcError> {
+        let Some(instance) = cx.instance() else {
+            return Err(RpcError::NoProvider {
+                service: cx.service.to_owned(),
+            });
+        };
+        let opts = rpc_transport::CallOptions {
+            service: cx.service,
+            method: cx.method.name,
+            serializer: self.serializer,
+            timeout: cx.remaining,
+            metadata: &cx.metadata,
+        };
+        // From the attempt's start: the transport's latency sample and the
+        // time sent to the server need no clock read of their own.
+        instance
+            .endpoint
+            .call_raw_from(cx.attempt_start, &opts, args)
+            .await
+    }
+}
