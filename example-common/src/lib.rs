@@ -99,7 +99,9 @@ impl std::error::Error for AppError {}
 /// User accounts, by id.
 #[rpc::service(version = "1.0")]
 pub trait UserService {
-    /// The user with this id.
+    /// The user with this id. A read, safe to run twice: fail-over may
+    /// retry it on another provider even after a lost connection.
+    #[rpc(idempotent)]
     async fn get_user(&self, id: u64) -> Result<User, AppError>;
 
     /// All users, ordered by id.

@@ -204,7 +204,7 @@ impl Args {
         let registry_dir = self.take("--registry-dir").map(PathBuf::from);
         let lifetime = self.secs("--lifetime", 600.0, false)?;
         self.finish()?;
-        if system == System::Rpc && registry_dir.is_none() {
+        if system.is_rpc() && registry_dir.is_none() {
             return Err("--system rpc needs --registry-dir".into());
         }
         Ok(ServerArgs {
@@ -233,7 +233,7 @@ impl Args {
         let runtime = self.flavour()?;
         let setup_timeout = self.secs("--setup-timeout", 10.0, false)?;
         self.finish()?;
-        if system == System::Rpc && registry_dir.is_none() {
+        if system.is_rpc() && registry_dir.is_none() {
             return Err("--system rpc needs --registry-dir".into());
         }
         Ok(ClientArgs {

@@ -149,12 +149,13 @@ fn server(a: &ServerArgs) -> Result<(), String> {
     };
     rt.block_on(async {
         match a.system {
-            System::Rpc | System::Baseline => {
+            System::Rpc | System::RpcLayered | System::Baseline => {
                 let dir = a
                     .registry_dir
                     .as_deref()
                     .ok_or("--system rpc needs --registry-dir")?;
-                systems::rpc_fw::serve(dir, ready, shutdown).await
+                let layered = a.system == System::RpcLayered;
+                systems::rpc_fw::serve(dir, layered, ready, shutdown).await
             }
             System::Tarpc => systems::tarpc_sys::serve(ready, shutdown).await,
             System::Echo => systems::echo::serve(ready, shutdown).await,
@@ -182,13 +183,14 @@ fn client(a: &ClientArgs) -> Result<(), String> {
     let outcome = rt.block_on(async {
         let run = async {
             match a.system {
-                System::Rpc | System::Baseline => {
+                System::Rpc | System::RpcLayered | System::Baseline => {
                     let dir = a
                         .registry_dir
                         .as_deref()
                         .ok_or("--system rpc needs --registry-dir")?;
                     systems::rpc_fw::client(
                         dir,
+                        a.system == System::RpcLayered,
                         a.addr,
                         a.inflight,
                         a.warmup,

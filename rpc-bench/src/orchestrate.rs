@@ -350,7 +350,7 @@ fn run_one(
         _ => (exe, system.name()),
     };
     let registry = match system {
-        System::Rpc | System::Baseline => Some(
+        System::Rpc | System::RpcLayered | System::Baseline => Some(
             tempfile::Builder::new()
                 .prefix("rpc-bench-registry-")
                 .tempdir()

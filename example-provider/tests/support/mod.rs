@@ -232,16 +232,16 @@ impl Backend {
         ]
     }
 
-    /// The consumer's configuration: fail-over, `get_user` idempotent (so a
-    /// call lost with a crashed provider is retried elsewhere), a short
-    /// outlier cool-down.
+    /// The consumer's configuration: fail-over and a short outlier
+    /// cool-down. `get_user` is idempotent by its `#[rpc(idempotent)]`
+    /// attribute (so a call lost with a crashed provider is retried
+    /// elsewhere): nothing in the configuration says so.
     pub fn consumer_config(&self) -> RpcConfig {
         let mut c = RpcConfig {
             registry: self.registry_config(),
             ..RpcConfig::default()
         };
         c.client.fault_tolerance = rpc::FaultTolerance::FailOver;
-        c.client.idempotent = vec!["get_user".into()];
         c.client.outlier_cooldown_ms = 1_000;
         c
     }

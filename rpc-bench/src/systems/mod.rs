@@ -13,6 +13,9 @@ use std::str::FromStr;
 pub enum System {
     /// This framework through its public facade.
     Rpc,
+    /// `Rpc` with one user layer on each side (a client layer and a server
+    /// layer, each counting calls): what the open call path costs.
+    RpcLayered,
     /// tarpc 0.38, serde transport + bincode over TCP.
     Tarpc,
     /// A bare length-delimited echo with the same serialization.
@@ -31,10 +34,18 @@ impl System {
     pub fn name(self) -> &'static str {
         match self {
             System::Rpc => "rpc",
+            System::RpcLayered => "rpc-layered",
             System::Tarpc => "tarpc",
             System::Echo => "echo",
             System::Baseline => "rpc@base",
         }
+    }
+}
+
+impl System {
+    /// Whether this is the framework (it needs a registry directory).
+    pub fn is_rpc(self) -> bool {
+        matches!(self, System::Rpc | System::RpcLayered | System::Baseline)
     }
 }
 
@@ -49,10 +60,11 @@ impl FromStr for System {
     fn from_str(s: &str) -> Result<Self, String> {
         match s.trim() {
             "rpc" => Ok(System::Rpc),
+            "rpc-layered" => Ok(System::RpcLayered),
             "tarpc" => Ok(System::Tarpc),
             "echo" => Ok(System::Echo),
             other => Err(format!(
-                "unknown system `{other}` (expected rpc, tarpc or echo)"
+                "unknown system `{other}` (expected rpc, rpc-layered, tarpc or echo)"
             )),
         }
     }

@@ -7,6 +7,8 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rpc::{RegistryKind, RpcConfig};
@@ -49,12 +51,16 @@ fn config(registry_dir: &Path) -> RpcConfig {
 /// deregisters and drains on the way out.
 pub async fn serve(
     registry_dir: &Path,
+    layered: bool,
     ready: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
     let cfg = config(registry_dir);
-    let provider = rpc::Provider::builder(&cfg)
-        .service(BenchServer::new(EchoImpl))
+    let mut builder = rpc::Provider::builder(&cfg).service(BenchServer::new(EchoImpl));
+    if layered {
+        builder = builder.layer(CountingServerLayer::default());
+    }
+    let provider = builder
         .bind()
         .await
         .map_err(|e| format!("provider bind failed: {}", chain(&e)))?;
@@ -65,12 +71,56 @@ pub async fn serve(
         .map_err(|e| format!("provider failed: {}", chain(&e)))
 }
 
-#[derive(Clone)]
-struct RpcCaller(BenchClient);
+struct RpcCaller<S = rpc::client::DefaultStack>(BenchClient<S>);
 
-impl Caller for RpcCaller {
+impl<S> Clone for RpcCaller<S> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<S: rpc::client::Call> Caller for RpcCaller<S> {
     async fn echo(&self, msg: BenchmarkMessage) -> Result<BenchmarkMessage, String> {
         self.0.echo(msg).await.map_err(|e| chain(&e))
+    }
+}
+
+/// The `rpc-layered` server layer: counts calls (a relaxed increment), the
+/// least a real layer (metrics, auth) does.
+#[derive(Default)]
+struct CountingServerLayer(AtomicU64);
+
+impl rpc::server::ServerLayer for CountingServerLayer {
+    fn on_call(&self, _cx: &rpc::Context) -> Result<(), rpc::server::CallError> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The `rpc-layered` client layer around each call: counts calls.
+#[derive(Clone, Default)]
+struct CountingLayer(Arc<AtomicU64>);
+
+impl<S> rpc::client::Layer<S> for CountingLayer
+where
+    S: rpc::client::Call,
+{
+    type Service = Counting<S>;
+    fn layer(&self, inner: S) -> Counting<S> {
+        Counting(inner, self.0.clone())
+    }
+}
+
+struct Counting<S>(S, Arc<AtomicU64>);
+
+impl<S: rpc::client::Call> rpc::client::Call for Counting<S> {
+    async fn call(
+        &self,
+        cx: &mut rpc::client::ClientContext<'_>,
+        args: &[u8],
+    ) -> Result<rpc::transport::RawReply, rpc::RpcError> {
+        self.1.fetch_add(1, Ordering::Relaxed);
+        self.0.call(cx, args).await
     }
 }
 
@@ -78,6 +128,7 @@ impl Caller for RpcCaller {
 /// the closed loop.
 pub async fn client(
     registry_dir: &Path,
+    layered: bool,
     expect: SocketAddr,
     inflight: usize,
     warmup: Duration,
@@ -112,7 +163,24 @@ pub async fn client(
             "the registry lists {seen:?} for `{key}`, not the provider at {want}"
         ));
     }
+    let (warm, run) = (warmup, duration);
+    if layered {
+        let consumer = consumer.layer(CountingLayer::default());
+        let caller = RpcCaller(BenchClient::new(&consumer));
+        return measure(caller, inflight, warm, run, setup_timeout).await;
+    }
     let caller = RpcCaller(BenchClient::new(&consumer));
+    measure(caller, inflight, warm, run, setup_timeout).await
+}
+
+/// One checked round trip, then the closed loop.
+async fn measure<C: Caller>(
+    caller: C,
+    inflight: usize,
+    warmup: Duration,
+    duration: Duration,
+    setup_timeout: Duration,
+) -> Result<Outcome, String> {
     driver::check_round_trip(&caller, setup_timeout).await?;
     let timeline = Timeline::starting_now(warmup, duration);
     Ok(driver::closed_loop(caller, inflight, timeline).await)

@@ -12,7 +12,9 @@
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use rpc_core::RpcError;
 use tracing::{info, warn};
@@ -20,6 +22,9 @@ use tracing::{info, warn};
 const MAX_COOLDOWN: Duration = Duration::from_secs(60);
 
 /// Nanoseconds since a process-wide origin: cheap to store in an atomic.
+/// Tokio's clock, so that tests on its paused clock see cool-downs and
+/// budget windows pass (in a build without `test-util` it is the system's
+/// monotonic clock).
 pub(crate) fn now_nanos() -> u64 {
     nanos_at(Instant::now())
 }

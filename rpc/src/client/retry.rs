@@ -71,7 +71,7 @@ impl<S> Retry<S> {
 
 impl<S: Call> Call for Retry<S> {
     async fn call(&self, cx: &mut ClientContext<'_>, args: &[u8]) -> Result<RawReply, RpcError> {
-        self.budget.record_call_at(nanos_at(cx.started.into_std()));
+        self.budget.record_call_at(nanos_at(cx.started));
         let mut attempt = 0u32;
         loop {
             // The first attempt has the whole budget: no need to read the clock.
