@@ -11,24 +11,36 @@
 //!
 //! The macro generates `GreeterServer<S>` (server-side dispatch, handed to a
 //! [`Provider`]) and `GreeterClient` (a consumer proxy whose methods return
-//! `Result<_, RpcError>`).
+//! `Result<_, RpcError>`, generic over its call stack). Methods take
+//! `#[rpc(idempotent, timeout_ms = N, name = "..")]`.
 //!
 //! # Layout
 //!
-//! * [`consumer`] — [`Consumer`] (registry, discovery cache, connection
-//!   pool, load balancer) and [`ServiceClient`], the untyped proxy generated
-//!   clients wrap.
+//! * [`client`] — the consumer's call path as a stack of layers, one file
+//!   each, in the order its docs give: [`client::Deadline`],
+//!   [`client::Discover`], [`client::Retry`], [`client::LoadBalance`],
+//!   [`client::Outlier`], [`client::Transport`]; the [`client::Call`] and
+//!   [`client::Layer`] traits users implement; [`client::ClientContext`];
+//!   [`CallOptions`] (per-call timeout, metadata, hash key).
+//!   * [`consumer`] — [`Consumer`] (registry, discovery cache, connection
+//!     pool, user layers) builds a stack per service.
+//!   * [`client::service`] — [`ServiceClient`], the untyped proxy generated
+//!     clients wrap, generic over its stack.
+//!   * [`balance`] — the [`balance::LoadBalancer`] trait and the built-in
+//!     policies, one file each: round robin, random, weighted, consistent
+//!     hash, power of two choices.
+//!   * [`retry`] — fault tolerance: fail-fast, fail-over with backoff and a
+//!     retry budget, fail-safe defaults.
+//!   * [`outlier`] — a circuit breaker per provider address.
+//! * [`server`] — the provider side's seam: [`server::ServerLayer`], code
+//!   around every call (auth, logging), and the [`Context`] a handler reads
+//!   with [`Context::current`].
 //! * [`provider`] — [`Provider`]: bind, register, serve, shut down in order;
 //!   [`shutdown_signal`] (Ctrl-C / SIGTERM). `advertise` (private) decides
 //!   the host a provider publishes.
-//! * [`balance`] — load balancers: round robin, random, weighted,
-//!   consistent hash, power of two choices.
-//! * [`retry`] — fault tolerance: fail-fast, fail-over with backoff and a
-//!   retry budget, fail-safe defaults.
-//! * [`outlier`] — a circuit breaker per provider address.
 //! * [`error`] — [`Error`], what starting or running a provider reports.
-//! * Re-exports: `rpc_core` types (config, metadata, errors), the registry
-//!   factory, the transport.
+//! * Re-exports: `rpc_core` types (config, [`Metadata`], [`Context`],
+//!   errors), the registry factory, the transport.
 //!
 //! # Features
 //!

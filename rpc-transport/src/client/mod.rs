@@ -247,7 +247,10 @@ impl Endpoint {
         opts: &CallOptions<'_>,
         args: &[u8],
     ) -> Result<RawReply, RpcError> {
-        let deadline = started + opts.timeout;
+        // Saturating: a caller's `Duration::MAX` means "no deadline to speak of".
+        let deadline = started
+            .checked_add(opts.timeout)
+            .unwrap_or_else(|| started + Duration::from_secs(30 * 24 * 3600));
         let outcome =
             match tokio::time::timeout_at(deadline, self.call_inner(opts, args, deadline)).await {
                 Ok(r) => r,

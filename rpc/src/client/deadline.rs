@@ -81,7 +81,7 @@ impl<S: Call> Call for Deadline<S> {
             }
         }
         cx.timeout = timeout;
-        cx.deadline = cx.started + timeout;
+        cx.deadline = super::context::after(cx.started, timeout);
         cx.remaining = timeout;
         self.inner.call(cx, args).await
     }

@@ -16,7 +16,7 @@
 //!   -> Transport         transport.rs  the instance's pooled connection
 //! ```
 //!
-//! (volo documents the same shape as "outer -> LoadBalance -> [inner] ->
+//! (volo documents the same shape as "outer -> LoadBalance -> \[inner\] ->
 //! transport".) User layers at the first point see the call once, with
 //! its deadline fixed and its metadata (add a token there); at the second
 //! they see each attempt with its instance picked ([`ClientContext::instance`]),

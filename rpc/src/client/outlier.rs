@@ -281,27 +281,38 @@ mod tests {
         assert!(!h.is_ejected(), "half the instances are already out");
     }
 
-    #[test]
-    fn a_failed_probe_ejects_again_for_longer() {
+    /// On tokio's paused clock: the cool-downs are waited out, not written.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_ejects_again_for_twice_as_long() {
         let h = Health::default();
         for _ in 0..3 {
             h.failure(&refused(), "a", &POLICY, 0, 2, false);
         }
+        assert!(h.is_ejected());
         let first = h.ejected_until.load(Ordering::Relaxed) - now_nanos();
+        assert_eq!(Duration::from_nanos(first), POLICY.cooldown);
+        tokio::time::advance(POLICY.cooldown - Duration::from_millis(1)).await;
+        assert!(h.is_ejected(), "still cooling down");
+        tokio::time::advance(Duration::from_millis(1)).await;
         // Cool-down over: one call probes.
-        h.ejected_until
-            .store(now_nanos().saturating_sub(1).max(1), Ordering::Relaxed);
         assert!(!h.is_ejected());
         assert_eq!(
             h.admit(now_nanos(), Duration::from_secs(1)),
             Admission::Probe
         );
-        // A failed probe re-ejects, even over the cap, for longer.
+        // A failed probe re-ejects, even over the cap, for twice as long.
         assert!(h.failure(&refused(), "a", &POLICY, 1, 2, true));
         let second = h.ejected_until.load(Ordering::Relaxed) - now_nanos();
-        assert!(second > first, "{second} <= {first}");
+        assert_eq!(Duration::from_nanos(second), POLICY.cooldown * 2);
+        tokio::time::advance(POLICY.cooldown * 2).await;
+        assert!(!h.is_ejected());
+        assert_eq!(
+            h.admit(now_nanos(), Duration::from_secs(1)),
+            Admission::Probe
+        );
         h.success("a");
         assert!(!h.is_ejected());
+        assert!(h.is_closed(), "a success closes the breaker");
     }
 
     #[test]
