@@ -371,8 +371,10 @@ pub struct ServiceOverrides {
 /// `[client.services."key"]` overrides.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CallPolicy {
-    /// Per-call deadline (covers every retry): `[client].timeout_ms`, or
-    /// the service's own when it sets one.
+    /// The timeout of a call (covers every retry) when nothing more
+    /// specific sets one: `[client].timeout_ms`, or the service's own.
+    /// A method's `#[rpc(timeout_ms)]` wins over `[client].timeout_ms`;
+    /// see [`CallPolicy::service_timeout`].
     pub timeout: Duration,
     /// `[client.services."S"].timeout_ms` when set: it wins over a method's
     /// `#[rpc(timeout_ms)]`, which wins over `[client].timeout_ms`.

@@ -12,10 +12,9 @@
 //!   polled ([`Context::scope`]). A call made from there inherits what is
 //!   left of the deadline and the [`PROPAGATE`]d metadata.
 //!
-//! The deadline of an incoming call is resolved lazily: the wire carries
-//! the time remaining (no clocks cross hosts), and the provider reads its
-//! clock only when something asks for the deadline, or when a handler has
-//! to wait (the server then bounds it by the deadline).
+//! The wire carries the time remaining (no clocks cross hosts); the
+//! provider turns it into a deadline on its own clock when it reads the
+//! request, and holds the handler to it.
 
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -23,7 +22,6 @@ use std::fmt;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::pin::Pin;
-use std::sync::OnceLock;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
@@ -79,12 +77,35 @@ impl MetaValue {
     }
 }
 
-/// A metadata value that fails to decode.
+/// Most metadata entries a request may carry. gRPC bounds metadata by size
+/// (8 KiB by default); a count bound also keeps decoding's duplicate-key
+/// check (a scan per entry) cheap against a hostile frame.
+pub const MAX_ENTRIES: usize = 128;
+
+/// Most bytes of metadata (keys and values as sent) a request may carry:
+/// gRPC's default header-list limit is 8 KiB; twice that leaves room for
+/// base64 binary values.
+pub const MAX_WIRE_BYTES: usize = 16 * 1024;
+
+/// Received metadata that cannot be accepted; the server answers `bad request`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("metadata value of `{key}` is not base64, which keys ending in `-bin` require")]
-pub struct InvalidMetadata {
-    /// The offending key.
-    pub key: String,
+#[non_exhaustive]
+pub enum InvalidMetadata {
+    /// A `-bin` value that is not base64.
+    #[error("metadata value of `{key}` is not base64, which keys ending in `-bin` require")]
+    NotBase64 {
+        /// The offending key.
+        key: String,
+    },
+    /// More entries than [`MAX_ENTRIES`].
+    #[error("{count} metadata entries; at most {MAX_ENTRIES} are accepted")]
+    TooMany {
+        /// Entries sent.
+        count: usize,
+    },
+    /// More bytes than [`MAX_WIRE_BYTES`].
+    #[error("metadata of more than {MAX_WIRE_BYTES} bytes")]
+    TooLarge,
 }
 
 /// Ordered metadata: keys (ASCII-lowercased on insert, like HTTP header
@@ -100,9 +121,19 @@ pub struct Metadata {
     entries: Vec<(Cow<'static, str>, MetaValue)>,
 }
 
+/// Keys and value sizes only: metadata carries credentials (a bearer
+/// token), which a `debug!(?cx)` must not log.
 impl fmt::Debug for Metadata {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map().entries(self.iter()).finish()
+        struct Redacted(usize);
+        impl fmt::Debug for Redacted {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "<{} bytes>", self.0)
+            }
+        }
+        f.debug_map()
+            .entries(self.iter().map(|(k, v)| (k, Redacted(v.as_bytes().len()))))
+            .finish()
     }
 }
 
@@ -254,18 +285,34 @@ impl Metadata {
 
     /// Rebuilds metadata from wire entries (the inverse of
     /// [`wire_entries`](Self::wire_entries)). Fails on a `-bin` value that
-    /// is not base64. Duplicate keys: the last one wins.
-    pub fn from_wire<'a>(
-        entries: impl IntoIterator<Item = (&'a str, &'a str)>,
-    ) -> Result<Self, InvalidMetadata> {
-        let mut md = Metadata::new();
+    /// is not base64, and past [`MAX_ENTRIES`] or [`MAX_WIRE_BYTES`].
+    /// Duplicate keys: the last one wins.
+    pub fn from_wire<'a, I>(entries: I) -> Result<Self, InvalidMetadata>
+    where
+        I: IntoIterator<Item = (&'a str, &'a str)>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        let entries = entries.into_iter();
+        if entries.len() > MAX_ENTRIES {
+            return Err(InvalidMetadata::TooMany {
+                count: entries.len(),
+            });
+        }
+        let mut md = Metadata {
+            entries: Vec::with_capacity(entries.len()),
+        };
+        let mut bytes = 0usize;
         for (k, v) in entries {
+            bytes += k.len() + v.len();
+            if bytes > MAX_WIRE_BYTES {
+                return Err(InvalidMetadata::TooLarge);
+            }
             let key = normalize(Cow::Owned(k.to_owned()));
             let value = if is_binary_key(&key) {
-                let bytes = B64.decode(v).map_err(|_| InvalidMetadata {
+                let raw = B64.decode(v).map_err(|_| InvalidMetadata::NotBase64 {
                     key: key.to_string(),
                 })?;
-                MetaValue::Binary(Bytes::from(bytes))
+                MetaValue::Binary(Bytes::from(raw))
             } else {
                 MetaValue::Text(Cow::Owned(v.to_owned()))
             };
@@ -291,9 +338,10 @@ where
 
 /// The incoming call a provider is serving.
 ///
-/// Cheap to build (it shares the request frame's buffer: the service key
-/// and method are slices of it) and to clone (a reference count, plus the
-/// metadata if there is any).
+/// Cheap to build: the service key and method are slices of the request
+/// frame's buffer (until [`compact`](Self::compact)), and metadata is
+/// decoded only when the caller sent some. Clones share the buffer and the
+/// deadline, and copy the metadata.
 #[derive(Clone)]
 pub struct Context {
     request: Bytes,
@@ -301,7 +349,7 @@ pub struct Context {
     method: (u32, u32),
     metadata: Metadata,
     remaining: Option<Duration>,
-    deadline: OnceLock<Instant>,
+    deadline: Option<Instant>,
     peer: SocketAddr,
 }
 
@@ -347,14 +395,15 @@ impl Context {
             method: (s, m),
             metadata: Metadata::new(),
             remaining: None,
-            deadline: OnceLock::new(),
+            deadline: None,
             peer: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
         }
     }
 
     /// The context of a request whose body is `request`; `service` and
     /// `method` should be slices of it (they are copied otherwise).
-    /// `remaining` is the time the caller still waits, as the wire carries it.
+    /// `remaining` is the time the caller still waits, as the wire carries
+    /// it; the deadline is that much from now (one clock read).
     pub fn from_request(
         request: Bytes,
         service: &str,
@@ -373,7 +422,7 @@ impl Context {
                 method: m,
                 metadata,
                 remaining,
-                deadline: OnceLock::new(),
+                deadline: remaining.map(deadline_in),
                 peer,
             },
             _ => Self::new(service, method)
@@ -392,8 +441,24 @@ impl Context {
     /// The same context whose caller waits `remaining` from now (`None`: no deadline).
     pub fn with_remaining(mut self, remaining: Option<Duration>) -> Self {
         self.remaining = remaining;
-        self.deadline = OnceLock::new();
+        self.deadline = remaining.map(deadline_in);
         self
+    }
+
+    /// Keeps only the service and method names (copied into a small buffer
+    /// of their own), releasing the request frame and the read buffer it
+    /// shares: what the server does before a handler that has to wait
+    /// goes into a task, so that a slow handler does not pin its request.
+    pub fn compact(&mut self) {
+        let (service, method) = (self.service(), self.method());
+        let mut buf = Vec::with_capacity(service.len() + method.len());
+        buf.extend_from_slice(service.as_bytes());
+        buf.extend_from_slice(method.as_bytes());
+        let s = service.len() as u32;
+        let m = s + method.len() as u32;
+        self.request = Bytes::from(buf);
+        self.service = (0, s);
+        self.method = (s, m);
     }
 
     /// The same context from `peer`.
@@ -435,15 +500,11 @@ impl Context {
         self.remaining
     }
 
-    /// When the caller stops waiting, if it set a deadline. Resolved on the
-    /// first ask (the server asks before a handler that has to wait goes
-    /// into its own task), from the time remaining the request carried.
+    /// When the caller stops waiting, if it set a deadline: the time
+    /// remaining the request carried, from when the server read it (a
+    /// peer's "30 days or more" means no particular deadline).
     pub fn deadline(&self) -> Option<Instant> {
-        let remaining = self.remaining?;
-        Some(*self.deadline.get_or_init(|| {
-            let now = Instant::now();
-            now.checked_add(remaining.min(MAX_REMAINING)).unwrap_or(now)
-        }))
+        self.deadline
     }
 
     /// What is left until [`deadline`](Self::deadline), if there is one.
@@ -468,12 +529,20 @@ impl Context {
     }
 
     /// Runs `fut` with this context current: what the server does around
-    /// each handler, and what a handler does around work it spawns
-    /// (`tokio::spawn(Context::current().unwrap().scope(work))`), since a
-    /// new task does not inherit the context.
+    /// each handler.
     pub fn scope<F: Future>(self, fut: F) -> Scoped<F> {
         Scoped {
             cx: Some(self),
+            fut,
+        }
+    }
+
+    /// Runs `fut` with the context of the call this task is serving (if
+    /// any) current: for work a handler spawns, since a new task does not
+    /// inherit it: `tokio::spawn(Context::scope_current(work))`.
+    pub fn scope_current<F: Future>(fut: F) -> Scoped<F> {
+        Scoped {
+            cx: Self::current(),
             fut,
         }
     }
@@ -503,6 +572,17 @@ impl<F> Scoped<F> {
     pub fn context(&self) -> Option<&Context> {
         self.cx.as_ref()
     }
+
+    /// The context, to change (the server [`compact`](Context::compact)s it).
+    pub fn context_mut(&mut self) -> Option<&mut Context> {
+        self.cx.as_mut()
+    }
+}
+
+/// `now + remaining`, saturating at [`MAX_REMAINING`].
+fn deadline_in(remaining: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(remaining.min(MAX_REMAINING)).unwrap_or(now)
 }
 
 /// Puts a context back where it came from when the poll ends, even by a panic.
@@ -584,7 +664,12 @@ mod tests {
         assert_eq!(back.get_bin("blob-bin"), Some(&[0u8, 0xff, 0x10][..]));
         assert_eq!(back.get_str("name"), Some("值-ü"));
         let err = Metadata::from_wire([("x-bin", "not base64!")]).unwrap_err();
-        assert_eq!(err.key, "x-bin");
+        assert_eq!(
+            err,
+            InvalidMetadata::NotBase64 {
+                key: "x-bin".into()
+            }
+        );
         // Padded input is accepted too.
         let padded = Metadata::from_wire([("p-bin", "YQ==")]).unwrap();
         assert_eq!(padded.get_bin("p-bin"), Some(&b"a"[..]));
@@ -624,14 +709,59 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_deadline_resolves_once_and_a_huge_one_does_not_overflow() {
+    async fn the_deadline_is_fixed_when_the_request_is_read_and_clones_share_it() {
         let cx = Context::new("S:1", "m").with_remaining(Some(Duration::from_millis(100)));
         let d = cx.deadline().unwrap();
         tokio::time::advance(Duration::from_millis(30)).await;
-        assert_eq!(cx.deadline(), Some(d), "fixed at the first ask");
-        assert_eq!(cx.remaining(), Some(Duration::from_millis(70)));
+        let copy = cx.clone();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert_eq!(cx.deadline(), Some(d));
+        assert_eq!(copy.deadline(), Some(d), "a clone keeps the deadline");
+        assert_eq!(copy.remaining(), Some(Duration::from_millis(60)));
         let huge = Context::new("S:1", "m").with_remaining(Some(Duration::from_secs(u64::MAX)));
         assert!(huge.deadline().is_some());
+    }
+
+    #[test]
+    fn hostile_metadata_is_refused_before_work_grows_with_it() {
+        let keys: Vec<String> = (0..=MAX_ENTRIES).map(|i| format!("k{i}")).collect();
+        let many: Vec<(&str, &str)> = keys.iter().map(|k| (k.as_str(), "v")).collect();
+        assert_eq!(
+            Metadata::from_wire(many.iter().copied()).unwrap_err(),
+            InvalidMetadata::TooMany {
+                count: MAX_ENTRIES + 1
+            }
+        );
+        assert!(Metadata::from_wire(many[..MAX_ENTRIES].iter().copied()).is_ok());
+        let big = "x".repeat(MAX_WIRE_BYTES);
+        assert_eq!(
+            Metadata::from_wire([("k", big.as_str())]).unwrap_err(),
+            InvalidMetadata::TooLarge
+        );
+    }
+
+    #[test]
+    fn debug_output_does_not_show_values() {
+        let md: Metadata = [("authorization", "Bearer s3cret")].into_iter().collect();
+        let shown = format!(
+            "{md:?} {:?}",
+            Context::new("S:1", "m").with_metadata(md.clone())
+        );
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("authorization"), "{shown}");
+    }
+
+    #[test]
+    fn compact_keeps_the_names_and_drops_the_request() {
+        let body = Bytes::from(b"..Svc:1.0..get..".to_vec());
+        let s = std::str::from_utf8(&body[2..9]).unwrap();
+        let m = std::str::from_utf8(&body[11..14]).unwrap();
+        let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let mut cx = Context::from_request(body.clone(), s, m, Metadata::new(), None, peer);
+        cx.compact();
+        assert_eq!((cx.service(), cx.method()), ("Svc:1.0", "get"));
+        assert_ne!(cx.request.as_ptr(), body.as_ptr());
+        assert_eq!(cx.request.len(), 10);
     }
 
     #[tokio::test]

@@ -64,7 +64,8 @@ pub use rpc_core::config::Addresses;
 pub use rpc_core::context::{self, Context, MetaValue, Metadata};
 pub use rpc_core::{
     CallPolicy, ClientConfig, FaultTolerance, LoadBalancerKind, RegistryConfig, RegistryError,
-    RegistryKind, RpcConfig, RpcError, SerializerKind, ServerConfig, ServiceMetaInfo, StatusCode,
+    RegistryKind, RpcConfig, RpcError, SerializerKind, ServerConfig, ServiceMetaInfo,
+    ServiceOverrides, StatusCode,
 };
 pub use rpc_macros::service;
 

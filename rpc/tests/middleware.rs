@@ -272,6 +272,116 @@ async fn an_auth_layer_refuses_calls_without_a_valid_token_and_a_client_layer_ad
 
     let with_token = SeenClient::new(&plain.clone().layer(AddToken("Bearer s3cret")));
     assert_eq!(with_token.who().await.unwrap(), 1);
+
+    // A refused caller cannot tell which services exist.
+    let ghost = plain.service("Ghost", "1.0");
+    let _ = plain.cache().service("Ghost:1.0").await;
+    let direct = rpc::transport::Endpoint::new(p.addr.to_string(), Default::default());
+    let opts = rpc::transport::CallOptions {
+        service: "Ghost:1.0",
+        method: "who",
+        serializer: rpc::SerializerKind::Bincode,
+        timeout: WAIT,
+        metadata: rpc::Metadata::empty(),
+    };
+    let err = direct.call::<_, u32>(&opts, &()).await.unwrap_err();
+    assert!(err.is_unauthenticated(), "{err}");
+    drop(ghost);
+
+    // fail_safe does not paper over a refusal.
+    let mut safe_cfg = cfg().client;
+    safe_cfg.fault_tolerance = rpc::FaultTolerance::FailSafe;
+    safe_cfg.fail_safe.insert("who".into(), "7".into());
+    let safe = SeenClient::new(&consumer(&registry, safe_cfg, "Seen:1.0", 1).await);
+    let err = safe.who().await.unwrap_err();
+    assert!(err.is_unauthenticated(), "{err}");
+    p.stop().await;
+}
+
+/// Panics on calls of `who`; refuses `left_us` with status `Ok` (a bug a
+/// layer could have).
+struct Faulty;
+
+impl ServerLayer for Faulty {
+    fn on_call(&self, cx: &Context) -> Result<(), CallError> {
+        match cx.method() {
+            "who" => panic!("a layer bug"),
+            "left_us" => Err(CallError::new(StatusCode::Ok, "oops")),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_faulty_layer_fails_its_call_only_and_hostile_metadata_is_refused() {
+    let registry = MemoryRegistry::new();
+    let p = start(
+        Provider::builder(&cfg()).service(seen(1)).layer(Faulty),
+        &registry,
+    )
+    .await;
+    let c = consumer(&registry, cfg().client, "Seen:1.0", 1).await;
+    let client = SeenClient::new(&c);
+    // A call in flight on the same connection while the layer panics.
+    let hanging = {
+        let client = client.with(CallOptions::new().timeout(Duration::from_millis(1500)));
+        tokio::spawn(async move { client.hang().await })
+    };
+    let err = client.who().await.unwrap_err();
+    assert_eq!(err.code(), Some(StatusCode::Handler), "{err}");
+    // A refusal with status Ok is not mistaken for a reply.
+    let err = client.left_us().await.unwrap_err();
+    assert_eq!(err.code(), Some(StatusCode::Handler), "{err}");
+    // The connection survived: the hanging call ends by its own deadline,
+    // not by a closed connection.
+    let hung = tokio::time::timeout(WAIT, hanging)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(hung, RpcError::Timeout { .. }) || hung.code() == Some(StatusCode::Timeout),
+        "{hung}"
+    );
+    // Metadata past the bound: bad request, not seconds of work.
+    let mut many = rpc::Metadata::new();
+    for i in 0..=rpc::context::MAX_ENTRIES {
+        many.insert(format!("k{i}"), "v");
+    }
+    let err = client
+        .with(CallOptions::new().with_metadata(many))
+        .metadata()
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(StatusCode::BadRequest), "{err}");
+    assert!(err.to_string().contains("metadata entries"), "{err}");
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_policy_changes_the_timeout_even_over_a_service_override() {
+    let registry = MemoryRegistry::new();
+    let p = start(Provider::builder(&cfg()).service(seen(1)), &registry).await;
+    let mut client_cfg = cfg().client;
+    client_cfg.services.insert(
+        "Seen:1.0".into(),
+        rpc::ServiceOverrides {
+            timeout_ms: Some(3_000),
+            ..Default::default()
+        },
+    );
+    let c = consumer(&registry, client_cfg, "Seen:1.0", 1).await;
+    let raw = c.service("Seen", "1.0");
+    let left: u64 = raw.call("left_us", &()).await.unwrap();
+    assert!(left > 2_000_000, "service override: {left} µs");
+    let shorter = raw
+        .with_policy(rpc::CallPolicy {
+            timeout: Duration::from_millis(400),
+            ..raw.policy().clone()
+        })
+        .unwrap();
+    let left: u64 = shorter.call("left_us", &()).await.unwrap();
+    assert!(left <= 400_000, "with_policy's timeout: {left} µs");
     p.stop().await;
 }
 

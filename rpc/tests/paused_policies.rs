@@ -200,6 +200,10 @@ async fn timeouts_follow_the_documented_precedence() {
     );
     // The original is unchanged.
     assert_eq!(timeout_of(&c).await.0, Duration::from_millis(80));
+    // "Forever" is a long deadline, not an overflow.
+    let forever = c.with(CallOptions::new().timeout(Duration::MAX));
+    let pending = tokio::time::timeout(Duration::from_secs(3600), forever.quick()).await;
+    assert!(pending.is_err(), "still waiting after an hour");
 }
 
 #[tokio::test(start_paused = true)]
@@ -222,9 +226,10 @@ async fn a_call_made_while_serving_inherits_the_smaller_deadline() {
             }
         })
         .await;
-    // The incoming deadline was fixed at its first ask (inside the call).
-    assert_eq!(timeout, Duration::from_millis(70));
-    assert_eq!(took, Duration::from_millis(70));
+    // The incoming deadline was fixed when the request was read: 1 ms
+    // passed before the nested call, 69 ms were left.
+    assert_eq!(timeout, Duration::from_millis(69));
+    assert_eq!(took, Duration::from_millis(69));
     // An already expired incoming deadline fails before anything is sent.
     let expired = rpc::Context::new("Outer:1.0", "m").with_remaining(Some(Duration::ZERO));
     let err = expired.scope(c.read()).await.unwrap_err();

@@ -240,6 +240,13 @@ fn dispatch(
     }
     let id = h.request_id;
     let fail = |wbuf: &mut BytesMut, status: StatusCode, msg: &str| {
+        // A refusal must not read as a success: "ok" with a message body
+        // would be decoded as the method's return value.
+        let status = if status == StatusCode::Ok {
+            StatusCode::Handler
+        } else {
+            status
+        };
         wbuf.extend_from_slice(&encode_error(id, h.serializer, status, msg));
     };
     let ser = match serializer::from_id(h.serializer) {
@@ -256,15 +263,8 @@ fn dispatch(
             return Ok(());
         }
     };
-    let Some(service) = shared.services.get(env.service) else {
-        fail(
-            wbuf,
-            StatusCode::ServiceNotFound,
-            &format!("no service `{}` on this server", env.service),
-        );
-        return Ok(());
-    };
-    // Metadata costs nothing unless the caller sent some.
+    // Metadata costs nothing unless the caller sent some; its size is
+    // bounded before any work grows with it.
     let metadata = if env.metadata.is_empty() {
         Metadata::new()
     } else {
@@ -285,13 +285,36 @@ fn dispatch(
         env.deadline,
         peer,
     );
-    for layer in shared.layers.iter() {
-        if let Err(e) = layer.on_call(&cx) {
+    // Layers run before the service lookup, so a caller they refuse cannot
+    // probe which services exist. A layer that panics fails its call, not
+    // the connection and the other calls on it.
+    let verdict = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        shared
+            .layers
+            .iter()
+            .try_for_each(|layer| layer.on_call(&cx))
+    }));
+    match verdict {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
             debug!(%peer, service = env.service, method = env.method, status = %e.status, "a server layer refused the call");
             fail(wbuf, e.status, &e.message);
             return Ok(());
         }
+        Err(_panic) => {
+            warn!(%peer, service = env.service, method = env.method, "a server layer panicked: failing the call");
+            fail(wbuf, StatusCode::Handler, "a server layer panicked");
+            return Ok(());
+        }
     }
+    let Some(service) = shared.services.get(env.service) else {
+        fail(
+            wbuf,
+            StatusCode::ServiceNotFound,
+            &format!("no service `{}` on this server", env.service),
+        );
+        return Ok(());
+    };
     let Ok(permit) = shared.in_flight.clone().try_acquire_owned() else {
         fail(
             wbuf,
@@ -307,18 +330,42 @@ fn dispatch(
         replier,
         context: &cx,
     };
-    let mut fut = match service.call(call) {
-        Ok(fut) => fut,
-        Err(e) => {
+    // Decoding (user `Deserialize` impls) and the layers' `around` run
+    // synchronously here: a panic in them fails this call only.
+    let prepared = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        service.call(call).map(|mut fut| {
+            // Innermost first, so the first layer added ends up outermost.
+            for layer in shared.layers.iter().rev() {
+                fut = layer.around(&cx, fut);
+            }
+            fut
+        })
+    }));
+    let fut = match prepared {
+        Ok(Ok(fut)) => fut,
+        Ok(Err(e)) => {
             fail(wbuf, e.status, &e.message);
             return Ok(());
         }
+        Err(_panic) => {
+            warn!(%peer, service = env.service, method = env.method, "decoding the call or a server layer's `around` panicked: failing the call");
+            fail(
+                wbuf,
+                StatusCode::Handler,
+                "the server panicked preparing the call",
+            );
+            return Ok(());
+        }
     };
-    // Innermost first, so the first layer added ends up outermost.
-    for layer in shared.layers.iter().rev() {
-        fut = layer.around(&cx, fut);
-    }
     let serializer_id = h.serializer;
+    let encode_failure = move |e: super::CallError| {
+        let status = if e.status == StatusCode::Ok {
+            StatusCode::Handler
+        } else {
+            e.status
+        };
+        encode_error(id, serializer_id, status, &e.message)
+    };
     // Fast path: most handlers finish on their first poll. Answer those
     // inline — no task, no timer, no map entry. A handler that is not done
     // yet has registered interest with whatever it waits on; moving it into
@@ -329,7 +376,7 @@ fn dispatch(
         drop(permit);
         let reply = match outcome {
             Ok(Ok(frame)) => frame,
-            Ok(Err(e)) => encode_error(id, serializer_id, e.status, &e.message),
+            Ok(Err(e)) => encode_failure(e),
             Err(_panic) => encode_error(
                 id,
                 serializer_id,
@@ -340,9 +387,12 @@ fn dispatch(
         wbuf.extend_from_slice(&reply);
         return Ok(());
     }
-    // The one clock read of a call that waits: the deadline the handler
-    // sees is the one it is held to.
-    let deadline = fut.context().and_then(Context::deadline);
+    // A handler that waits must not pin the request (and the read buffer
+    // it was split from) for as long as it runs.
+    let deadline = fut.context_mut().and_then(|cx| {
+        cx.compact();
+        cx.deadline()
+    });
     let guarded = AssertUnwindSafe(fut).catch_unwind();
     let task = handlers.spawn(async move {
         let outcome = match deadline {
@@ -352,7 +402,7 @@ fn dispatch(
         drop(permit);
         let reply = match outcome {
             Some(Ok(Ok(frame))) => frame,
-            Some(Ok(Err(e))) => encode_error(id, serializer_id, e.status, &e.message),
+            Some(Ok(Err(e))) => encode_failure(e),
             Some(Err(_panic)) => encode_error(
                 id,
                 serializer_id,

@@ -1,5 +1,6 @@
 //! What a call carries down the client stack.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,13 +50,15 @@ impl MethodInfo {
 /// User layers read the service, method, deadline and attempt, and read or
 /// add [`metadata`](Self::metadata_mut). The built-in layers keep their
 /// per-call state here (crate-private), so the layers themselves are
-/// shared, immutable, and the stack allocates nothing per call.
+/// shared and immutable. The stack allocates nothing per call of its own;
+/// metadata set with per-call options is borrowed, and copied only when a
+/// layer adds to it (or a nested call merges propagated keys in).
 #[derive(Debug)]
 pub struct ClientContext<'a> {
     pub(crate) service: &'a str,
     pub(crate) method: MethodInfo,
     pub(crate) options: Option<&'a CallOptions>,
-    pub(crate) metadata: Metadata,
+    pub(crate) metadata: Cow<'a, Metadata>,
     /// When the call started: the one clock read of a call that succeeds at once.
     pub(crate) started: Instant,
     pub(crate) timeout: Duration,
@@ -71,6 +74,9 @@ pub struct ClientContext<'a> {
     pub(crate) tried: Tried,
     pub(crate) picked: Option<usize>,
     pub(crate) probe: bool,
+    /// Whether `Outlier` recorded the attempt's outcome (a probe that an
+    /// attempt layer cut short must give its slot back).
+    pub(crate) recorded: bool,
 }
 
 impl<'a> ClientContext<'a> {
@@ -84,7 +90,7 @@ impl<'a> ClientContext<'a> {
             service,
             method,
             options: None,
-            metadata: Metadata::new(),
+            metadata: Cow::Borrowed(Metadata::empty()),
             started,
             timeout,
             attempt: 0,
@@ -96,14 +102,13 @@ impl<'a> ClientContext<'a> {
             tried: Tried::default(),
             picked: None,
             probe: false,
+            recorded: false,
         }
     }
 
     pub(crate) fn with_options(mut self, options: Option<&'a CallOptions>) -> Self {
         if let Some(o) = options {
-            if !o.metadata.is_empty() {
-                self.metadata = o.metadata.clone();
-            }
+            self.metadata = Cow::Borrowed(&o.metadata);
             self.hash_key = o.hash_key;
         }
         self.options = options;
@@ -131,8 +136,9 @@ impl<'a> ClientContext<'a> {
     }
 
     /// The metadata, to add to (a token, a trace id).
+    /// (Copies borrowed per-call metadata on the first change.)
     pub fn metadata_mut(&mut self) -> &mut Metadata {
-        &mut self.metadata
+        self.metadata.to_mut()
     }
 
     /// The call's timeout (after per-call options, configuration, method

@@ -9,6 +9,9 @@ use rpc_transport::RawReply;
 
 use super::{Call, ClientContext};
 
+/// The longest timeout a call gets (30 days), whatever was asked for.
+const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Outermost built-in layer. The call's timeout is, by precedence, the
 /// per-call option, then `[client.services."S"].timeout_ms`, then the
 /// method's `#[rpc(timeout_ms)]`, then `[client].timeout_ms`. A call made
@@ -51,7 +54,10 @@ impl<S: Call> Call for Deadline<S> {
             .and_then(|o| o.timeout)
             .or(self.service_timeout)
             .or(cx.method.timeout)
-            .unwrap_or(self.timeout);
+            .unwrap_or(self.timeout)
+            // Longer means "no particular deadline"; it keeps sums of
+            // instants and durations from overflowing.
+            .min(MAX_TIMEOUT);
         // One thread-local read; nothing copied unless the incoming call
         // carries a key to pass on.
         let incoming = Context::with_current(|inc| {
@@ -63,8 +69,8 @@ impl<S: Call> Call for Deadline<S> {
             (inc.deadline(), md)
         });
         if let Some((incoming_deadline, md)) = incoming {
-            if let Some(md) = md {
-                cx.metadata.merge_missing(&md);
+            if let Some(md) = md.filter(|md| !md.is_empty()) {
+                cx.metadata.to_mut().merge_missing(&md);
             }
             if let Some(d) = incoming_deadline {
                 let left = d.saturating_duration_since(cx.started);

@@ -125,6 +125,21 @@ impl Health {
         }
     }
 
+    /// Gives back the probe slot [`Health::admit`] handed out, with no
+    /// outcome to record (the attempt never reached the instance): the
+    /// next call probes.
+    pub fn release_probe(&self) {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        if until != 0 {
+            let _ = self.ejected_until.compare_exchange(
+                until,
+                now_nanos().max(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
     /// Records a failed attempt; `probe` says whether it was the probe
     /// [`Health::admit`] let through. `ejected_now` counts the service's
     /// instances currently ejected, `total` its size; returns whether this
@@ -198,6 +213,7 @@ impl<S: super::Call> super::Call for Outlier<S> {
         args: &[u8],
     ) -> Result<rpc_transport::RawReply, RpcError> {
         let outcome = self.inner.call(cx, args).await;
+        cx.recorded = true;
         let (Some(versioned), Some(idx)) = (cx.set.as_ref(), cx.picked) else {
             return outcome;
         };
@@ -313,6 +329,21 @@ mod tests {
         h.success("a");
         assert!(!h.is_ejected());
         assert!(h.is_closed(), "a success closes the breaker");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_released_probe_lets_the_next_call_probe() {
+        let h = Health::default();
+        for _ in 0..3 {
+            h.failure(&refused(), "a", &POLICY, 0, 2, false);
+        }
+        tokio::time::advance(POLICY.cooldown).await;
+        let hold = Duration::from_secs(10);
+        assert_eq!(h.admit(now_nanos(), hold), Admission::Probe);
+        assert!(h.is_ejected(), "held out of rotation for the probe");
+        h.release_probe();
+        assert!(!h.is_ejected());
+        assert_eq!(h.admit(now_nanos(), hold), Admission::Probe);
     }
 
     #[test]

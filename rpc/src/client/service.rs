@@ -74,7 +74,9 @@ impl<S> ServiceClient<S> {
     /// consumer or registry behind it: for tests that drive a stub, and
     /// for custom transports. `policy` gives the default timeout, the
     /// serializer and fail-safe defaults; `instances`, `next_endpoint` and
-    /// `with_policy` report that there is no registry.
+    /// `with_policy` report that there is no registry. Timeouts (per-call,
+    /// per-method, propagated) are applied by a [`Deadline`](super::Deadline)
+    /// layer: a stack without one sees only `policy.timeout`.
     pub fn from_stack(service_key: impl Into<String>, policy: CallPolicy, stack: S) -> Self {
         Self::from_inner(ClientInner {
             stack,
@@ -108,7 +110,8 @@ impl<S> ServiceClient<S> {
     }
 
     /// This proxy with `options` for its calls (on top of any it already
-    /// has). Shares everything else; costs one allocation, none per call.
+    /// has). Shares everything else; costs one allocation here and none per
+    /// call (the options' metadata is borrowed by each call).
     pub fn with(&self, options: CallOptions) -> Self {
         let options = match &self.options {
             Some(o) => o.merged(options),
@@ -144,9 +147,15 @@ impl<S> ServiceClient<S> {
     }
 
     /// A proxy with another policy: a stack of its own (a fresh instance
-    /// set, balancer and retry budget; the same connections). Fails with
-    /// `NoProvider` for a client built with [`from_stack`](Self::from_stack).
-    pub fn with_policy(&self, policy: CallPolicy) -> Result<Self, RpcError> {
+    /// set, balancer and retry budget; the same connections). A changed
+    /// `policy.timeout` is this service's timeout from then on: it wins over
+    /// `#[rpc(timeout_ms)]` and the configured one, as
+    /// `[client.services."S"].timeout_ms` would. Fails with `NoProvider`
+    /// for a client built with [`from_stack`](Self::from_stack).
+    pub fn with_policy(&self, mut policy: CallPolicy) -> Result<Self, RpcError> {
+        if policy.timeout != self.inner.policy.timeout {
+            policy.service_timeout = Some(policy.timeout);
+        }
         let Some(rebuild) = &self.inner.rebuild else {
             return Err(self.no_registry());
         };
@@ -261,7 +270,12 @@ fn fail_safe<R: DeserializeOwned>(
     method: &str,
     e: RpcError,
 ) -> Result<R, RpcError> {
-    if policy.fault_tolerance != FaultTolerance::FailSafe {
+    // A refusal by the provider's auth is an answer, not a failure to
+    // paper over with a default.
+    if policy.fault_tolerance != FaultTolerance::FailSafe
+        || e.is_unauthenticated()
+        || e.is_permission_denied()
+    {
         return Err(e);
     }
     let Some(json) = policy.fail_safe.get(method) else {

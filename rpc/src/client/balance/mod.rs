@@ -378,7 +378,7 @@ impl<S: super::Call> super::Call for LoadBalance<S> {
         // After a cool-down, one call probes. The others keep away until
         // its outcome is recorded, which comes just after its deadline at
         // the latest (or, if it is cancelled, a cool-down after it).
-        let hold = cx.remaining + self.cooldown;
+        let hold = cx.remaining.saturating_add(self.cooldown);
         let admission = if set.instances[idx].health.is_closed() {
             // The common case: nothing ejected, no clock to read.
             Admission::Normal
@@ -404,7 +404,16 @@ impl<S: super::Call> super::Call for LoadBalance<S> {
         };
         cx.picked = Some(idx);
         cx.probe = probe;
-        self.inner.call(cx, args).await
+        cx.recorded = false;
+        let outcome = self.inner.call(cx, args).await;
+        if cx.probe && !cx.recorded {
+            // An attempt layer answered without reaching `Outlier`: the
+            // probe says nothing about the instance, so the next call probes.
+            if let Some(instance) = cx.instance() {
+                instance.health.release_probe();
+            }
+        }
+        outcome
     }
 }
 
