@@ -226,10 +226,9 @@ async fn a_call_made_while_serving_inherits_the_smaller_deadline() {
             }
         })
         .await;
-    // The incoming deadline was fixed when the request was read: 1 ms
-    // passed before the nested call, 69 ms were left.
-    assert_eq!(timeout, Duration::from_millis(69));
-    assert_eq!(took, Duration::from_millis(69));
+    // The incoming deadline was fixed at its first ask (inside the call).
+    assert_eq!(timeout, Duration::from_millis(70));
+    assert_eq!(took, Duration::from_millis(70));
     // An already expired incoming deadline fails before anything is sent.
     let expired = rpc::Context::new("Outer:1.0", "m").with_remaining(Some(Duration::ZERO));
     let err = expired.scope(c.read()).await.unwrap_err();

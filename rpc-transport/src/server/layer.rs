@@ -11,7 +11,8 @@
 //!
 //! Layers are trait objects (`Arc<dyn ServerLayer>`), not a generic stack.
 //! Every call has a [`Context`] (the names are slices of the request
-//! frame; the deadline costs one clock read; metadata is decoded only when
+//! frame; the deadline is resolved only when asked for or when the handler
+//! waits; metadata is decoded only when
 //! sent) that is made current while its handler is polled (a thread-local
 //! swap per poll), with or without layers. On top of that, a layer that
 //! only implements [`ServerLayer::on_call`] costs a virtual call; only
