@@ -43,9 +43,16 @@ pub const PROPAGATE: &[&str] = &["traceparent", "tracestate"];
 /// The suffix of keys whose values are bytes.
 pub const BINARY_SUFFIX: &str = "-bin";
 
-/// Longest deadline a context resolves (30 days); a peer that sends more
-/// means "no particular deadline", and `Instant + Duration` must not overflow.
-const MAX_REMAINING: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Longest timeout anything here turns into a deadline (30 days): longer
+/// means "no particular deadline", and `Instant + Duration` must not
+/// overflow (it panics). Used by the server, the client stack and the
+/// transport alike ([`deadline_after`]).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// `start + timeout`, with `timeout` capped at [`MAX_TIMEOUT`]: never panics.
+pub fn deadline_after(start: Instant, timeout: Duration) -> Instant {
+    start.checked_add(timeout.min(MAX_TIMEOUT)).unwrap_or(start)
+}
 
 /// base64 as gRPC sends binary metadata: standard alphabet, no padding on
 /// output, padding accepted or not on input.
@@ -388,6 +395,18 @@ impl fmt::Debug for Context {
     }
 }
 
+/// The two names in a buffer of their own, and their spans in it.
+fn own_names(service: &str, method: &str) -> (Bytes, (u32, u32), (u32, u32)) {
+    let mut buf = Vec::with_capacity(service.len() + method.len());
+    buf.extend_from_slice(service.as_bytes());
+    buf.extend_from_slice(method.as_bytes());
+    // Names come from u16-length wire fields (or a test); past u32 they
+    // would read back as "" rather than wrap.
+    let s = u32::try_from(service.len()).unwrap_or(u32::MAX);
+    let m = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+    (Bytes::from(buf), (0, s), (s, m))
+}
+
 /// `part`'s position in `whole`, if it is a slice of it.
 fn span_in(whole: &[u8], part: &[u8]) -> Option<(u32, u32)> {
     let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
@@ -407,15 +426,11 @@ impl Context {
     /// A context for `service` and `method`, with no metadata, no deadline
     /// and an unspecified peer (`0.0.0.0:0`): for tests and custom servers.
     pub fn new(service: &str, method: &str) -> Self {
-        let mut buf = Vec::with_capacity(service.len() + method.len());
-        buf.extend_from_slice(service.as_bytes());
-        buf.extend_from_slice(method.as_bytes());
-        let request = Bytes::from(buf);
-        let (s, m) = (service.len() as u32, (service.len() + method.len()) as u32);
+        let (request, service, method) = own_names(service, method);
         Self {
             request,
-            service: (0, s),
-            method: (s, m),
+            service,
+            method,
             metadata: Metadata::new(),
             remaining: None,
             deadline: OnceLock::new(),
@@ -473,15 +488,7 @@ impl Context {
     /// shares: what the server does before a handler that has to wait
     /// goes into a task, so that a slow handler does not pin its request.
     pub fn compact(&mut self) {
-        let (service, method) = (self.service(), self.method());
-        let mut buf = Vec::with_capacity(service.len() + method.len());
-        buf.extend_from_slice(service.as_bytes());
-        buf.extend_from_slice(method.as_bytes());
-        let s = service.len() as u32;
-        let m = s + method.len() as u32;
-        self.request = Bytes::from(buf);
-        self.service = (0, s);
-        self.method = (s, m);
+        (self.request, self.service, self.method) = own_names(self.service(), self.method());
     }
 
     /// The same context from `peer`.
@@ -528,7 +535,11 @@ impl Context {
     /// peer's "30 days or more" means no particular deadline).
     pub fn deadline(&self) -> Option<Instant> {
         let remaining = self.remaining?;
-        Some(*self.deadline.get_or_init(|| deadline_in(remaining)))
+        Some(
+            *self
+                .deadline
+                .get_or_init(|| deadline_after(Instant::now(), remaining)),
+        )
     }
 
     /// What is left until [`deadline`](Self::deadline), if there is one.
@@ -601,12 +612,6 @@ impl<F> Scoped<F> {
     pub fn context_mut(&mut self) -> Option<&mut Context> {
         self.cx.as_mut()
     }
-}
-
-/// `now + remaining`, saturating at [`MAX_REMAINING`].
-fn deadline_in(remaining: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(remaining.min(MAX_REMAINING)).unwrap_or(now)
 }
 
 /// Puts a context back where it came from when the poll ends, even by a panic.

@@ -238,6 +238,21 @@ async fn consumer(
     consumer
 }
 
+/// Providers 1 and 2 of `Seen`, both behind one `Recorder` layer.
+async fn two_recorded_providers(registry: &MemoryRegistry) -> (Arc<Recorder>, Running, Running) {
+    let rec = Arc::new(Recorder::default());
+    let mut started = Vec::new();
+    for id in [1, 2] {
+        let builder = Provider::builder(&cfg())
+            .service(seen(id))
+            .layer(rec.clone());
+        started.push(start(builder, registry).await);
+    }
+    let p2 = started.pop().expect("two providers");
+    let p1 = started.pop().expect("two providers");
+    (rec, p1, p2)
+}
+
 fn seen(id: u32) -> SeenServer<SeenImpl> {
     SeenServer::new(SeenImpl { id, inner: None })
 }
@@ -464,21 +479,7 @@ async fn a_nested_call_inherits_the_smaller_deadline_and_the_trace_metadata() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_call_options_share_the_connection_balancer_and_retry_budget() {
     let registry = MemoryRegistry::new();
-    let rec = Arc::new(Recorder::default());
-    let p1 = start(
-        Provider::builder(&cfg())
-            .service(seen(1))
-            .layer(rec.clone()),
-        &registry,
-    )
-    .await;
-    let p2 = start(
-        Provider::builder(&cfg())
-            .service(seen(2))
-            .layer(rec.clone()),
-        &registry,
-    )
-    .await;
+    let (rec, p1, p2) = two_recorded_providers(&registry).await;
     let c = consumer(&registry, cfg().client, "Seen:1.0", 2).await;
     let client = SeenClient::new(&c);
     let short = client.with(CallOptions::new().timeout(Duration::from_millis(100)));
@@ -565,21 +566,7 @@ impl LoadBalancer for AlwaysLast {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_balancer_and_user_layers_count_calls_and_attempts() {
     let registry = MemoryRegistry::new();
-    let rec = Arc::new(Recorder::default());
-    let p1 = start(
-        Provider::builder(&cfg())
-            .service(seen(1))
-            .layer(rec.clone()),
-        &registry,
-    )
-    .await;
-    let p2 = start(
-        Provider::builder(&cfg())
-            .service(seen(2))
-            .layer(rec.clone()),
-        &registry,
-    )
-    .await;
+    let (rec, p1, p2) = two_recorded_providers(&registry).await;
     let (calls, attempts) = (Count::default(), Count::default());
     let c = consumer(&registry, cfg().client, "Seen:1.0", 2)
         .await

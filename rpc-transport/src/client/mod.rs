@@ -248,9 +248,7 @@ impl Endpoint {
         args: &[u8],
     ) -> Result<RawReply, RpcError> {
         // Saturating: a caller's `Duration::MAX` means "no deadline to speak of".
-        let deadline = started
-            .checked_add(opts.timeout)
-            .unwrap_or_else(|| started + Duration::from_secs(30 * 24 * 3600));
+        let deadline = rpc_core::context::deadline_after(started, opts.timeout);
         let outcome =
             match tokio::time::timeout_at(deadline, self.call_inner(opts, args, deadline)).await {
                 Ok(r) => r,

@@ -197,6 +197,17 @@ fn refusal() -> BytesMut {
     frame
 }
 
+/// The status a failure is sent with: a layer or handler that fails with
+/// `Ok` is sent as `Handler`, since "ok" with a message body would be
+/// decoded as the method's return value.
+fn failure(status: StatusCode) -> StatusCode {
+    if status == StatusCode::Ok {
+        StatusCode::Handler
+    } else {
+        status
+    }
+}
+
 /// How long a connection that sent a go-away waits for its peer to close.
 const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 /// Most bytes read and dropped meanwhile.
@@ -240,14 +251,7 @@ fn dispatch(
     }
     let id = h.request_id;
     let fail = |wbuf: &mut BytesMut, status: StatusCode, msg: &str| {
-        // A refusal must not read as a success: "ok" with a message body
-        // would be decoded as the method's return value.
-        let status = if status == StatusCode::Ok {
-            StatusCode::Handler
-        } else {
-            status
-        };
-        wbuf.extend_from_slice(&encode_error(id, h.serializer, status, msg));
+        wbuf.extend_from_slice(&encode_error(id, h.serializer, failure(status), msg));
     };
     let ser = match serializer::from_id(h.serializer) {
         Ok(s) => s,
@@ -358,14 +362,8 @@ fn dispatch(
         }
     };
     let serializer_id = h.serializer;
-    let encode_failure = move |e: super::CallError| {
-        let status = if e.status == StatusCode::Ok {
-            StatusCode::Handler
-        } else {
-            e.status
-        };
-        encode_error(id, serializer_id, status, &e.message)
-    };
+    let encode_failure =
+        move |e: super::CallError| encode_error(id, serializer_id, failure(e.status), &e.message);
     // Fast path: most handlers finish on their first poll. Answer those
     // inline — no task, no timer, no map entry. A handler that is not done
     // yet has registered interest with whatever it waits on; moving it into

@@ -50,6 +50,36 @@ pub(crate) struct Pooled {
     pub(crate) health: Arc<Health>,
 }
 
+/// What a consumer's attempt layers must be: a [`Layer`] around
+/// `Outlier<Transport>`, shareable across the service clients it builds.
+/// Implemented for every such type.
+pub trait AttemptLayer: Layer<Outlier<Transport>> + Clone + Send + Sync + 'static {}
+
+impl<A> AttemptLayer for A where A: Layer<Outlier<Transport>> + Clone + Send + Sync + 'static {}
+
+/// What a consumer's call layers must be, given its attempt layers `A`: a
+/// [`Layer`] around the stack from `Discover` down. Implemented for every
+/// such type.
+pub trait CallLayer<A: AttemptLayer>:
+    Layer<Discover<Retry<LoadBalance<<A as Layer<Outlier<Transport>>>::Service>>>>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<A, O> CallLayer<A> for O
+where
+    A: AttemptLayer,
+    O: Layer<Discover<Retry<LoadBalance<<A as Layer<Outlier<Transport>>>::Service>>>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+}
+
 impl<O, A> fmt::Debug for Consumer<O, A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Consumer")
@@ -157,12 +187,8 @@ impl<O, A> Consumer<O, A> {
 
 impl<O, A> Consumer<O, A>
 where
-    O: Layer<Discover<Retry<LoadBalance<<A as Layer<Outlier<Transport>>>::Service>>>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    A: Layer<Outlier<Transport>> + Clone + Send + Sync + 'static,
+    O: CallLayer<A>,
+    A: AttemptLayer,
 {
     /// A proxy for one service, with the policy `[client]` (and its
     /// `[client.services."name:version"]` overrides) gives it.
@@ -226,12 +252,8 @@ where
 
 impl<O, A> MakeStack for Consumer<O, A>
 where
-    O: Layer<Discover<Retry<LoadBalance<<A as Layer<Outlier<Transport>>>::Service>>>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    A: Layer<Outlier<Transport>> + Clone + Send + Sync + 'static,
+    O: CallLayer<A>,
+    A: AttemptLayer,
 {
     type Stack = ClientStack<O, A>;
 

@@ -11,15 +11,6 @@ use super::balance::{Instance, Tried};
 use super::discover::Versioned;
 use super::options::CallOptions;
 
-/// `start + timeout`, saturating: a per-call `Duration::MAX` means "no
-/// particular deadline", not an overflow.
-pub(crate) fn after(start: Instant, timeout: Duration) -> Instant {
-    start
-        .checked_add(timeout)
-        .or_else(|| start.checked_add(Duration::from_secs(30 * 24 * 3600)))
-        .unwrap_or(start)
-}
-
 /// What `#[service]` knows about a method: its wire name and attributes
 /// (`#[rpc(idempotent, timeout_ms = ..)]`). Generated clients pass one per
 /// call; [`MethodInfo::new`] has no attributes.
@@ -86,7 +77,7 @@ impl<'a> ClientContext<'a> {
     pub fn new(service: &'a str, method: MethodInfo, timeout: Duration) -> Self {
         let started = Instant::now();
         Self {
-            deadline: after(started, timeout),
+            deadline: rpc_core::context::deadline_after(started, timeout),
             service,
             method,
             options: None,

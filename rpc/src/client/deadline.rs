@@ -7,10 +7,9 @@ use std::time::Duration;
 use rpc_core::{Context, RpcError};
 use rpc_transport::RawReply;
 
-use super::{Call, ClientContext};
+use rpc_core::context::{MAX_TIMEOUT, deadline_after};
 
-/// The longest timeout a call gets (30 days), whatever was asked for.
-const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+use super::{Call, ClientContext};
 
 /// Outermost built-in layer. The call's timeout is, by precedence, the
 /// per-call option, then `[client.services."S"].timeout_ms`, then the
@@ -87,7 +86,7 @@ impl<S: Call> Call for Deadline<S> {
             }
         }
         cx.timeout = timeout;
-        cx.deadline = super::context::after(cx.started, timeout);
+        cx.deadline = deadline_after(cx.started, timeout);
         cx.remaining = timeout;
         self.inner.call(cx, args).await
     }

@@ -247,6 +247,17 @@ impl<S: super::Call> super::Call for Outlier<S> {
 mod tests {
     use super::*;
 
+    /// A caller's mistake: says nothing about the instance.
+    fn bad_input() -> RpcError {
+        RpcError::Remote {
+            service: "s".into(),
+            method: "m".into(),
+            addr: "a".into(),
+            code: rpc_core::StatusCode::MethodNotFound,
+            message: String::new(),
+        }
+    }
+
     fn refused() -> RpcError {
         RpcError::Connect {
             addr: "a".into(),
@@ -275,13 +286,7 @@ mod tests {
     #[test]
     fn caller_errors_do_not_count() {
         let h = Health::default();
-        let bad_input = RpcError::Remote {
-            service: "s".into(),
-            method: "m".into(),
-            addr: "a".into(),
-            code: rpc_core::StatusCode::MethodNotFound,
-            message: String::new(),
-        };
+        let bad_input = bad_input();
         for _ in 0..10 {
             assert!(!h.failure(&bad_input, "a", &POLICY, 0, 4, false));
         }
@@ -367,13 +372,7 @@ mod tests {
             "a fallback pick"
         );
         // A probe lost to a caller error lets the next call probe.
-        let bad_input = RpcError::Remote {
-            service: "s".into(),
-            method: "m".into(),
-            addr: "a".into(),
-            code: rpc_core::StatusCode::MethodNotFound,
-            message: String::new(),
-        };
+        let bad_input = bad_input();
         assert!(!h.failure(&bad_input, "a", &POLICY, 1, 2, true));
         assert!(!h.is_ejected());
         assert_eq!(h.admit(now_nanos(), hold), Admission::Probe);
