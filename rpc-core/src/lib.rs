@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //!
+//! * [`backoff`] — jittered exponential [`backoff::Backoff`] for every
+//!   reconnect loop, and the cheap [`backoff::random_below`].
 //! * [`meta`] — [`ServiceMetaInfo`], one provider instance, with the Java
 //!   original's JSON field names and key layout (`name:version/host:port`).
 //! * [`registry`] — the registering half of the registry seam: [`Registry`]
@@ -25,6 +27,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_debug_implementations, unreachable_pub)]
 
+pub mod backoff;
 pub mod config;
 pub mod context;
 pub mod discover;
@@ -42,6 +45,6 @@ pub use context::{Context, MetaValue, Metadata};
 pub use discover::{Discover, Watch, WatchEvent};
 pub use error::{BoxError, ConfigError, RegistryError, RpcError};
 pub use host::Host;
-pub use meta::{ServiceMetaInfo, service_key};
+pub use meta::{ServiceKey, ServiceMetaInfo, service_key};
 pub use registry::{BoxFuture, Deregister, Registration, RegistrationState, Registry};
 pub use status::StatusCode;

@@ -109,12 +109,96 @@ impl fmt::Display for ServiceMetaInfo {
 
 /// Builds the `name:version` service key.
 pub fn service_key(name: &str, version: &str) -> String {
-    format!("{name}:{version}")
+    ServiceKey::new(name, version).into_string()
+}
+
+/// A service key, `name:version`: how consumers look a service up, and
+/// what every backend maps to its own names. Built and taken apart only
+/// here, with one rule: the version is what follows the last `:`, and a
+/// key without one has the [`DEFAULT_VERSION`] (the `#[service]` default).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    key: String,
+    /// Where the name ends (the `:`), `key.len()` for a key without one.
+    split: usize,
+}
+
+impl ServiceKey {
+    /// `name:version`.
+    pub fn new(name: &str, version: &str) -> Self {
+        Self {
+            key: format!("{name}:{version}"),
+            split: name.len(),
+        }
+    }
+
+    /// Takes a key apart (see the type's docs for the rule).
+    pub fn parse(key: &str) -> Self {
+        Self {
+            key: key.to_owned(),
+            split: key.rfind(':').unwrap_or(key.len()),
+        }
+    }
+
+    /// The service name.
+    pub fn name(&self) -> &str {
+        &self.key[..self.split]
+    }
+
+    /// The version; [`DEFAULT_VERSION`] when the key has none.
+    pub fn version(&self) -> &str {
+        match self.key.get(self.split + 1..) {
+            Some(v) if self.split < self.key.len() => v,
+            _ => DEFAULT_VERSION,
+        }
+    }
+
+    /// The key as written.
+    pub fn as_str(&self) -> &str {
+        &self.key
+    }
+
+    /// The key as written.
+    pub fn into_string(self) -> String {
+        self.key
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.key)
+    }
+}
+
+impl AsRef<str> for ServiceKey {
+    fn as_ref(&self) -> &str {
+        &self.key
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_keys_split_at_the_last_colon_with_one_default() {
+        let k = ServiceKey::parse("UserService:2.0");
+        assert_eq!(
+            (k.name(), k.version(), k.as_str()),
+            ("UserService", "2.0", "UserService:2.0")
+        );
+        let k = ServiceKey::parse("a:b:3");
+        assert_eq!((k.name(), k.version()), ("a:b", "3"));
+        let k = ServiceKey::parse("Bare");
+        assert_eq!(
+            (k.name(), k.version(), k.as_str()),
+            ("Bare", DEFAULT_VERSION, "Bare")
+        );
+        let k = ServiceKey::parse("Empty:");
+        assert_eq!((k.name(), k.version()), ("Empty", ""));
+        assert_eq!(ServiceKey::new("S", "1.0"), ServiceKey::parse("S:1.0"));
+        assert_eq!(ServiceKey::new("S", "1.0").to_string(), "S:1.0");
+    }
 
     #[test]
     fn keys_follow_the_seed_layout() {

@@ -31,6 +31,8 @@
 //! rebuild derived state (balancers, connection pools) and tests can await a
 //! change instead of sleeping.
 
+use crate::support::sleep_until_opt;
+use rpc_core::backoff::Backoff;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,7 +44,7 @@ use rpc_core::{Discover, RegistryError, ServiceMetaInfo, WatchEvent};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::task::AbortOnDrop;
+use crate::support::task::AbortOnDrop;
 
 /// How long a lookup waits for the registry when the snapshot file has a
 /// list for the service.
@@ -799,12 +801,6 @@ impl<D: Discover> ServiceCache<D> {
     }
 }
 
-async fn sleep_until(due: Option<Instant>) {
-    if let Some(due) = due {
-        tokio::time::sleep_until(due).await;
-    }
-}
-
 fn persist_if_changed(entry: &Entry, before: u64) {
     if entry.version() != before {
         if let Some(persist) = &entry.persist {
@@ -814,7 +810,7 @@ fn persist_if_changed(entry: &Entry, before: u64) {
 }
 
 /// The watch task of one service: watches, applies, and on failure keeps
-/// the list and watches again with exponential backoff. A list held for
+/// the list and watches again with jittered exponential backoff. A list held for
 /// the grace after a registry restart is published when due, while the
 /// watch is open.
 async fn follow<D: Discover>(
@@ -823,7 +819,7 @@ async fn follow<D: Discover>(
     backoff_min: Duration,
     backoff_max: Duration,
 ) {
-    let mut backoff = backoff_min;
+    let mut backoff = Backoff::new(backoff_min, backoff_max);
     loop {
         match discover.watch(&entry.key).await {
             Ok(mut watch) => {
@@ -833,7 +829,7 @@ async fn follow<D: Discover>(
                     let before = entry.version();
                     let event = tokio::select! {
                         event = watch.next() => event,
-                        () = sleep_until(due), if due.is_some() => {
+                        () = sleep_until_opt(due), if due.is_some() => {
                             entry.release();
                             due = entry.held_until();
                             persist_if_changed(&entry, before);
@@ -842,27 +838,28 @@ async fn follow<D: Discover>(
                     };
                     let Some(event) = event else { break };
                     if matches!(event, WatchEvent::Snapshot(_)) {
-                        backoff = backoff_min;
+                        backoff.reset();
                     }
                     due = entry.apply(event, std::mem::take(&mut first));
                     persist_if_changed(&entry, before);
                 }
-                tracing::warn!(service = %entry.key, retry_in = ?backoff, "registry watch ended; keeping the last known instances");
+                tracing::warn!(service = %entry.key, "registry watch ended; keeping the last known instances");
                 entry.set_last_error(Some("watch ended".into()));
             }
             Err(e) => {
                 // The whole chain: the outer message alone ("get /rpc/X/")
                 // hides what actually failed.
                 let chain = rpc_core::error::report(&e);
-                tracing::warn!(service = %entry.key, error = %chain, retry_in = ?backoff, "cannot watch the registry; keeping the last known instances");
+                tracing::warn!(service = %entry.key, error = %chain, "cannot watch the registry; keeping the last known instances");
                 entry.set_last_error(Some(chain));
             }
         }
         if entry.set_healthy(false) {
             entry.bump();
         }
-        tokio::time::sleep(backoff).await;
-        backoff = backoff.saturating_mul(2).min(backoff_max);
+        let pause = backoff.next_pause();
+        tracing::debug!(service = %entry.key, ?pause, "watching again after a pause");
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -937,9 +934,7 @@ mod snapshot {
 
     fn write_atomically(path: &Path, file: &File) -> std::io::Result<()> {
         let json = serde_json::to_vec_pretty(file).map_err(std::io::Error::other)?;
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, json)?;
-        std::fs::rename(&tmp, path)
+        crate::support::fs::write_atomic(path, &json)
     }
 }
 

@@ -55,6 +55,8 @@
 //! The agent endpoints `rs-consul` lacks go over the same hyper client
 //! stack `rs-consul` uses (one client, shared with it).
 
+use crate::support::{diff, sleep_until_opt};
+use rpc_core::backoff::Backoff;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
@@ -79,8 +81,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, info, warn};
 
-use crate::keeper;
-use crate::task::AbortOnDrop;
+use crate::support::keeper;
+use crate::support::task::AbortOnDrop;
 
 const BACKEND: &str = "consul";
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -138,7 +140,8 @@ pub fn service_name(namespace: Option<&str>, service_key: &str) -> String {
     if let Some(ns) = clean_namespace(namespace) {
         dns_part(ns, &mut out);
     }
-    let (name, version) = service_key.rsplit_once(':').unwrap_or((service_key, ""));
+    let key = rpc_core::ServiceKey::parse(service_key);
+    let (name, version) = (key.name(), key.version());
     dns_part(name, &mut out);
     dns_part(version, &mut out);
     if out.is_empty() {
@@ -397,9 +400,9 @@ fn http_client(tls: Option<&TlsConfig>, t: Duration) -> Result<HttpsClient, Regi
                 ));
             };
             let mut roots = rustls::RootCertStore::empty();
-            for cert in
-                CertificateDer::pem_slice_iter(&crate::tls::read_pem(BACKEND, ca, "ca_file")?)
-            {
+            for cert in CertificateDer::pem_slice_iter(&crate::support::tls::read_pem(
+                BACKEND, ca, "ca_file",
+            )?) {
                 let cert = cert.map_err(|e| unavailable("registry.tls.ca_file", e))?;
                 roots
                     .add(cert)
@@ -411,14 +414,14 @@ fn http_client(tls: Option<&TlsConfig>, t: Duration) -> Result<HttpsClient, Regi
                 .with_root_certificates(roots);
             let config = match (&tls.cert_file, &tls.key_file) {
                 (Some(cert), Some(key)) => {
-                    let chain = CertificateDer::pem_slice_iter(&crate::tls::read_pem(
+                    let chain = CertificateDer::pem_slice_iter(&crate::support::tls::read_pem(
                         BACKEND,
                         cert,
                         "cert_file",
                     )?)
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| unavailable("registry.tls.cert_file", e))?;
-                    let key = PrivateKeyDer::from_pem_slice(&crate::tls::read_pem(
+                    let key = PrivateKeyDer::from_pem_slice(&crate::support::tls::read_pem(
                         BACKEND, key, "key_file",
                     )?)
                     .map_err(|e| unavailable("registry.tls.key_file", e))?;
@@ -474,7 +477,7 @@ struct Inner {
     agent: Agent,
     consul: Consul,
     /// Entries discovery skipped, so each is logged once.
-    skips: crate::skip::SkipLog,
+    skips: crate::support::skip::SkipLog,
     namespace: Option<String>,
     datacenter: Option<String>,
     ttl: Duration,
@@ -547,7 +550,7 @@ impl ConsulRegistry {
             beat: beat_interval(ttl),
             entries: HashMap::new(),
             retry_at: None,
-            backoff: BACKOFF_MIN,
+            backoff: Backoff::new(BACKOFF_MIN, BACKOFF_MAX),
             unreachable: false,
         };
         // The keeper heartbeats every registration. It ends when every
@@ -557,7 +560,7 @@ impl ConsulRegistry {
             inner: Arc::new(Inner {
                 agent,
                 consul,
-                skips: crate::skip::SkipLog::default(),
+                skips: crate::support::skip::SkipLog::default(),
                 namespace: clean_namespace(config.namespace.as_deref()).map(str::to_owned),
                 datacenter: config.datacenter.clone().filter(|s| !s.is_empty()),
                 ttl,
@@ -590,16 +593,7 @@ impl ConsulRegistry {
     /// Deregisters every instance this registry published and stops
     /// heartbeating.
     pub async fn shutdown(&self) {
-        let (done, rx) = oneshot::channel();
-        if self
-            .inner
-            .commands
-            .send(Command::Shutdown { done })
-            .await
-            .is_ok()
-        {
-            let _ = timeout(self.inner.timeout * 2, rx).await;
-        }
+        keeper::shutdown(&self.inner.commands, self.inner.timeout * 2).await;
     }
 
     /// One health query for `name` (passing instances only). `index` makes
@@ -829,7 +823,7 @@ struct Keeper {
     entries: HashMap<String, Entry>,
     /// Set while some entry is lost: when to re-register next.
     retry_at: Option<Instant>,
-    backoff: Duration,
+    backoff: Backoff,
     /// The agent did not answer the last beat (logged once per outage).
     unreachable: bool,
 }
@@ -1040,12 +1034,12 @@ impl Keeper {
         match failure {
             None => {
                 self.retry_at = None;
-                self.backoff = BACKOFF_MIN;
+                self.backoff.reset();
             }
             Some(e) => {
-                debug!(error = %e, backoff = ?self.backoff, "consul re-registration failed; retrying");
-                self.retry_at = Some(Instant::now() + self.backoff);
-                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                let pause = self.backoff.next_pause();
+                debug!(error = %e, ?pause, "consul re-registration failed; retrying");
+                self.retry_at = Some(Instant::now() + pause);
             }
         }
     }
@@ -1102,13 +1096,6 @@ impl Keeper {
     }
 }
 
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// The blocking-query index to send next, per the Consul docs: reset to 0
 /// when it went backwards, never 0 after a first answer.
 fn next_index(previous: u64, returned: u64) -> u64 {
@@ -1161,7 +1148,7 @@ struct Follower {
 
 impl Follower {
     async fn run(mut self) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         let mut last_query: Option<Instant> = None;
         loop {
             if let Some(at) = last_query {
@@ -1183,7 +1170,7 @@ impl Follower {
                         info!(service = %self.service_key, from = self.index, to = returned, "consul index went backwards; resetting");
                     }
                     self.index = next_index(self.index, returned);
-                    backoff = BACKOFF_MIN;
+                    backoff.reset();
                     if !self.deliver(list).await {
                         return;
                     }
@@ -1198,8 +1185,7 @@ impl Follower {
                             return;
                         }
                     }
-                    let d = backoff;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    let d = backoff.next_pause();
                     tokio::select! {
                         _ = sleep(d) => {}
                         _ = self.tx.closed() => return,
@@ -1212,8 +1198,7 @@ impl Follower {
     /// Tells the consumer about `list`: a snapshot after an outage, else
     /// the differences. `false`: the consumer is gone.
     async fn deliver(&mut self, list: Vec<ServiceMetaInfo>) -> bool {
-        let next: BTreeMap<String, ServiceMetaInfo> =
-            list.into_iter().map(|m| (m.node_key(), m)).collect();
+        let next = diff::nodes(list);
         if !self.connected {
             let snapshot = next.values().cloned().collect();
             self.current = next;
@@ -1223,17 +1208,7 @@ impl Follower {
             self.connected = true;
             return self.tx.send(WatchEvent::Connected(true)).await.is_ok();
         }
-        let mut events = Vec::new();
-        for key in self.current.keys() {
-            if !next.contains_key(key) {
-                events.push(WatchEvent::Remove(key.clone()));
-            }
-        }
-        for (key, meta) in &next {
-            if self.current.get(key) != Some(meta) {
-                events.push(WatchEvent::Upsert(meta.clone()));
-            }
-        }
+        let events = diff::diff(&self.current, &next);
         self.current = next;
         for event in events {
             if self.tx.send(event).await.is_err() {

@@ -37,6 +37,8 @@
 //! our old revision. One range read per reconnect buys correctness in all
 //! three cases.
 
+use crate::support::sleep_until_opt;
+use rpc_core::backoff::Backoff;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -51,19 +53,22 @@ use rpc_core::{
     Discover, Registration, RegistrationState, RegistryConfig, RegistryError, ServiceMetaInfo,
     Watch, WatchEvent,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, info, warn};
 
-use crate::keeper::{self, KeeperDeregister};
-use crate::skip::SkipLog;
-use crate::task::AbortOnDrop;
+use crate::support::keeper::{self, KeeperDeregister};
+use crate::support::skip::SkipLog;
+use crate::support::task::AbortOnDrop;
 
 const BACKEND: &str = "etcd";
 /// Root of every key this backend writes, without a namespace.
 pub const PREFIX: &str = "/rpc/";
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Quick retries within one operation's timeout (a member that just died).
+const QUICK_RETRY_MIN: Duration = Duration::from_millis(20);
+const QUICK_RETRY_MAX: Duration = Duration::from_millis(500);
 const COMMAND_CAPACITY: usize = 64;
 
 fn unavailable(message: impl Into<String>, e: impl Into<rpc_core::BoxError>) -> RegistryError {
@@ -97,15 +102,15 @@ where
     Fut: Future<Output = Result<T, etcd_client::Error>>,
 {
     let deadline = tokio::time::Instant::now() + t;
-    let mut pause = Duration::from_millis(20);
+    let mut backoff = Backoff::new(QUICK_RETRY_MIN, QUICK_RETRY_MAX);
     loop {
+        let pause = backoff.next_pause();
         match tokio::time::timeout_at(deadline, call()).await {
             Err(_) => return Err(timed_out(what, t)),
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) if transient(&e) && tokio::time::Instant::now() + pause < deadline => {
                 debug!(what, error = %e, "etcd call failed on its way; trying again");
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(500));
             }
             Ok(Err(e)) => return Err(unavailable(what.to_owned(), e)),
         }
@@ -180,15 +185,15 @@ impl EtcdRegistry {
         if let Some(tls) = &config.tls {
             let mut o = TlsOptions::new();
             if let Some(ca) = &tls.ca_file {
-                o = o.ca_certificate(Certificate::from_pem(crate::tls::read_pem(
+                o = o.ca_certificate(Certificate::from_pem(crate::support::tls::read_pem(
                     BACKEND, ca, "ca_file",
                 )?));
             }
             match (&tls.cert_file, &tls.key_file) {
                 (Some(cert), Some(key)) => {
                     o = o.identity(Identity::from_pem(
-                        crate::tls::read_pem(BACKEND, cert, "cert_file")?,
-                        crate::tls::read_pem(BACKEND, key, "key_file")?,
+                        crate::support::tls::read_pem(BACKEND, cert, "cert_file")?,
+                        crate::support::tls::read_pem(BACKEND, key, "key_file")?,
                     ));
                 }
                 (None, None) => {}
@@ -221,7 +226,7 @@ impl EtcdRegistry {
             generation: 0,
             retry_at: None,
             gone: false,
-            backoff: BACKOFF_MIN,
+            backoff: Backoff::new(BACKOFF_MIN, BACKOFF_MAX),
         };
         // The keeper owns the lease. It ends when every handle is gone, after
         // revoking the lease (bounded by the timeout).
@@ -261,16 +266,7 @@ impl EtcdRegistry {
     /// Revokes the lease now, removing every key this registry published,
     /// and stops keeping registrations alive.
     pub async fn shutdown(&self) {
-        let (done, rx) = oneshot::channel();
-        if self
-            .inner
-            .commands
-            .send(Command::Shutdown { done })
-            .await
-            .is_ok()
-        {
-            let _ = timeout(self.inner.timeout, rx).await;
-        }
+        keeper::shutdown(&self.inner.commands, self.inner.timeout).await;
     }
 
     /// Reads every instance under `prefix`, at one revision, in pages.
@@ -433,7 +429,7 @@ struct Keeper {
     retry_at: Option<Instant>,
     /// etcd said the lease is gone (rather than the stream just breaking).
     gone: bool,
-    backoff: Duration,
+    backoff: Backoff,
 }
 
 impl keeper::Keeps<(String, String)> for Keeper {
@@ -522,7 +518,7 @@ impl Keeper {
                     Ok(true) => {
                         info!(lease, "etcd keep-alive resumed; the lease survived");
                         self.retry_at = None;
-                        self.backoff = BACKOFF_MIN;
+                        self.backoff.reset();
                         return;
                     }
                     Ok(false) => {
@@ -534,9 +530,9 @@ impl Keeper {
                         self.gone = true;
                     }
                     Err(e) => {
-                        debug!(error = %e, backoff = ?self.backoff, "etcd unreachable; retrying");
-                        self.retry_at = Some(Instant::now() + self.backoff);
-                        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                        let pause = self.backoff.next_pause();
+                        debug!(error = %e, ?pause, "etcd unreachable; retrying");
+                        self.retry_at = Some(Instant::now() + pause);
                         return;
                     }
                 }
@@ -549,12 +545,12 @@ impl Keeper {
             Ok(()) => {
                 self.retry_at = None;
                 self.gone = false;
-                self.backoff = BACKOFF_MIN;
+                self.backoff.reset();
             }
             Err(e) => {
-                debug!(error = %e, backoff = ?self.backoff, "etcd re-registration failed; retrying");
-                self.retry_at = Some(Instant::now() + self.backoff);
-                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                let pause = self.backoff.next_pause();
+                debug!(error = %e, ?pause, "etcd re-registration failed; retrying");
+                self.retry_at = Some(Instant::now() + pause);
             }
         }
     }
@@ -785,14 +781,14 @@ impl Keeper {
         // member again), instead of refusing the registration until the
         // next scheduled attempt.
         let deadline = Instant::now() + self.timeout;
-        let mut pause = Duration::from_millis(20);
+        let mut backoff = Backoff::new(QUICK_RETRY_MIN, QUICK_RETRY_MAX);
         while self.retry_at.is_some() {
             self.restore().await;
+            let pause = backoff.next_pause();
             if self.retry_at.is_none() || Instant::now() + pause >= deadline {
                 break;
             }
             sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(500));
         }
         if self.retry_at.is_some() {
             return Err(RegistryError::unavailable_because(
@@ -947,13 +943,6 @@ async fn next_keep_alive(
     }
 }
 
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 impl Discover for EtcdRegistry {
     async fn discover(&self, service_key: &str) -> Result<Vec<ServiceMetaInfo>, RegistryError> {
         let mut client = self.inner.client.clone();
@@ -1022,7 +1011,7 @@ enum WatchEnd {
 
 impl Follower {
     async fn run(mut self) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         loop {
             match self.follow().await {
                 WatchEnd::Closed => return,
@@ -1049,14 +1038,13 @@ impl Follower {
                     }
                 }
             }
-            backoff = BACKOFF_MIN;
+            backoff.reset();
         }
     }
 
-    /// Waits `backoff` (doubling it) unless the consumer goes away first.
-    async fn pause(&self, backoff: &mut Duration) -> bool {
-        let d = *backoff;
-        *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    /// Waits the next pause of `backoff` unless the consumer goes away first.
+    async fn pause(&self, backoff: &mut Backoff) -> bool {
+        let d = backoff.next_pause();
         tokio::select! {
             _ = sleep(d) => true,
             _ = self.tx.closed() => false,

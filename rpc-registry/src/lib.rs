@@ -15,11 +15,9 @@
 //!   of `Arc<Vec<ServiceMetaInfo>>`, a version counter per service, keeps
 //!   its last list through registry outages and empty restarts.
 //! * [`factory`]: [`AnyRegistry`], the configured backend as one type.
-//! * `task` (private): abort-on-drop ownership of spawned tasks.
-//! * `keeper` (private): the command protocol of the backends' keeper tasks
-//!   (etcd, ZooKeeper, Consul, Nacos) and deregistration through it.
-//! * `tls` (private): reading the `registry.tls` files (etcd, Consul).
-//! * `skip` (private): a skipped registry entry is logged once, with why.
+//! * `support` (private): what the backends share: keeper-task protocol,
+//!   task ownership, TLS file reading, the skipped-entry log, timers.
+//!   Reconnect backoff is [`rpc_core::backoff`], jittered.
 //!
 //! # Cargo features
 //!
@@ -51,22 +49,11 @@ pub mod consul;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod factory;
-#[cfg(any(
-    feature = "etcd",
-    feature = "zookeeper",
-    feature = "consul",
-    feature = "nacos"
-))]
-mod keeper;
 pub mod local;
 pub mod memory;
 #[cfg(feature = "nacos")]
 pub mod nacos;
-#[cfg(any(feature = "etcd", feature = "consul"))]
-mod skip;
-mod task;
-#[cfg(any(feature = "etcd", feature = "consul"))]
-mod tls;
+mod support;
 #[cfg(feature = "zookeeper")]
 pub mod zookeeper;
 

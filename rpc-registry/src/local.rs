@@ -39,7 +39,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -54,7 +54,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
 
-use crate::task::AbortOnDrop;
+use crate::support::diff;
+use crate::support::fs::write_atomic;
+use crate::support::task::AbortOnDrop;
 
 const BACKEND: &str = "local";
 /// Records larger than this are not read: a real one is a few hundred bytes.
@@ -257,34 +259,6 @@ fn now_ms() -> u64 {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Writes `bytes` to `path` through a temp file in the same directory, so
-/// readers see the old record or the new one, never a torn one.
-fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(
-        ".{name}.{}.{}.tmp",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| {
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        // No fsync: a record that dies with the machine is rewritten by the
-        // next heartbeat, and syncing every third of a TTL costs real I/O.
-        drop(file);
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// The outcome of reading one service directory.
@@ -866,22 +840,6 @@ fn report_new_garbage(reported: &mut HashSet<PathBuf>, garbage: &[(PathBuf, Stri
     }
 }
 
-/// The changes turning `old` into `new`: removals, then upserts.
-pub(crate) fn diff(
-    old: &BTreeMap<String, ServiceMetaInfo>,
-    new: &BTreeMap<String, ServiceMetaInfo>,
-) -> Vec<WatchEvent> {
-    let removed = old
-        .keys()
-        .filter(|k| !new.contains_key(*k))
-        .map(|k| WatchEvent::Remove(k.clone()));
-    let upserted = new
-        .iter()
-        .filter(|(k, m)| old.get(*k) != Some(*m))
-        .map(|(_, m)| WatchEvent::Upsert(m.clone()));
-    removed.chain(upserted).collect()
-}
-
 async fn poll(
     inner: Arc<Inner>,
     service_key: String,
@@ -928,7 +886,7 @@ async fn poll(
                     tracing::info!(dir = %inner.root.display(), service = %service_key, "local registry directory is back");
                     events.push(WatchEvent::Connected(true));
                 }
-                events.extend(diff(&known, &scan.live));
+                events.extend(diff::diff(&known, &scan.live));
                 known = scan.live;
             }
             Err(e) => {
@@ -1310,26 +1268,5 @@ mod tests {
         assert_eq!(next(&mut w).await, WatchEvent::Connected(false));
         assert_eq!(next(&mut w).await, WatchEvent::Connected(true));
         assert_eq!(next(&mut w).await, WatchEvent::Remove(meta(5).node_key()));
-    }
-
-    #[test]
-    fn diff_lists_removals_then_upserts() {
-        let map = |ms: &[ServiceMetaInfo]| {
-            ms.iter()
-                .map(|m| (m.node_key(), m.clone()))
-                .collect::<BTreeMap<_, _>>()
-        };
-        let mut changed = meta(2);
-        changed.weight = 7;
-        let events = diff(&map(&[meta(1), meta(2)]), &map(&[changed.clone(), meta(3)]));
-        assert_eq!(
-            events,
-            vec![
-                WatchEvent::Remove(meta(1).node_key()),
-                WatchEvent::Upsert(changed),
-                WatchEvent::Upsert(meta(3)),
-            ]
-        );
-        assert!(diff(&map(&[meta(1)]), &map(&[meta(1)])).is_empty());
     }
 }

@@ -25,7 +25,7 @@ use rpc_core::{
 };
 use tokio::sync::{broadcast, mpsc, watch};
 
-use crate::task::AbortOnDrop;
+use crate::support::task::AbortOnDrop;
 
 /// Changes buffered per service for watchers that are behind; a watcher
 /// lagging further is resynchronised with a snapshot.

@@ -66,6 +66,8 @@
 //! `registry.ttl_secs` is not used: liveness is the connection's.
 //! `registry.tls` is not supported (the SDK's `tls` feature is not enabled).
 
+use crate::support::{diff, sleep_until_opt};
+use rpc_core::backoff::Backoff;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::PathBuf;
@@ -81,12 +83,12 @@ use rpc_core::{
     Discover, Registration, RegistrationState, RegistryConfig, RegistryError, ServiceMetaInfo,
     Watch, WatchEvent,
 };
-use tokio::sync::{Mutex, mpsc, oneshot, watch};
+use tokio::sync::{Mutex, mpsc, watch};
 use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, info, warn};
 
-use crate::keeper::{self, KeeperDeregister};
-use crate::task::AbortOnDrop;
+use crate::support::keeper::{self, KeeperDeregister};
+use crate::support::task::AbortOnDrop;
 
 const BACKEND: &str = "nacos";
 /// Namespace used when `registry.namespace` is not set.
@@ -197,9 +199,8 @@ pub fn from_instance(service_key: &str, instance: &ServiceInstance) -> Option<Se
         };
     }
     // Registered by another Nacos client: build the record from the instance.
-    let (name, version) = service_key
-        .rsplit_once(':')
-        .unwrap_or((service_key, rpc_core::meta::DEFAULT_VERSION));
+    let key = rpc_core::ServiceKey::parse(service_key);
+    let (name, version) = (key.name(), key.version());
     let Ok(port) = u16::try_from(instance.port) else {
         warn!(
             service = service_key,
@@ -472,16 +473,7 @@ impl NacosRegistry {
     /// Deregisters every instance this registry published and stops keeping
     /// registrations alive (the SDK has no shutdown of its own).
     pub async fn shutdown(&self) {
-        let (done, rx) = oneshot::channel();
-        if self
-            .inner
-            .commands
-            .send(Command::Shutdown { done })
-            .await
-            .is_ok()
-        {
-            let _ = timeout(self.inner.settings.timeout * 2, rx).await;
-        }
+        keeper::shutdown(&self.inner.commands, self.inner.settings.timeout * 2).await;
     }
 }
 
@@ -538,7 +530,7 @@ struct KeeperLane {
     /// `reconnects` as last handled.
     seen: u64,
     retry_at: Instant,
-    backoff: Duration,
+    backoff: Backoff,
 }
 
 impl KeeperLane {
@@ -548,7 +540,7 @@ impl KeeperLane {
             lane,
             seen,
             retry_at: Instant::now(),
-            backoff: BACKOFF_MIN,
+            backoff: Backoff::new(BACKOFF_MIN, BACKOFF_MAX),
         }
     }
 }
@@ -807,11 +799,10 @@ impl Keeper {
                 continue;
             }
             if self.restore_lane(i).await {
-                self.lanes[i].backoff = BACKOFF_MIN;
+                self.lanes[i].backoff.reset();
             } else {
                 let lane = &mut self.lanes[i];
-                lane.retry_at = Instant::now() + lane.backoff;
-                lane.backoff = (lane.backoff * 2).min(BACKOFF_MAX);
+                lane.retry_at = Instant::now() + lane.backoff.next_pause();
             }
         }
     }
@@ -1142,7 +1133,7 @@ impl Discover for NacosRegistry {
             current: list.into_iter().map(|m| (m.node_key(), m)).collect(),
             connected: true,
             recheck_at: Some(Instant::now() + HOLD_RECHECK),
-            backoff: BACKOFF_MIN,
+            backoff: Backoff::new(BACKOFF_MIN, BACKOFF_MAX),
             settle_until: Instant::now() + SETTLE,
             _guard: guard,
         };
@@ -1167,7 +1158,7 @@ struct Follower {
     connected: bool,
     /// When to read the service again (after a failure or a held empty list).
     recheck_at: Option<Instant>,
-    backoff: Duration,
+    backoff: Backoff,
     /// Until when to read the service every second whatever happens: after
     /// (re)subscribing, until the server surely pushes to this client again.
     settle_until: Instant,
@@ -1225,8 +1216,7 @@ impl Follower {
     }
 
     fn retry_later(&mut self) {
-        self.recheck_at = Some(Instant::now() + self.backoff);
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.recheck_at = Some(Instant::now() + self.backoff.next_pause());
     }
 
     /// Reads the service and delivers the difference. `false`: consumer gone.
@@ -1266,10 +1256,9 @@ impl Follower {
                 return true;
             }
         }
-        self.backoff = BACKOFF_MIN;
+        self.backoff.reset();
         self.recheck_at = None;
-        let next: BTreeMap<String, ServiceMetaInfo> =
-            list.into_iter().map(|m| (m.node_key(), m)).collect();
+        let next = diff::nodes(list);
         if !self.connected {
             // Back from a break: resynchronise with a snapshot.
             self.current = next;
@@ -1279,17 +1268,7 @@ impl Follower {
             }
             return self.set_connected(true).await;
         }
-        let mut events = Vec::new();
-        for (node, meta) in &next {
-            if self.current.get(node) != Some(meta) {
-                events.push(WatchEvent::Upsert(meta.clone()));
-            }
-        }
-        for node in self.current.keys() {
-            if !next.contains_key(node) {
-                events.push(WatchEvent::Remove(node.clone()));
-            }
-        }
+        let events = diff::diff(&self.current, &next);
         self.current = next;
         for event in events {
             if self.tx.send(event).await.is_err() {
@@ -1297,13 +1276,6 @@ impl Follower {
             }
         }
         true
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -51,6 +51,8 @@
 //! would stay silent. After a session expiry it waits for the keeper's new
 //! session, arms the watch again and reads a snapshot.
 
+use crate::support::sleep_until_opt;
+use rpc_core::backoff::Backoff;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
@@ -63,7 +65,7 @@ use rpc_core::{
     Discover, Registration, RegistrationState, RegistryConfig, RegistryError, ServiceMetaInfo,
     Watch, WatchEvent,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, info, warn};
 use zookeeper_client::{
@@ -71,8 +73,8 @@ use zookeeper_client::{
     PersistentWatcher, SessionInfo, SessionState, StateWatcher,
 };
 
-use crate::keeper::{self, KeeperDeregister};
-use crate::task::AbortOnDrop;
+use crate::support::keeper::{self, KeeperDeregister};
+use crate::support::task::AbortOnDrop;
 
 const BACKEND: &str = "zookeeper";
 /// Root of every node this backend writes, without a namespace.
@@ -312,7 +314,7 @@ impl ZookeeperRegistry {
             conflicts: HashMap::new(),
             generation: 0,
             retry_at: None,
-            backoff: BACKOFF_MIN,
+            backoff: Backoff::new(BACKOFF_MIN, BACKOFF_MAX),
         };
         // The keeper owns the session. It ends when every handle is gone,
         // after deleting the nodes it still holds.
@@ -368,16 +370,7 @@ impl ZookeeperRegistry {
     /// (once the watches that still use it are dropped). Registrations are
     /// not kept alive any more.
     pub async fn shutdown(&self) {
-        let (done, rx) = oneshot::channel();
-        if self
-            .inner
-            .commands
-            .send(Command::Shutdown { done })
-            .await
-            .is_ok()
-        {
-            let _ = timeout(self.inner.spec.timeout * 2, rx).await;
-        }
+        keeper::shutdown(&self.inner.commands, self.inner.spec.timeout * 2).await;
     }
 
     /// The current session, waiting up to the request timeout while the
@@ -492,7 +485,7 @@ struct Keeper {
     generation: u64,
     /// Set while the session is lost: when to try to open a new one next.
     retry_at: Option<Instant>,
-    backoff: Duration,
+    backoff: Backoff,
 }
 
 impl keeper::Keeps<(String, Vec<u8>)> for Keeper {
@@ -678,7 +671,7 @@ impl Keeper {
         match self.republish().await {
             Ok(()) => {
                 self.retry_at = None;
-                self.backoff = BACKOFF_MIN;
+                self.backoff.reset();
                 // Watch the nodes in the new session (the old session's
                 // watches ended with it).
                 let paths: Vec<String> = self.nodes.keys().cloned().collect();
@@ -696,9 +689,9 @@ impl Keeper {
                     self.states = None;
                     self.session.send_replace(None);
                 }
-                warn!(error = %e, backoff = ?self.backoff, "zookeeper re-registration failed; retrying");
-                self.retry_at = Some(Instant::now() + self.backoff);
-                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                let pause = self.backoff.next_pause();
+                warn!(error = %e, ?pause, "zookeeper re-registration failed; retrying");
+                self.retry_at = Some(Instant::now() + pause);
             }
         }
     }
@@ -957,13 +950,6 @@ async fn next_state(states: &mut Option<StateWatcher>) -> SessionState {
     }
 }
 
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 impl Discover for ZookeeperRegistry {
     async fn discover(&self, service_key: &str) -> Result<Vec<ServiceMetaInfo>, RegistryError> {
         let session = self.current().await?;
@@ -1036,7 +1022,7 @@ impl Follower {
     async fn run(mut self, session: Session, watcher: PersistentWatcher) {
         let mut current = Some((session, watcher));
         let mut dead_epoch = None;
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         loop {
             let (session, mut watcher) = match current.take() {
                 Some(c) => c,
@@ -1045,7 +1031,7 @@ impl Follower {
                     None => return,
                 },
             };
-            backoff = BACKOFF_MIN;
+            backoff.reset();
             match self.follow(&session, &mut watcher).await {
                 FollowEnd::Closed => return,
                 FollowEnd::SessionGone => {
@@ -1066,7 +1052,7 @@ impl Follower {
     async fn establish(
         &mut self,
         dead_epoch: Option<u64>,
-        backoff: &mut Duration,
+        backoff: &mut Backoff,
     ) -> Option<(Session, PersistentWatcher)> {
         loop {
             let session = {
@@ -1105,10 +1091,9 @@ impl Follower {
         }
     }
 
-    /// Waits `backoff` (doubling it) unless the consumer goes away first.
-    async fn pause(&self, backoff: &mut Duration) -> bool {
-        let d = *backoff;
-        *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    /// Waits the next pause of `backoff` unless the consumer goes away first.
+    async fn pause(&self, backoff: &mut Backoff) -> bool {
+        let d = backoff.next_pause();
         tokio::select! {
             _ = sleep(d) => true,
             _ = self.tx.closed() => false,
@@ -1146,7 +1131,7 @@ impl Follower {
         let mut resync_at: Option<Instant> = None;
         // Whether the server still has our watch (not after a reconnection).
         let mut armed = true;
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         let mut sessions = self.sessions.clone();
         loop {
             let tx = self.tx.clone();
@@ -1189,7 +1174,7 @@ impl Follower {
                     };
                     match outcome {
                         Ok(true) => {
-                            backoff = BACKOFF_MIN;
+                            backoff.reset();
                             continue;
                         }
                         Ok(false) => return FollowEnd::Closed,
@@ -1201,8 +1186,7 @@ impl Follower {
                     if !self.set_connected(false).await {
                         return FollowEnd::Closed;
                     }
-                    resync_at = Some(Instant::now() + backoff);
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    resync_at = Some(Instant::now() + backoff.next_pause());
                     continue;
                 }
                 e = watcher.changed() => e,
@@ -1245,12 +1229,12 @@ impl Follower {
                         Ok(Err(ZkError::NoNode)) => continue,
                         Ok(Err(e)) => {
                             debug!(%key, error = %e, "zookeeper read failed; resynchronising");
-                            resync_at.get_or_insert_with(|| Instant::now() + backoff);
+                            resync_at.get_or_insert_with(|| Instant::now() + backoff.next_pause());
                             continue;
                         }
                         Err(_) => {
                             debug!(%key, "zookeeper read timed out; resynchronising");
-                            resync_at.get_or_insert_with(|| Instant::now() + backoff);
+                            resync_at.get_or_insert_with(|| Instant::now() + backoff.next_pause());
                             continue;
                         }
                     }

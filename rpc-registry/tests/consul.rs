@@ -286,6 +286,89 @@ mod private_consul {
         );
     }
 
+    /// Issue 14: after a registry outage, many consumers' watches come back
+    /// spread out rather than in lockstep (jittered backoff). Without
+    /// jitter they all fail at the same instant, pause the same
+    /// 100, 200, 400 ms, and return within a few ms of each other.
+    #[tokio::test]
+    async fn watchers_reconnect_spread_out_after_an_outage() {
+        if !consul_binary("jitter") {
+            return;
+        }
+        const N: usize = 16;
+        const WINDOW: Duration = Duration::from_millis(20);
+        let agent = Agent::launch(None).await;
+        let proxy = FaultProxy::start(agent.http_addr()).await;
+        let cfg = config(format!("http://{}", proxy.addr()));
+        let (first_tx, mut first_rx) = tokio::sync::mpsc::channel(N);
+        let mut watchers = tokio::task::JoinSet::new();
+        for _ in 0..N {
+            let consumer = ConsulRegistry::connect(&cfg).await.unwrap();
+            let mut watch = consumer.watch("Consul.Jitter:1.0").await.unwrap();
+            let first = first_tx.clone();
+            watchers.spawn(async move {
+                let _consumer = consumer;
+                let mut told = false;
+                while watch.next().await.is_some() {
+                    if !std::mem::replace(&mut told, true) {
+                        let _ = first.send(()).await;
+                    }
+                }
+            });
+        }
+        for _ in 0..N {
+            tokio::time::timeout(WAIT, first_rx.recv())
+                .await
+                .expect("a watcher got no first answer")
+                .unwrap();
+        }
+
+        // The outage: every connection dropped and new ones refused until
+        // the watchers have failed about three times each.
+        proxy.cut();
+        proxy
+            .wait_seen(WAIT, |s| s.refused >= 3 * N)
+            .await
+            .expect("the watchers did not try again while the registry was down");
+        let restored = Instant::now();
+        proxy.restore();
+        let seen = proxy
+            .wait_seen(WAIT, |s| {
+                s.accepted.iter().filter(|t| **t >= restored).count() >= N
+            })
+            .await
+            .expect("the watchers did not come back");
+        let mut back: Vec<Duration> = seen
+            .accepted
+            .iter()
+            .filter(|t| **t >= restored)
+            .map(|t| *t - restored)
+            .take(N)
+            .collect();
+        back.sort();
+        let spread = back[N - 1] - back[0];
+        let crowd = (0..N)
+            .map(|i| {
+                back[i..]
+                    .iter()
+                    .take_while(|t| **t - back[i] <= WINDOW)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0);
+        println!(
+            "[consul] {N} watchers came back over {spread:?} after the outage; at most {crowd} within {WINDOW:?}"
+        );
+        assert!(
+            crowd <= N / 2,
+            "{crowd} of {N} watchers reconnected within {WINDOW:?}: {back:?}"
+        );
+        assert!(
+            spread >= Duration::from_millis(100),
+            "spread only {spread:?}: {back:?}"
+        );
+    }
+
     #[tokio::test]
     async fn shutdown_deregisters_everything_and_configuration_errors_are_clear() {
         if !consul_binary("shutdown") {

@@ -104,8 +104,8 @@ impl Provider {
         keys.sort();
         keys.iter()
             .map(|key| {
-                let (name, version) = key.rsplit_once(':').unwrap_or((key.as_str(), "1.0"));
-                let mut m = ServiceMetaInfo::new(name, version, host.clone(), port);
+                let key = rpc_core::ServiceKey::parse(key);
+                let mut m = ServiceMetaInfo::new(key.name(), key.version(), host.clone(), port);
                 m.weight = self.config.server.weight;
                 m.metadata
                     .insert("protocol".into(), format!("mr/{}", rpc_codec::VERSION));

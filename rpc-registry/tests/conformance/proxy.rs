@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -14,8 +15,23 @@ use tokio::task::JoinSet;
 pub struct FaultProxy {
     addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    seen: watch::Sender<Seen>,
     generation: watch::Sender<u64>,
     _accept: tokio::task::JoinHandle<()>,
+}
+
+/// What the proxy saw: connections refused while cut, and when it accepted
+/// the others (the first [`Seen::CAP`]).
+#[derive(Clone, Debug, Default)]
+pub struct Seen {
+    /// Connections refused while cut.
+    pub refused: usize,
+    /// When each accepted connection arrived.
+    pub accepted: Vec<Instant>,
+}
+
+impl Seen {
+    const CAP: usize = 10_000;
 }
 
 impl Drop for FaultProxy {
@@ -39,9 +55,11 @@ impl FaultProxy {
     fn serve(listener: TcpListener, upstream: SocketAddr) -> Self {
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
+        let (seen, _) = watch::channel(Seen::default());
         let (generation, _) = watch::channel(0u64);
         let accept = {
             let cut = cut.clone();
+            let seen = seen.clone();
             let generation = generation.clone();
             tokio::spawn(async move {
                 let mut conns = JoinSet::new();
@@ -51,8 +69,14 @@ impl FaultProxy {
                     };
                     if cut.load(Ordering::SeqCst) {
                         drop(client); // refused: closed at once
+                        seen.send_modify(|s| s.refused += 1);
                         continue;
                     }
+                    seen.send_modify(|s| {
+                        if s.accepted.len() < Seen::CAP {
+                            s.accepted.push(Instant::now());
+                        }
+                    });
                     let mut cut_now = generation.subscribe();
                     conns.spawn(async move {
                         let Ok(mut server) = TcpStream::connect(upstream).await else {
@@ -71,6 +95,7 @@ impl FaultProxy {
         Self {
             addr,
             cut,
+            seen,
             generation,
             _accept: accept,
         }
@@ -90,5 +115,20 @@ impl FaultProxy {
     /// Accepts connections again.
     pub fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
+    }
+
+    /// Waits (at most `limit`) until what the proxy saw satisfies `f`;
+    /// `None` on timeout.
+    #[allow(dead_code)]
+    pub async fn wait_seen(
+        &self,
+        limit: std::time::Duration,
+        mut f: impl FnMut(&Seen) -> bool,
+    ) -> Option<Seen> {
+        let mut rx = self.seen.subscribe();
+        let seen = tokio::time::timeout(limit, rx.wait_for(|s| f(s)))
+            .await
+            .ok()?;
+        seen.ok().map(|s| s.clone())
     }
 }

@@ -361,17 +361,11 @@ impl Endpoint {
     /// equal jitter (half fixed, half random), so that the consumers of a
     /// restarted or full provider do not all dial again in lockstep.
     fn backoff(&self, failures: u32) -> Duration {
-        use std::hash::BuildHasher;
-        let full = self
-            .config
-            .backoff_initial
-            .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
-            .min(self.config.backoff_max);
-        // A random number without a dependency: std's per-instance hash
-        // keys are random, which is all jitter needs.
-        let r = std::collections::hash_map::RandomState::new().hash_one(failures);
-        let half = full / 2;
-        half + Duration::from_nanos(r % (u64::try_from(half.as_nanos()).unwrap_or(u64::MAX).max(1)))
+        rpc_core::backoff::pause(
+            self.config.backoff_initial,
+            self.config.backoff_max,
+            failures,
+        )
     }
 
     /// A live connection, dialling one if its slot has none; `true` if that

@@ -159,11 +159,8 @@ impl<S> ServiceClient<S> {
         let Some(rebuild) = &self.inner.rebuild else {
             return Err(self.no_registry());
         };
-        let key = &self.inner.service_key;
-        let (name, version) = key
-            .rsplit_once(':')
-            .unwrap_or((key.as_str(), rpc_core::meta::DEFAULT_VERSION));
-        let mut fresh = rebuild(name, version, policy);
+        let key = rpc_core::ServiceKey::parse(&self.inner.service_key);
+        let mut fresh = rebuild(key.name(), key.version(), policy);
         fresh.options = self.options.clone();
         Ok(fresh)
     }

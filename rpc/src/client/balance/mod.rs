@@ -24,9 +24,8 @@ mod round_robin;
 mod weighted;
 
 use std::any::Any;
-use std::cell::Cell;
 use std::fmt;
-use std::hash::{BuildHasher, Hasher};
+use std::hash::Hasher;
 use std::sync::Arc;
 
 use rpc_core::{LoadBalancerKind, ServiceMetaInfo};
@@ -305,26 +304,7 @@ pub fn key_hash(key: &[u8]) -> u64 {
     h.finish()
 }
 
-thread_local! {
-    static RNG: Cell<u64> = Cell::new(
-        std::collections::hash_map::RandomState::new().hash_one(std::thread::current().id()) | 1
-    );
-}
-
-/// A uniform number in `0..n` (xorshift64*; not for cryptography).
-pub fn random_below(n: u64) -> u64 {
-    if n <= 1 {
-        return 0;
-    }
-    RNG.with(|s| {
-        let mut x = s.get();
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        s.set(x);
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-    })
-}
+pub use rpc_core::backoff::random_below;
 
 /// The load-balancing layer: picks the instance for this attempt from the
 /// call's instance set, skipping ejected and tried ones, and takes the

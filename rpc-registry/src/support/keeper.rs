@@ -56,6 +56,18 @@ pub(crate) async fn submit_registration<R>(
     Ok(state_rx)
 }
 
+/// Asks the keeper to shut down (deregister everything it keeps) and
+/// waits for it, at most `limit`; a keeper already gone is shut down.
+pub(crate) async fn shutdown<R>(
+    commands: &tokio::sync::mpsc::Sender<Command<R>>,
+    limit: std::time::Duration,
+) {
+    let (done, rx) = oneshot::channel();
+    if commands.send(Command::Shutdown { done }).await.is_ok() {
+        let _ = tokio::time::timeout(limit, rx).await;
+    }
+}
+
 /// What a keeper task does for each [`Command`]; [`serve`] drives it.
 #[cfg(any(feature = "etcd", feature = "zookeeper", feature = "consul"))]
 pub(crate) trait Keeps<R> {

@@ -1,0 +1,39 @@
+//! What the backends share, so that each fix lands once.
+//!
+//! * `diff`: the events between two instance lists (local, Consul, Nacos).
+//! * `fs`: files written whole (temp file, then rename).
+//! * `keeper`: the command protocol of the backends' keeper tasks (etcd,
+//!   ZooKeeper, Consul, Nacos) and deregistration through it.
+//! * `task`: abort-on-drop ownership of spawned tasks.
+//! * `tls`: reading the `registry.tls` files (etcd, Consul).
+//! * `skip`: a skipped registry entry is logged once, with why.
+//! * [`sleep_until_opt`]: a timer arm of `select!` that may be unset.
+//!
+//! Reconnect backoff is `rpc_core::backoff::Backoff` (jittered), shared
+//! with the transport.
+
+pub(crate) mod diff;
+pub(crate) mod fs;
+#[cfg(any(
+    feature = "etcd",
+    feature = "zookeeper",
+    feature = "consul",
+    feature = "nacos"
+))]
+pub(crate) mod keeper;
+#[cfg(any(feature = "etcd", feature = "consul"))]
+pub(crate) mod skip;
+pub(crate) mod task;
+#[cfg(any(feature = "etcd", feature = "consul"))]
+pub(crate) mod tls;
+
+use tokio::time::Instant;
+
+/// Sleeps until `at`, or forever when there is no `at`: the arm of a
+/// `select!` loop whose timer is not always armed.
+pub(crate) async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
