@@ -182,14 +182,55 @@ pub enum RegistryError {
         #[source]
         source: Option<BoxError>,
     },
-    /// A stored record could not be parsed.
-    #[error("malformed registry record at `{key}`")]
-    Malformed {
-        /// Where the record is stored.
-        key: String,
-        /// The parse error.
+    /// A registry request did not finish in time.
+    #[error("{backend} registry: {what} timed out after {after:?}")]
+    TimedOut {
+        /// Backend name.
+        backend: &'static str,
+        /// The request.
+        what: String,
+        /// How long it was given.
+        after: std::time::Duration,
+    },
+    /// The registry refused our credentials, or they do not allow what was
+    /// asked. Not an outage: retrying as one would hammer the server with
+    /// the same bad credentials, so callers back off to their slowest pace
+    /// and report it once.
+    #[error("{backend} registry refused {what}: {message}")]
+    Denied {
+        /// Backend name.
+        backend: &'static str,
+        /// [`RegistryErrorKind::Unauthenticated`] (no or bad credentials)
+        /// or [`RegistryErrorKind::PermissionDenied`] (good credentials,
+        /// no rights).
+        kind: RegistryErrorKind,
+        /// The request refused.
+        what: String,
+        /// The server's reason.
+        message: String,
+        /// The client library's error.
         #[source]
-        source: BoxError,
+        source: Option<BoxError>,
+    },
+    /// A `[registry]` setting the backend cannot honour, or a value it
+    /// rejects; names the key.
+    #[error("{backend} registry: `registry.{key}`: {message}")]
+    InvalidConfig {
+        /// Backend name.
+        backend: &'static str,
+        /// The key under `[registry]`, dotted (`tls.ca_file`).
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Something the configuration points at does not exist on the server
+    /// (a ZooKeeper chroot, a Nacos namespace).
+    #[error("{backend} registry: {what} does not exist")]
+    NotFound {
+        /// Backend name.
+        backend: &'static str,
+        /// What is missing.
+        what: String,
     },
     /// The backend named in the configuration is not compiled in.
     #[error("registry backend `{0}` is not compiled in; enable the cargo feature `{0}`")]
@@ -233,8 +274,90 @@ impl RegistryError {
 
     /// A registry request that did not finish within `after`.
     pub fn timed_out(backend: &'static str, what: &str, after: std::time::Duration) -> Self {
-        Self::unavailable_because(backend, format!("{what} timed out after {after:?}"))
+        Self::TimedOut {
+            backend,
+            what: what.to_owned(),
+            after,
+        }
     }
+
+    /// [`RegistryError::Denied`]; `kind` is `Unauthenticated` or
+    /// `PermissionDenied` (anything else is taken as `PermissionDenied`).
+    pub fn denied(
+        backend: &'static str,
+        kind: RegistryErrorKind,
+        what: impl Into<String>,
+        message: impl Into<String>,
+        source: Option<BoxError>,
+    ) -> Self {
+        let kind = match kind {
+            RegistryErrorKind::Unauthenticated => RegistryErrorKind::Unauthenticated,
+            _ => RegistryErrorKind::PermissionDenied,
+        };
+        Self::Denied {
+            backend,
+            kind,
+            what: what.into(),
+            message: message.into(),
+            source,
+        }
+    }
+
+    /// [`RegistryError::InvalidConfig`] for `registry.{key}`.
+    pub fn invalid_config(
+        backend: &'static str,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self::InvalidConfig {
+            backend,
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    /// What a caller can do about it.
+    pub fn kind(&self) -> RegistryErrorKind {
+        match self {
+            Self::Unavailable { .. } | Self::Io { .. } => RegistryErrorKind::Unavailable,
+            Self::TimedOut { .. } => RegistryErrorKind::TimedOut,
+            Self::Denied { kind, .. } => *kind,
+            Self::InvalidConfig { .. } | Self::NotCompiled(_) => RegistryErrorKind::InvalidConfig,
+            Self::NotFound { .. } => RegistryErrorKind::NotFound,
+            Self::Shutdown => RegistryErrorKind::Shutdown,
+        }
+    }
+
+    /// Whether trying again later may succeed by itself (an outage or a
+    /// timeout); credentials, configuration and a shut-down registry need
+    /// someone to act first.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self.kind(),
+            RegistryErrorKind::Unavailable | RegistryErrorKind::TimedOut
+        )
+    }
+}
+
+/// The kind of a [`RegistryError`], for callers that act on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RegistryErrorKind {
+    /// The server cannot be reached or failed (retry with backoff).
+    Unavailable,
+    /// A request took longer than `registry.timeout_ms` (retry).
+    TimedOut,
+    /// No credentials, or bad ones (`registry.username`/`password`,
+    /// `registry.token`).
+    Unauthenticated,
+    /// Good credentials without the rights asked for (an ACL, an etcd role).
+    PermissionDenied,
+    /// A `[registry]` setting is wrong or unsupported by the backend.
+    InvalidConfig,
+    /// Something the configuration names does not exist on the server.
+    NotFound,
+    /// The registry was shut down.
+    Shutdown,
 }
 
 /// The configuration could not be loaded. Always names where and which key.

@@ -43,7 +43,7 @@ pub use config::{
 };
 pub use context::{Context, MetaValue, Metadata};
 pub use discover::{Discover, Watch, WatchEvent};
-pub use error::{BoxError, ConfigError, RegistryError, RpcError};
+pub use error::{BoxError, ConfigError, RegistryError, RegistryErrorKind, RpcError};
 pub use host::Host;
 pub use meta::{ServiceKey, ServiceMetaInfo, service_key};
 pub use registry::{BoxFuture, Deregister, Registration, RegistrationState, Registry};

@@ -820,9 +820,15 @@ async fn follow<D: Discover>(
     backoff_max: Duration,
 ) {
     let mut backoff = Backoff::new(backoff_min, backoff_max);
+    // Refused credentials or a bad setting are reported once, at error
+    // level, and retried at the slowest pace: they are not an outage, and
+    // someone has to act (issue 14).
+    let mut refused_reported = false;
     loop {
+        let mut refused = false;
         match discover.watch(&entry.key).await {
             Ok(mut watch) => {
+                refused_reported = false;
                 let mut first = true;
                 let mut due = entry.held_until();
                 loop {
@@ -850,14 +856,23 @@ async fn follow<D: Discover>(
                 // The whole chain: the outer message alone ("get /rpc/X/")
                 // hides what actually failed.
                 let chain = rpc_core::error::report(&e);
-                tracing::warn!(service = %entry.key, error = %chain, "cannot watch the registry; keeping the last known instances");
+                refused = !e.is_transient();
+                if !refused {
+                    tracing::warn!(service = %entry.key, error = %chain, "cannot watch the registry; keeping the last known instances");
+                } else if !std::mem::replace(&mut refused_reported, true) {
+                    tracing::error!(service = %entry.key, kind = ?e.kind(), error = %chain, retry_every = ?backoff_max, "the registry refused the watch; fix the registry credentials or settings");
+                }
                 entry.set_last_error(Some(chain));
             }
         }
         if entry.set_healthy(false) {
             entry.bump();
         }
-        let pause = backoff.next_pause();
+        let pause = if refused {
+            backoff_max
+        } else {
+            backoff.next_pause()
+        };
         tracing::debug!(service = %entry.key, ?pause, "watching again after a pause");
         tokio::time::sleep(pause).await;
     }
@@ -1003,6 +1018,8 @@ mod tests {
         watches: Arc<Mutex<Vec<mpsc::Receiver<WatchEvent>>>>,
         calls: Arc<AtomicUsize>,
         opened: Arc<tokio::sync::Notify>,
+        /// Fail as the registry refusing our credentials, not as an outage.
+        refuse: Arc<std::sync::atomic::AtomicBool>,
     }
 
     impl Scripted {
@@ -1030,6 +1047,13 @@ mod tests {
             self.opened.notify_waiters();
             match next {
                 Some(rx) => Ok(Watch::new(rx)),
+                None if self.refuse.load(Ordering::SeqCst) => Err(RegistryError::denied(
+                    "scripted",
+                    rpc_core::RegistryErrorKind::Unauthenticated,
+                    "get /rpc/Echo:1.0/",
+                    "bad token",
+                    None,
+                )),
                 None => Err(RegistryError::unavailable(
                     "scripted",
                     "get /rpc/Echo:1.0/",
@@ -1210,6 +1234,32 @@ mod tests {
         w.send(WatchEvent::Snapshot(vec![])).await.unwrap();
         until(&handle, |_, h| h).await;
         (handle, w, back, cache)
+    }
+
+    /// Issue 14: refused credentials are not retried like an outage. Over
+    /// the same 3 s, an outage is retried on the jittered backoff (10 ms
+    /// doubling to 1 s: 8 or more watches), a refusal every `backoff_max`
+    /// (1 s: at most 4 watches).
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_watch_is_retried_at_the_slowest_pace() {
+        async fn watches_in_3s(refuse: bool) -> usize {
+            let backend = Scripted::default();
+            backend.refuse.store(refuse, Ordering::SeqCst);
+            let options = CacheOptions {
+                backoff_min: Duration::from_millis(10),
+                backoff_max: Duration::from_secs(1),
+                ..options()
+            };
+            let cache = ServiceCache::with_options(backend.clone(), options);
+            // Never ready: the first watch fails. Its task goes on.
+            assert!(cache.service("Echo:1.0").await.is_err());
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            backend.calls.load(Ordering::SeqCst)
+        }
+        let outage = watches_in_3s(false).await;
+        let refused = watches_in_3s(true).await;
+        assert!(outage >= 8, "an outage was retried only {outage} times");
+        assert!(refused <= 4, "a refusal was retried {refused} times");
     }
 
     #[tokio::test(start_paused = true)]

@@ -38,6 +38,7 @@
 //! three cases.
 
 use crate::support::sleep_until_opt;
+use rpc_core::RegistryErrorKind;
 use rpc_core::backoff::Backoff;
 use std::collections::HashMap;
 use std::fmt;
@@ -71,7 +72,26 @@ const QUICK_RETRY_MIN: Duration = Duration::from_millis(20);
 const QUICK_RETRY_MAX: Duration = Duration::from_millis(500);
 const COMMAND_CAPACITY: usize = 64;
 
+/// An etcd client error as a registry error of the right kind: refused
+/// credentials and missing rights are [`RegistryError::Denied`] (etcd
+/// answers a bad password with `InvalidArgument`, "authentication failed"),
+/// anything else an outage.
 fn unavailable(message: impl Into<String>, e: impl Into<rpc_core::BoxError>) -> RegistryError {
+    let e = e.into();
+    if let Some(etcd_client::Error::GRpcStatus(status)) = e.downcast_ref::<etcd_client::Error>() {
+        let kind = match status.code() {
+            tonic::Code::Unauthenticated => Some(RegistryErrorKind::Unauthenticated),
+            tonic::Code::InvalidArgument if status.message().contains("authentication failed") => {
+                Some(RegistryErrorKind::Unauthenticated)
+            }
+            tonic::Code::PermissionDenied => Some(RegistryErrorKind::PermissionDenied),
+            _ => None,
+        };
+        if let Some(kind) = kind {
+            let reason = status.message().to_owned();
+            return RegistryError::denied(BACKEND, kind, message, reason, Some(e));
+        }
+    }
     RegistryError::unavailable(BACKEND, message, e)
 }
 

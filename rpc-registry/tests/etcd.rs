@@ -25,7 +25,8 @@ mod private_etcd {
 
     use rpc_core::config::{Addresses, TlsConfig};
     use rpc_core::{
-        Discover, RegistrationState, Registry, RegistryConfig, RegistryKind, ServiceMetaInfo,
+        Discover, RegistrationState, Registry, RegistryConfig, RegistryErrorKind, RegistryKind,
+        ServiceMetaInfo,
     };
     use rpc_registry::{EtcdRegistry, ServiceCache};
 
@@ -122,8 +123,100 @@ mod private_etcd {
         }
     }
 
+    /// Runs `etcdctl` against `endpoint` (as `user`, if given); panics with
+    /// its output if it fails.
+    fn etcdctl(endpoint: &str, user: Option<&str>, args: &[&str]) {
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3").args(["--endpoints", endpoint]);
+        if let Some(u) = user {
+            cmd.args(["--user", u]);
+        }
+        let out = cmd.args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     fn meta(port: u16) -> ServiceMetaInfo {
         ServiceMetaInfo::new("Etcd.Private", "1.0", "127.0.0.1", port)
+    }
+
+    /// Issue 14: etcd with authentication on. A user with read-write rights
+    /// on `/rpc/` registers, discovers and watches; a wrong password fails
+    /// at connect as `Unauthenticated`; a user without rights on the prefix
+    /// gets `PermissionDenied` for registering and discovering. Neither is
+    /// an outage (`is_transient` is false), so nothing retries it as one.
+    #[tokio::test]
+    async fn authentication_with_a_good_user_a_bad_password_and_no_rights() {
+        if !etcd_binary("auth") || !binary_or_skip("etcd", "auth", "etcdctl", "version") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let etcd = Etcd::start(&tmp.path().join("d"), free_port(), free_port(), None);
+        let endpoint = etcd.endpoint();
+        drop(connect_when_ready(&config(endpoint.clone())).await);
+        let ctl = |args: &[&str]| etcdctl(&endpoint, None, args);
+        ctl(&["user", "add", "root", "--new-user-password", "rootpw"]);
+        ctl(&["user", "grant-role", "root", "root"]);
+        ctl(&["role", "add", "rpc"]);
+        ctl(&[
+            "role",
+            "grant-permission",
+            "rpc",
+            "readwrite",
+            "/rpc/",
+            "--prefix=true",
+        ]);
+        ctl(&["user", "add", "rpc", "--new-user-password", "rpcpw"]);
+        ctl(&["user", "grant-role", "rpc", "rpc"]);
+        ctl(&["user", "add", "nobody", "--new-user-password", "nopw"]);
+        ctl(&["auth", "enable"]);
+        let as_user = |user: &str, password: &str| RegistryConfig {
+            username: Some(user.into()),
+            password: Some(password.into()),
+            ..config(endpoint.clone())
+        };
+
+        // The right user: everything works.
+        let good = EtcdRegistry::connect(&as_user("rpc", "rpcpw"))
+            .await
+            .unwrap();
+        let m = meta(9300);
+        let reg = good.register(m.clone()).await.unwrap();
+        assert_eq!(
+            good.discover("Etcd.Private:1.0").await.unwrap(),
+            vec![m.clone()]
+        );
+        let cache = ServiceCache::new(good.clone());
+        let handle = cache.service("Etcd.Private:1.0").await.unwrap();
+        tokio::time::timeout(WAIT, handle.wait_until(|l, _| l.contains(&m)))
+            .await
+            .unwrap();
+
+        // A wrong password: refused at connect, as credentials.
+        let e = EtcdRegistry::connect(&as_user("rpc", "wrong"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), RegistryErrorKind::Unauthenticated, "{e}");
+        assert!(!e.is_transient());
+        assert!(e.to_string().contains("authentication failed"), "{e}");
+
+        // A user without rights on the prefix: connected, but refused.
+        let nobody = EtcdRegistry::connect(&as_user("nobody", "nopw"))
+            .await
+            .unwrap();
+        let e = nobody.register(meta(9301)).await.unwrap_err();
+        assert_eq!(e.kind(), RegistryErrorKind::PermissionDenied, "{e}");
+        let e = nobody.discover("Etcd.Private:1.0").await.unwrap_err();
+        assert_eq!(e.kind(), RegistryErrorKind::PermissionDenied, "{e}");
+        assert!(e.to_string().contains("permission denied"), "{e}");
+        println!("[etcd] auth: good user served; bad password and no rights refused: {e}");
+
+        reg.deregister().await.unwrap();
+        assert!(good.discover("Etcd.Private:1.0").await.unwrap().is_empty());
     }
 
     /// With two endpoints and one of them dead, every put and delete still
