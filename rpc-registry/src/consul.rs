@@ -56,6 +56,7 @@
 //! stack `rs-consul` uses (one client, shared with it).
 
 use crate::support::{diff, sleep_until_opt};
+use rpc_core::RegistryErrorKind;
 use rpc_core::backoff::Backoff;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -373,7 +374,29 @@ impl Agent {
 
 fn rejected(what: &str, status: StatusCode, body: &[u8]) -> RegistryError {
     let body = String::from_utf8_lossy(body);
-    failed(format!("{what}: HTTP {status}: {}", body.trim()))
+    refused(what, status, &body)
+        .unwrap_or_else(|| failed(format!("{what}: HTTP {status}: {}", body.trim())))
+}
+
+/// A 403 is Consul's ACL system refusing the request: "ACL not found" (a
+/// token it does not know) is `Unauthenticated`, anything else ("Permission
+/// denied": a token without the rights) `PermissionDenied`.
+fn refused(what: &str, status: StatusCode, body: &str) -> Option<RegistryError> {
+    if status != StatusCode::FORBIDDEN {
+        return None;
+    }
+    let kind = if body.contains("ACL not found") {
+        RegistryErrorKind::Unauthenticated
+    } else {
+        RegistryErrorKind::PermissionDenied
+    };
+    Some(RegistryError::denied(
+        BACKEND,
+        kind,
+        what,
+        body.trim(),
+        None,
+    ))
 }
 
 /// The HTTP(S) client: webpki roots by default; `registry.tls` gives a CA,
@@ -625,7 +648,15 @@ impl ConsulRegistry {
         )
         .await
         .map_err(|_| timed_out("health query", t))?
-        .map_err(|e| unavailable(format!("health query for {name}"), e))?;
+        .map_err(|e| {
+            let what = format!("health query for {name}");
+            if let rs_consul::ConsulError::UnexpectedResponseCode(status, body) = &e {
+                if let Some(denied) = refused(&what, *status, body.as_deref().unwrap_or("")) {
+                    return denied;
+                }
+            }
+            unavailable(what, e)
+        })?;
         let mut found = BTreeMap::new();
         for node in resp.response {
             let Some(json) = node

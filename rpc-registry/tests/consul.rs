@@ -28,7 +28,8 @@ mod private_consul {
 
     use rpc_core::config::{Addresses, TlsConfig};
     use rpc_core::{
-        Discover, RegistrationState, Registry, RegistryConfig, RegistryKind, ServiceMetaInfo,
+        Discover, RegistrationState, Registry, RegistryConfig, RegistryErrorKind, RegistryKind,
+        ServiceMetaInfo,
     };
     use rpc_registry::{AnyRegistry, ConsulRegistry, ServiceCache};
 
@@ -55,6 +56,16 @@ mod private_consul {
 
     impl Agent {
         fn start(http: u16, ports: [u16; 3], tls: Option<(&TestCerts, u16)>) -> Self {
+            Self::start_with(http, ports, tls, None)
+        }
+
+        /// `start`, with extra agent configuration (HCL).
+        fn start_with(
+            http: u16,
+            ports: [u16; 3],
+            tls: Option<(&TestCerts, u16)>,
+            hcl: Option<&str>,
+        ) -> Self {
             let mut cmd = Command::new("consul");
             cmd.args([
                 "agent",
@@ -72,6 +83,9 @@ mod private_consul {
             .args(["-hcl", "disable_update_check = true"])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+            if let Some(hcl) = hcl {
+                cmd.args(["-hcl", hcl]);
+            }
             if let Some((t, port)) = tls {
                 cmd.args([
                     "-hcl",
@@ -89,14 +103,6 @@ mod private_consul {
                 ports,
                 https: tls.map(|(_, p)| p),
             }
-        }
-
-        fn fresh(tls: Option<&TestCerts>) -> Self {
-            Self::start(
-                free_port(),
-                [free_port(), free_port(), free_port()],
-                tls.map(|t| (t, free_port())),
-            )
         }
 
         fn http_addr(&self) -> SocketAddr {
@@ -135,8 +141,18 @@ mod private_consul {
         /// the agent does (and serf also needs the UDP side): an agent that
         /// exits during start-up is started again on other ports.
         async fn launch(tls: Option<&TestCerts>) -> Self {
+            Self::launch_with(tls, None).await
+        }
+
+        /// `launch`, with extra agent configuration (HCL).
+        async fn launch_with(tls: Option<&TestCerts>, hcl: Option<&str>) -> Self {
             for _ in 0..3 {
-                let mut agent = Self::fresh(tls);
+                let mut agent = Self::start_with(
+                    free_port(),
+                    [free_port(), free_port(), free_port()],
+                    tls.map(|t| (t, free_port())),
+                    hcl,
+                );
                 if agent.try_ready().await {
                     return agent;
                 }
@@ -366,6 +382,122 @@ mod private_consul {
         assert!(
             spread >= Duration::from_millis(100),
             "spread only {spread:?}: {back:?}"
+        );
+    }
+
+    /// Runs the `consul` CLI against `agent` with `token`; its stdout, or
+    /// `Err` with its output.
+    fn consul_cli(agent: &Agent, token: &str, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("consul")
+            .args(args)
+            .args(["-http-addr", &agent.address(), "-token", token])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// Issue 14: Consul with ACLs on (default deny). A token with a policy
+    /// that may write services registers, keeps its TTL check passing and
+    /// discovers; a token Consul does not know is `Unauthenticated` ("ACL
+    /// not found") for registering and discovering; no token at all is
+    /// `PermissionDenied` for registering. (Consul 1.8 answers reads
+    /// without a token with the list filtered by the ACLs, not an error:
+    /// discovery then finds nothing, which is all it may see.)
+    #[tokio::test]
+    async fn acl_tokens_good_unknown_and_missing() {
+        if !consul_binary("acl") {
+            return;
+        }
+        const ROOT: &str = "2b5a3a64-5d3c-4c4b-9d55-0c6c8d6c0001";
+        const GOOD: &str = "2b5a3a64-5d3c-4c4b-9d55-0c6c8d6c0002";
+        const UNKNOWN: &str = "2b5a3a64-5d3c-4c4b-9d55-0c6c8d6c0003";
+        let hcl = format!(
+            "acl {{ enabled = true\n default_policy = \"deny\"\n tokens {{ master = \"{ROOT}\" }} }}"
+        );
+        let agent = Agent::launch_with(None, Some(&hcl)).await;
+        // The ACL system comes up just after the leader: poll (bounded).
+        let rules = r#"service_prefix "" { policy = "write" } node_prefix "" { policy = "read" }"#;
+        let deadline = Instant::now() + WAIT;
+        while let Err(e) = consul_cli(
+            &agent,
+            ROOT,
+            &["acl", "policy", "create", "-name", "rpc", "-rules", rules],
+        ) {
+            assert!(
+                Instant::now() < deadline,
+                "cannot create the ACL policy: {e}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        consul_cli(
+            &agent,
+            ROOT,
+            &[
+                "acl",
+                "token",
+                "create",
+                "-policy-name",
+                "rpc",
+                "-secret",
+                GOOD,
+            ],
+        )
+        .expect("cannot create the token");
+        let with_token = |token: Option<&str>| RegistryConfig {
+            token: token.map(str::to_owned),
+            ..config(agent.address())
+        };
+
+        // The good token: register, heartbeat, discover, watch.
+        let good = ConsulRegistry::connect(&with_token(Some(GOOD)))
+            .await
+            .unwrap();
+        let m = meta(9400);
+        let reg = good.register(m.clone()).await.unwrap();
+        let cache = ServiceCache::new(good.clone());
+        let handle = cache.service("Consul.Private:1.0").await.unwrap();
+        tokio::time::timeout(WAIT, handle.wait_until(|l, _| l.contains(&m)))
+            .await
+            .expect("the instance never passed its check under the ACL token");
+
+        // A token Consul does not know.
+        let unknown = ConsulRegistry::connect(&with_token(Some(UNKNOWN)))
+            .await
+            .unwrap();
+        let e = unknown.register(meta(9401)).await.unwrap_err();
+        assert_eq!(e.kind(), RegistryErrorKind::Unauthenticated, "{e}");
+        let e = unknown.discover("Consul.Private:1.0").await.unwrap_err();
+        assert_eq!(e.kind(), RegistryErrorKind::Unauthenticated, "{e}");
+        assert!(e.to_string().contains("ACL not found"), "{e}");
+        assert!(!e.is_transient());
+
+        // No token: the anonymous token may not write.
+        let anonymous = ConsulRegistry::connect(&with_token(None)).await.unwrap();
+        let e = anonymous.register(meta(9402)).await.unwrap_err();
+        assert_eq!(e.kind(), RegistryErrorKind::PermissionDenied, "{e}");
+        assert!(
+            anonymous
+                .discover("Consul.Private:1.0")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        println!("[consul] ACLs: good token served; unknown token and no token refused: {e}");
+
+        reg.deregister().await.unwrap();
+        assert!(
+            good.discover("Consul.Private:1.0")
+                .await
+                .unwrap()
+                .is_empty()
         );
     }
 
