@@ -21,8 +21,7 @@
 //!
 //! The full [`ServiceMetaInfo`] travels as JSON in one tag,
 //! `rpc-record={json}`: Consul tags have no length or character limits
-//! (`Meta` allows 64 keys of `[A-Za-z0-9_-]`, values up to 512 bytes, and
-//! `rs-consul` does not return it). The tags `rpc-version=` and `rpc-group=`
+//! (`Meta` allows 64 keys of `[A-Za-z0-9_-]`, values up to 512 bytes). The tags `rpc-version=` and `rpc-group=`
 //! and the `Meta` keys `rpc_service_key`, `rpc_version`, `rpc_group`,
 //! `rpc_weight` (plus every metadata entry that fits Consul's `Meta` rules)
 //! are there for operators; the weight is also Consul's passing weight.
@@ -42,8 +41,13 @@
 //!
 //! # Discovering
 //!
-//! `GET /v1/health/service/{name}?passing` through `rs-consul`: only
-//! instances whose checks all pass. Consul keeps a killed provider critical
+//! `GET /v1/health/service/{name}?passing&stale`: only instances whose
+//! checks all pass, answered by any server (Consul's stale mode), so a
+//! consumer can start during a leader election; an answer from a server
+//! that has not heard from a leader for [`MAX_STALE`] is refused. (With the
+//! default mode a consumer started just after the leader died waited about
+//! 10 s for its first list on the three-server cluster script.) Only
+//! confirming a registration reads in the default mode. Consul keeps a killed provider critical
 //! for at least a minute before reaping it, so hiding it within the TTL is
 //! the `passing` filter's job. Watches are blocking queries (`index` +
 //! `wait`), diffed into upserts and removes. Following the Consul docs, an
@@ -52,8 +56,10 @@
 //! `Connected(false)` and back off exponentially; the first good answer
 //! after them is a snapshot followed by `Connected(true)`.
 //!
-//! The agent endpoints `rs-consul` lacks go over the same hyper client
-//! stack `rs-consul` uses (one client, shared with it).
+//! All of it goes over one hyper client (rustls), not a Consul client
+//! crate: `rs-consul`, used before, has neither the agent endpoints this
+//! needs nor the stale mode and its `X-Consul-LastContact` header, and the
+//! four endpoints used are small.
 
 use crate::support::{diff, sleep_until_opt};
 use rpc_core::RegistryErrorKind;
@@ -76,8 +82,7 @@ use rpc_core::{
     BoxFuture, Deregister, Discover, Registration, RegistrationState, RegistryConfig,
     RegistryError, ServiceMetaInfo, Watch, WatchEvent,
 };
-use rs_consul::{Consul, ConsulBuilder, GetServiceNodesRequest, HttpsClient, QueryOptions};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, info, warn};
@@ -93,6 +98,26 @@ const COMMAND_CAPACITY: usize = 64;
 const WATCH_WAIT: Duration = Duration::from_secs(30);
 /// Least time between two blocking queries of one watch.
 const MIN_QUERY_INTERVAL: Duration = Duration::from_millis(50);
+/// The oldest stale read discovery accepts: how long ago the answering
+/// server last heard from a leader (`X-Consul-LastContact`). An election
+/// takes a few seconds; a server cut off for longer than this is not
+/// trusted with the list.
+pub const MAX_STALE: Duration = Duration::from_secs(10);
+
+/// One entry of `/v1/health/service/:name`: only what discovery reads.
+#[derive(Deserialize)]
+struct HealthEntry {
+    #[serde(rename = "Service")]
+    service: HealthService,
+}
+
+#[derive(Deserialize)]
+struct HealthService {
+    #[serde(rename = "ID")]
+    id: String,
+    #[serde(rename = "Tags", default)]
+    tags: Vec<String>,
+}
 /// Longest heartbeat interval, whatever the TTL.
 const BEAT_MAX: Duration = Duration::from_secs(10);
 /// Consul reaps critical services no sooner than this.
@@ -283,7 +308,7 @@ fn definition(
     (id, check, body)
 }
 
-/// The agent's HTTP API on the client `rs-consul` uses.
+/// The agent's HTTP API.
 #[derive(Clone)]
 struct Agent {
     client: HttpsClient,
@@ -300,6 +325,19 @@ impl Agent {
         body: Option<Vec<u8>>,
         t: Duration,
     ) -> Result<(StatusCode, Bytes), RegistryError> {
+        self.exchange(method, path, body, t)
+            .await
+            .map(|(status, _, bytes)| (status, bytes))
+    }
+
+    /// [`call`](Self::call), with the answer's headers.
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        t: Duration,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), RegistryError> {
         let what = format!("{method} {path}");
         let mut req = Request::builder()
             .method(method)
@@ -321,13 +359,14 @@ impl Agent {
                 .await
                 .map_err(|e| unavailable(what.clone(), e))?;
             let status = resp.status();
+            let headers = resp.headers().clone();
             let bytes = resp
                 .into_body()
                 .collect()
                 .await
                 .map_err(|e| unavailable(format!("{what}: reading the answer"), e))?
                 .to_bytes();
-            Ok((status, bytes))
+            Ok((status, headers, bytes))
         };
         timeout(t, exchange)
             .await
@@ -401,6 +440,12 @@ fn refused(what: &str, status: StatusCode, body: &str) -> Option<RegistryError> 
 
 /// The HTTP(S) client: webpki roots by default; `registry.tls` gives a CA,
 /// an optional client certificate and an optional server name.
+/// The agent's HTTP(S) client (hyper, with rustls).
+type HttpsClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<HttpConnector>,
+    http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>,
+>;
+
 fn http_client(tls: Option<&TlsConfig>, t: Duration) -> Result<HttpsClient, RegistryError> {
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -471,7 +516,7 @@ fn http_client(tls: Option<&TlsConfig>, t: Duration) -> Result<HttpsClient, Regi
         }
     };
     let connector = builder.wrap_connector(http);
-    // No pooled idle connections (as rs-consul's own default): a connection
+    // No pooled idle connections: a connection
     // the agent closed while idle cannot fail the next heartbeat.
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::ZERO)
@@ -498,7 +543,6 @@ pub struct ConsulRegistry {
 
 struct Inner {
     agent: Agent,
-    consul: Consul,
     /// Entries discovery skipped, so each is logged once.
     skips: crate::support::skip::SkipLog,
     namespace: Option<String>,
@@ -541,13 +585,6 @@ impl ConsulRegistry {
         let ttl = config.ttl().max(Duration::from_secs(1));
         let token = config.token.clone().filter(|s| !s.is_empty());
         let client = http_client(config.tls.as_ref(), t)?;
-        let consul = ConsulBuilder::new(rs_consul::Config {
-            address: address.clone(),
-            token: token.clone(),
-            ..rs_consul::Config::default()
-        })
-        .with_https_client(client.clone())
-        .build();
         let agent = Agent {
             client,
             base: address,
@@ -582,7 +619,6 @@ impl ConsulRegistry {
         Ok(Self {
             inner: Arc::new(Inner {
                 agent,
-                consul,
                 skips: crate::support::skip::SkipLog::default(),
                 namespace: clean_namespace(config.namespace.as_deref()).map(str::to_owned),
                 datacenter: config.datacenter.clone().filter(|s| !s.is_empty()),
@@ -620,45 +656,66 @@ impl ConsulRegistry {
     }
 
     /// One health query for `name` (passing instances only). `index` makes
-    /// it a blocking query.
+    /// it a blocking query. `stale` lets any server answer, not only the
+    /// leader: discovery then works during a leader election (Consul's
+    /// "stale" consistency mode). An answer from a server that has not
+    /// heard from a leader for more than [`MAX_STALE`] is refused, so a
+    /// partitioned server cannot serve an old list for long.
     async fn health(
         &self,
         service_key: &str,
         index: Option<u64>,
+        stale: bool,
     ) -> Result<(Vec<ServiceMetaInfo>, u64), RegistryError> {
         let name = self.consul_name(service_key);
         let wait = index.map(|_| WATCH_WAIT);
         // Consul adds up to wait/16 of jitter.
         let t = self.inner.timeout + wait.map_or(Duration::ZERO, |w| w + w / 16);
-        let request = GetServiceNodesRequest {
-            service: &name,
-            passing: true,
-            ..GetServiceNodesRequest::default()
-        };
-        let options = QueryOptions {
-            namespace: None,
-            datacenter: self.inner.datacenter.clone(),
-            timeout: Some(t),
-            index,
-            wait,
-        };
-        let resp = timeout(
-            t + Duration::from_secs(1),
-            self.inner.consul.get_service_nodes(request, Some(options)),
-        )
-        .await
-        .map_err(|_| timed_out("health query", t))?
-        .map_err(|e| {
-            let what = format!("health query for {name}");
-            if let rs_consul::ConsulError::UnexpectedResponseCode(status, body) = &e {
-                if let Some(denied) = refused(&what, *status, body.as_deref().unwrap_or("")) {
-                    return denied;
-                }
+        let mut path = format!("/v1/health/service/{}?passing=1", encode_path(&name));
+        if stale {
+            path.push_str("&stale");
+        }
+        if let Some(dc) = &self.inner.datacenter {
+            path.push_str(&format!("&dc={}", encode_path(dc)));
+        }
+        if let (Some(index), Some(wait)) = (index, wait) {
+            path.push_str(&format!("&index={index}&wait={}ms", wait.as_millis()));
+        }
+        let what = format!("health query for {name}");
+        let (status, headers, body) = self
+            .inner
+            .agent
+            .exchange(Method::GET, &path, None, t + Duration::from_secs(1))
+            .await?;
+        if status != StatusCode::OK {
+            return Err(rejected(&what, status, &body));
+        }
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let returned = header("X-Consul-Index")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        if stale {
+            let last_contact = header("X-Consul-LastContact")
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(Duration::from_millis)
+                .unwrap_or_default();
+            let known_leader = header("X-Consul-KnownLeader") == Some("true");
+            if last_contact > MAX_STALE {
+                return Err(RegistryError::unavailable_because(
+                    BACKEND,
+                    format!(
+                        "{what}: the answering server last heard from a leader {last_contact:?} ago (more than {MAX_STALE:?})"
+                    ),
+                ));
             }
-            unavailable(what, e)
-        })?;
+            if !known_leader {
+                debug!(service = %name, ?last_contact, "consul answered without a known leader (stale read)");
+            }
+        }
+        let entries: Vec<HealthEntry> = serde_json::from_slice(&body)
+            .map_err(|e| unavailable(format!("{what}: unreadable answer"), e))?;
         let mut found = BTreeMap::new();
-        for node in resp.response {
+        for node in entries {
             let Some(json) = node
                 .service
                 .tags
@@ -692,7 +749,7 @@ impl ConsulRegistry {
                 ),
             }
         }
-        Ok((found.into_values().collect(), resp.index))
+        Ok((found.into_values().collect(), returned))
     }
 
     /// Waits (bounded by the timeout) until discovery shows `id` present or
@@ -705,7 +762,8 @@ impl ConsulRegistry {
         while Instant::now() < deadline {
             match timeout(
                 deadline.saturating_duration_since(Instant::now()),
-                self.health(&key, index),
+                // The catalog the leader has, not a follower's copy.
+                self.health(&key, index, false),
             )
             .await
             {
@@ -1139,13 +1197,13 @@ fn next_index(previous: u64, returned: u64) -> u64 {
 
 impl Discover for ConsulRegistry {
     async fn discover(&self, service_key: &str) -> Result<Vec<ServiceMetaInfo>, RegistryError> {
-        Ok(self.health(service_key, None).await?.0)
+        Ok(self.health(service_key, None, true).await?.0)
     }
 
     async fn watch(&self, service_key: &str) -> Result<Watch, RegistryError> {
         // The first snapshot is read here so that an unreachable agent is an
         // error to the caller, not a silent empty list.
-        let (list, index) = self.health(service_key, None).await?;
+        let (list, index) = self.health(service_key, None, true).await?;
         let (tx, rx) = mpsc::channel(WATCH_CHANNEL_CAPACITY);
         if tx.send(WatchEvent::Snapshot(list.clone())).await.is_err() {
             return Err(RegistryError::Shutdown);
@@ -1192,7 +1250,7 @@ impl Follower {
             last_query = Some(Instant::now());
             let index = (self.index > 0).then_some(self.index);
             let answer = tokio::select! {
-                a = self.registry.health(&self.service_key, index) => a,
+                a = self.registry.health(&self.service_key, index, true) => a,
                 _ = self.tx.closed() => return,
             };
             match answer {
