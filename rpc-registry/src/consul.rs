@@ -129,6 +129,11 @@ fn unavailable(message: impl Into<String>, e: impl Into<rpc_core::BoxError>) -> 
     RegistryError::unavailable(BACKEND, message, e)
 }
 
+/// A `[registry]` setting this backend cannot use: `registry.{key}`.
+fn invalid(key: &str, message: impl Into<String>) -> RegistryError {
+    RegistryError::invalid_config(BACKEND, key, message)
+}
+
 fn failed(message: impl Into<String>) -> RegistryError {
     RegistryError::unavailable_because(BACKEND, message)
 }
@@ -463,8 +468,9 @@ fn http_client(tls: Option<&TlsConfig>, t: Duration) -> Result<HttpsClient, Regi
             .enable_http1(),
         Some(tls) => {
             let Some(ca) = &tls.ca_file else {
-                return Err(failed(
-                    "registry.tls needs ca_file for consul (without [registry.tls], https uses the public web roots)",
+                return Err(invalid(
+                    "tls.ca_file",
+                    "needed for consul (without [registry.tls], https uses the public web roots)",
                 ));
             };
             let mut roots = rustls::RootCertStore::empty();
@@ -499,7 +505,8 @@ fn http_client(tls: Option<&TlsConfig>, t: Duration) -> Result<HttpsClient, Regi
                 }
                 (None, None) => config.with_no_client_auth(),
                 _ => {
-                    return Err(failed(
+                    return Err(invalid(
+                        "tls.key_file",
                         "registry.tls needs both cert_file and key_file for a client certificate",
                     ));
                 }
@@ -573,12 +580,15 @@ impl ConsulRegistry {
     pub async fn connect(config: &RegistryConfig) -> Result<Self, RegistryError> {
         let address = match config.address.as_slice() {
             [one] => base_url(one),
-            [] => return Err(failed("registry.address names no Consul agent")),
+            [] => return Err(invalid("address", "names no Consul agent")),
             many => {
-                return Err(failed(format!(
-                    "registry.address must name one Consul agent (services belong to the agent they register with), got {}",
-                    many.join(",")
-                )));
+                return Err(invalid(
+                    "address",
+                    format!(
+                        "must name one Consul agent (services belong to the agent they register with), got {}",
+                        many.join(",")
+                    ),
+                ));
             }
         };
         let t = config.timeout();

@@ -130,6 +130,11 @@ fn unavailable(message: impl Into<String>, e: impl Into<rpc_core::BoxError>) -> 
     RegistryError::unavailable(BACKEND, message, e)
 }
 
+/// A `[registry]` setting this backend cannot use: `registry.{key}`.
+fn invalid(key: &str, message: impl Into<String>) -> RegistryError {
+    RegistryError::invalid_config(BACKEND, key, message)
+}
+
 fn failed(message: impl Into<String>) -> RegistryError {
     RegistryError::unavailable_because(BACKEND, message)
 }
@@ -252,12 +257,13 @@ impl Settings {
             .filter(|a| !a.is_empty())
             .collect();
         if addresses.is_empty() {
-            return Err(failed(
-                "registry.address lists no server (e.g. \"127.0.0.1:8848\")",
+            return Err(invalid(
+                "address",
+                "lists no server (e.g. \"127.0.0.1:8848\")",
             ));
         }
         if config.tls.is_some() {
-            return Err(failed("registry.tls is not supported by the nacos backend"));
+            return Err(invalid("tls", "not supported by the nacos backend"));
         }
         let non_empty = |s: &Option<String>| {
             s.as_deref()

@@ -92,6 +92,11 @@ fn unavailable(message: impl Into<String>, e: ZkError) -> RegistryError {
     RegistryError::unavailable(BACKEND, message, e)
 }
 
+/// A `[registry]` setting this backend cannot use: `registry.{key}`.
+fn invalid(key: &str, message: impl Into<String>) -> RegistryError {
+    RegistryError::invalid_config(BACKEND, key, message)
+}
+
 fn failed(message: impl Into<String>) -> RegistryError {
     RegistryError::unavailable_because(BACKEND, message)
 }
@@ -145,22 +150,21 @@ pub fn parse_address(addresses: &[String]) -> Result<(String, Option<String>), R
             let root = format!("/{root}");
             match &chroot {
                 Some(c) if *c != root => {
-                    return Err(failed(format!(
-                        "registry.address names two chroots, {c} and {root}"
-                    )));
+                    return Err(invalid(
+                        "address",
+                        format!("names two chroots, {c} and {root}"),
+                    ));
                 }
                 _ => chroot = Some(root),
             }
         }
         if host.is_empty() {
-            return Err(failed(format!(
-                "registry.address entry `{entry}` has no host"
-            )));
+            return Err(invalid("address", format!("entry `{entry}` has no host")));
         }
         hosts.push(host.to_owned());
     }
     if hosts.is_empty() {
-        return Err(failed("registry.address lists no ZooKeeper server"));
+        return Err(invalid("address", "lists no ZooKeeper server"));
     }
     Ok((hosts.join(","), chroot))
 }
@@ -223,7 +227,7 @@ impl Spec {
         }
         client
             .chroot(chroot.as_str())
-            .map_err(|_| failed(format!("invalid chroot `{chroot}` in registry.address")))
+            .map_err(|_| invalid("address", format!("invalid chroot `{chroot}`")))
     }
 }
 
@@ -267,12 +271,22 @@ impl ZookeeperRegistry {
     /// timeout, with `timeout_ms` per request and optional digest
     /// `username`/`password`.
     pub async fn connect(config: &RegistryConfig) -> Result<Self, RegistryError> {
+        // Refused rather than ignored: a user who set it would believe the
+        // session is encrypted. (zookeeper-client has a `tls` feature; it
+        // brings a second rustls crypto provider, not taken on yet.)
+        if config.tls.is_some() {
+            return Err(invalid(
+                "tls",
+                "not supported by the zookeeper backend yet; remove [registry.tls] (the connection would not be encrypted)",
+            ));
+        }
         let (hosts, chroot) = parse_address(config.address.as_slice())?;
         let auth = match (&config.username, &config.password) {
             (Some(user), Some(password)) => Some(format!("{user}:{password}")),
             (None, None) => None,
             _ => {
-                return Err(failed(
+                return Err(invalid(
+                    "password",
                     "registry.username and registry.password go together (digest auth)",
                 ));
             }

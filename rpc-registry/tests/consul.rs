@@ -529,9 +529,12 @@ mod private_consul {
         two.address = Addresses(vec![agent.address(), agent.address()]);
         let err = ConsulRegistry::connect(&two).await.unwrap_err();
         assert!(err.to_string().contains("one Consul agent"), "{err}");
+        assert!(err.to_string().contains("`registry.address`"), "{err}");
+        assert_eq!(err.kind(), RegistryErrorKind::InvalidConfig);
         let gone = config(format!("http://127.0.0.1:{}", free_port()));
         let err = ConsulRegistry::connect(&gone).await.unwrap_err();
         assert!(err.to_string().contains("does not answer"), "{err}");
+        assert_eq!(err.kind(), RegistryErrorKind::Unavailable);
     }
 
     #[tokio::test]

@@ -335,6 +335,23 @@ mod zookeeper {
         assert_eq!(provider.discover(SERVICE).await.unwrap(), vec![a]);
     }
 
+    /// `[registry.tls]` is refused at connect, naming the key, rather than
+    /// ignored (the session would not be encrypted); so is a password
+    /// without a user. Neither needs a server.
+    #[tokio::test]
+    async fn tls_and_a_lone_password_are_configuration_errors() {
+        let mut cfg = config("127.0.0.1:1".into(), 2);
+        cfg.tls = Some(rpc_core::config::TlsConfig::default());
+        let err = ZookeeperRegistry::connect(&cfg).await.unwrap_err();
+        assert_eq!(err.kind(), rpc_core::RegistryErrorKind::InvalidConfig, "{err}");
+        assert!(err.to_string().contains("`registry.tls`"), "{err}");
+        let mut cfg = config("127.0.0.1:1".into(), 2);
+        cfg.password = Some("secret".into());
+        let err = ZookeeperRegistry::connect(&cfg).await.unwrap_err();
+        assert_eq!(err.kind(), rpc_core::RegistryErrorKind::InvalidConfig, "{err}");
+        assert!(err.to_string().contains("registry.password"), "{err}");
+    }
+
     #[tokio::test]
     async fn shutdown_removes_the_nodes_at_once_and_namespace_and_chroot_place_them() {
         if !shared_server("shutdown").await {
