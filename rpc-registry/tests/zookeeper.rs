@@ -343,12 +343,20 @@ mod zookeeper {
         let mut cfg = config("127.0.0.1:1".into(), 2);
         cfg.tls = Some(rpc_core::config::TlsConfig::default());
         let err = ZookeeperRegistry::connect(&cfg).await.unwrap_err();
-        assert_eq!(err.kind(), rpc_core::RegistryErrorKind::InvalidConfig, "{err}");
+        assert_eq!(
+            err.kind(),
+            rpc_core::RegistryErrorKind::InvalidConfig,
+            "{err}"
+        );
         assert!(err.to_string().contains("`registry.tls`"), "{err}");
         let mut cfg = config("127.0.0.1:1".into(), 2);
         cfg.password = Some("secret".into());
         let err = ZookeeperRegistry::connect(&cfg).await.unwrap_err();
-        assert_eq!(err.kind(), rpc_core::RegistryErrorKind::InvalidConfig, "{err}");
+        assert_eq!(
+            err.kind(),
+            rpc_core::RegistryErrorKind::InvalidConfig,
+            "{err}"
+        );
         assert!(err.to_string().contains("registry.password"), "{err}");
     }
 

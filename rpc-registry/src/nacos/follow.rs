@@ -1,0 +1,138 @@
+//! A service followed for one watch: the empty-push guard, rechecks, diffs.
+
+use super::*;
+
+/// Follows one service for one watch.
+pub(super) struct Follower {
+    pub(super) discovery: Arc<Discovery>,
+    pub(super) health: watch::Receiver<Health>,
+    pub(super) key: String,
+    /// The Nacos service name.
+    pub(super) service: String,
+    pub(super) tx: mpsc::Sender<WatchEvent>,
+    pub(super) pokes: watch::Receiver<u64>,
+    /// What the consumer holds, by node key.
+    pub(super) current: BTreeMap<String, ServiceMetaInfo>,
+    pub(super) connected: bool,
+    /// When to read the service again (after a failure or a held empty list).
+    pub(super) recheck_at: Option<Instant>,
+    pub(super) backoff: Backoff,
+    /// Until when to read the service every second whatever happens: after
+    /// (re)subscribing, until the server surely pushes to this client again.
+    pub(super) settle_until: Instant,
+    pub(super) _guard: SubscriptionGuard,
+}
+
+impl Follower {
+    pub(super) async fn run(mut self) {
+        self.pokes.mark_unchanged();
+        self.health.mark_unchanged();
+        loop {
+            let recheck_at = self.recheck_at;
+            let open = tokio::select! {
+                _ = self.tx.closed() => return,
+                r = self.pokes.changed() => match r {
+                    Ok(()) => self.refresh().await,
+                    Err(_) => return,
+                },
+                r = self.health.changed() => match r {
+                    Ok(()) => {
+                        let up = self.health.borrow_and_update().up;
+                        if up {
+                            // A new connection has no subscription on the
+                            // server until the SDK's redo (up to 3 s): send
+                            // it now, and read every second meanwhile.
+                            self.discovery.resubscribe(&self.service).await;
+                            self.settle_until = Instant::now() + SETTLE;
+                            self.refresh().await
+                        } else {
+                            self.set_connected(false).await
+                        }
+                    }
+                    Err(_) => return,
+                },
+                _ = sleep_until_opt(recheck_at), if recheck_at.is_some() => {
+                    self.recheck_at = None;
+                    self.refresh().await
+                }
+            };
+            if !open {
+                return;
+            }
+        }
+    }
+
+    pub(super) async fn set_connected(&mut self, up: bool) -> bool {
+        if self.connected == up {
+            return true;
+        }
+        self.connected = up;
+        if !up {
+            debug!(service = %self.key, "nacos watch lost its connection; keeping the list");
+        }
+        self.tx.send(WatchEvent::Connected(up)).await.is_ok()
+    }
+
+    pub(super) fn retry_later(&mut self) {
+        self.recheck_at = Some(Instant::now() + self.backoff.next_pause());
+    }
+
+    /// Reads the service and delivers the difference. `false`: consumer gone.
+    pub(super) async fn refresh(&mut self) -> bool {
+        let open = self.read_and_deliver().await;
+        let now = Instant::now();
+        if self.settle_until > now {
+            let soon = now + HOLD_RECHECK;
+            self.recheck_at = Some(self.recheck_at.map_or(soon, |at| at.min(soon)));
+        }
+        open
+    }
+
+    pub(super) async fn read_and_deliver(&mut self) -> bool {
+        let list = match self.discovery.query(&self.key).await {
+            Ok(list) => list,
+            Err(e) => {
+                debug!(service = %self.key, error = %e, "nacos watch cannot read the service");
+                self.retry_later();
+                return self.set_connected(false).await;
+            }
+        };
+        if list.is_empty() && !self.current.is_empty() {
+            // The empty-push guard (module docs).
+            let h = *self.health.borrow();
+            if !h.up {
+                self.retry_later();
+                return self.set_connected(false).await;
+            }
+            if h.reconnects > 0 && h.since.elapsed() < EMPTY_GRACE {
+                let until = h.since + EMPTY_GRACE;
+                info!(service = %self.key, held = self.current.len(), left = ?until.saturating_duration_since(Instant::now()), "nacos lists no instance right after reconnecting; keeping the list for now");
+                // Look again soon: a provider registering again is the
+                // common end of this, and its push waits for the SDK to
+                // subscribe again (up to 3 s after reconnecting).
+                self.recheck_at = Some(until.min(Instant::now() + HOLD_RECHECK));
+                return true;
+            }
+        }
+        self.backoff.reset();
+        self.recheck_at = None;
+        let next = diff::nodes(list);
+        if !self.connected {
+            // Back from a break: resynchronise with a snapshot.
+            self.current = next;
+            let snapshot: Vec<ServiceMetaInfo> = self.current.values().cloned().collect();
+            if self.tx.send(WatchEvent::Snapshot(snapshot)).await.is_err() {
+                return false;
+            }
+            return self.set_connected(true).await;
+        }
+        let events = diff::diff(&self.current, &next);
+        self.current = next;
+        for event in events {
+            if self.tx.send(event).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+}
