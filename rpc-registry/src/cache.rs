@@ -1384,9 +1384,12 @@ mod tests {
         assert!(!handle.is_healthy());
         // Another service is not in the file: it fails as before.
         assert!(cache.service("Other:1.0").await.is_err());
-        // The registry comes back: its truth replaces the saved list.
-        let w = down.push();
+        // The registry comes back: its truth replaces the saved list. (One
+        // watch per service: `Other:1.0` keeps retrying too, and the
+        // scripted backend hands the next watch to whoever asks first.)
+        let (w, other) = (down.push(), down.push());
         w.send(WatchEvent::Snapshot(vec![meta(3)])).await.unwrap();
+        other.send(WatchEvent::Snapshot(vec![meta(3)])).await.unwrap();
         assert_eq!(until(&handle, |l, h| h && l.len() == 1).await, vec![3]);
     }
 

@@ -461,10 +461,9 @@ impl Discover for ConsulRegistry {
         let follower = Follower {
             registry: self.clone(),
             service_key: service_key.to_owned(),
-            tx,
+            emit: crate::support::follow::Emitter::new(tx),
             index: next_index(0, index),
             current: list.into_iter().map(|m| (m.node_key(), m)).collect(),
-            connected: true,
         };
         match AbortOnDrop::spawn(follower.run()) {
             Some(task) => Ok(Watch::with_guard(rx, task)),

@@ -1,6 +1,7 @@
 //! A service prefix followed: a get, then a watch from its revision; a fresh get after every break.
 
 use super::*;
+use crate::support::follow::Emitter;
 
 /// Follows one service prefix.
 pub(super) struct Follower {
@@ -9,10 +10,9 @@ pub(super) struct Follower {
     pub(super) root: String,
     pub(super) prefix: String,
     pub(super) timeout: Duration,
-    pub(super) tx: mpsc::Sender<WatchEvent>,
+    pub(super) emit: Emitter,
     /// Last revision whose events were delivered.
     pub(super) revision: i64,
-    pub(super) connected: bool,
 }
 
 pub(super) enum WatchEnd {
@@ -35,7 +35,8 @@ impl Follower {
                 }
                 WatchEnd::Broken(why) => {
                     debug!(prefix = %self.prefix, reason = why, "etcd watch broken");
-                    if !self.set_connected(false).await || !self.pause(&mut backoff).await {
+                    if !self.emit.set_connected(false).await || !self.emit.pause(&mut backoff).await
+                    {
                         return;
                     }
                 }
@@ -47,7 +48,9 @@ impl Follower {
                     Ok(false) => return,
                     Err(e) => {
                         debug!(prefix = %self.prefix, error = %rpc_core::error::report(&e), "etcd resync failed");
-                        if !self.set_connected(false).await || !self.pause(&mut backoff).await {
+                        if !self.emit.set_connected(false).await
+                            || !self.emit.pause(&mut backoff).await
+                        {
                             return;
                         }
                     }
@@ -57,33 +60,16 @@ impl Follower {
         }
     }
 
-    /// Waits the next pause of `backoff` unless the consumer goes away first.
-    pub(super) async fn pause(&self, backoff: &mut Backoff) -> bool {
-        let d = backoff.next_pause();
-        tokio::select! {
-            _ = sleep(d) => true,
-            _ = self.tx.closed() => false,
-        }
-    }
-
-    pub(super) async fn set_connected(&mut self, up: bool) -> bool {
-        if self.connected == up {
-            return true;
-        }
-        self.connected = up;
-        self.tx.send(WatchEvent::Connected(up)).await.is_ok()
-    }
-
     /// A fresh get, delivered as a snapshot. `Ok(false)`: consumer gone.
     pub(super) async fn snapshot(&mut self) -> Result<bool, RegistryError> {
         let (list, revision) =
             EtcdRegistry::get_prefix(&mut self.client, &self.prefix, self.timeout, &self.skips)
                 .await?;
         self.revision = revision;
-        if self.tx.send(WatchEvent::Snapshot(list)).await.is_err() {
+        if !self.emit.send(WatchEvent::Snapshot(list)).await {
             return Ok(false);
         }
-        Ok(self.set_connected(true).await)
+        Ok(self.emit.set_connected(true).await)
     }
 
     pub(super) async fn follow(&mut self) -> WatchEnd {
@@ -94,7 +80,7 @@ impl Follower {
             .with_fragment()
             .with_start_revision(self.revision + 1);
         let mut stream = tokio::select! {
-            _ = self.tx.closed() => return WatchEnd::Closed,
+            _ = self.emit.closed() => return WatchEnd::Closed,
             s = timeout(self.timeout, self.client.watch(self.prefix.as_str(), Some(options))) => match s {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => return WatchEnd::Broken(e.to_string()),
@@ -103,7 +89,7 @@ impl Follower {
         };
         loop {
             let msg = tokio::select! {
-                _ = self.tx.closed() => return WatchEnd::Closed,
+                _ = self.emit.closed() => return WatchEnd::Closed,
                 m = stream.message() => m,
             };
             let resp = match msg {
@@ -131,7 +117,7 @@ impl Follower {
                         self.revision
                     ));
                 }
-                if !self.set_connected(true).await {
+                if !self.emit.set_connected(true).await {
                     return WatchEnd::Closed;
                 }
             }
@@ -159,7 +145,7 @@ impl Follower {
                         None => continue,
                     },
                 };
-                if self.tx.send(event).await.is_err() {
+                if !self.emit.send(event).await {
                     return WatchEnd::Closed;
                 }
             }

@@ -465,9 +465,8 @@ impl Discover for EtcdRegistry {
             root: self.inner.root.clone(),
             prefix,
             timeout: t,
-            tx,
+            emit: crate::support::follow::Emitter::new(tx),
             revision,
-            connected: true,
         };
         match AbortOnDrop::spawn(follower.run()) {
             Some(task) => Ok(Watch::with_guard(rx, task)),

@@ -1,6 +1,7 @@
 //! A service followed for one watch: the empty-push guard, rechecks, diffs.
 
 use super::*;
+use crate::support::follow::Emitter;
 
 /// Follows one service for one watch.
 pub(super) struct Follower {
@@ -9,11 +10,10 @@ pub(super) struct Follower {
     pub(super) key: String,
     /// The Nacos service name.
     pub(super) service: String,
-    pub(super) tx: mpsc::Sender<WatchEvent>,
+    pub(super) emit: Emitter,
     pub(super) pokes: watch::Receiver<u64>,
     /// What the consumer holds, by node key.
     pub(super) current: BTreeMap<String, ServiceMetaInfo>,
-    pub(super) connected: bool,
     /// When to read the service again (after a failure or a held empty list).
     pub(super) recheck_at: Option<Instant>,
     pub(super) backoff: Backoff,
@@ -30,7 +30,7 @@ impl Follower {
         loop {
             let recheck_at = self.recheck_at;
             let open = tokio::select! {
-                _ = self.tx.closed() => return,
+                _ = self.emit.closed() => return,
                 r = self.pokes.changed() => match r {
                     Ok(()) => self.refresh().await,
                     Err(_) => return,
@@ -63,14 +63,10 @@ impl Follower {
     }
 
     pub(super) async fn set_connected(&mut self, up: bool) -> bool {
-        if self.connected == up {
-            return true;
-        }
-        self.connected = up;
-        if !up {
+        if !up && self.emit.connected() {
             debug!(service = %self.key, "nacos watch lost its connection; keeping the list");
         }
-        self.tx.send(WatchEvent::Connected(up)).await.is_ok()
+        self.emit.set_connected(up).await
     }
 
     pub(super) fn retry_later(&mut self) {
@@ -116,23 +112,8 @@ impl Follower {
         }
         self.backoff.reset();
         self.recheck_at = None;
-        let next = diff::nodes(list);
-        if !self.connected {
-            // Back from a break: resynchronise with a snapshot.
-            self.current = next;
-            let snapshot: Vec<ServiceMetaInfo> = self.current.values().cloned().collect();
-            if self.tx.send(WatchEvent::Snapshot(snapshot)).await.is_err() {
-                return false;
-            }
-            return self.set_connected(true).await;
-        }
-        let events = diff::diff(&self.current, &next);
-        self.current = next;
-        for event in events {
-            if self.tx.send(event).await.is_err() {
-                return false;
-            }
-        }
-        true
+        self.emit
+            .deliver(&mut self.current, diff::nodes(list))
+            .await
     }
 }

@@ -1,6 +1,8 @@
 //! What the backends share, so that each fix lands once.
 //!
 //! * `diff`: the events between two instance lists (local, Consul, Nacos).
+//! * `follow`: a follower's side of a watch: events, connection state,
+//!   pauses, whole lists delivered as snapshots or changes.
 //! * `fs`: files written whole (temp file, then rename).
 //! * `keeper`: the command protocol of the backends' keeper tasks (etcd,
 //!   ZooKeeper, Consul, Nacos) and deregistration through it.
@@ -13,6 +15,7 @@
 //! with the transport.
 
 pub(crate) mod diff;
+pub(crate) mod follow;
 pub(crate) mod fs;
 #[cfg(any(
     feature = "etcd",

@@ -1,6 +1,7 @@
 //! A service node followed with a persistent recursive watch, re-armed and re-read after every reconnection.
 
 use super::*;
+use crate::support::follow::Emitter;
 
 /// Follows one service node.
 pub(super) struct Follower {
@@ -12,8 +13,7 @@ pub(super) struct Follower {
     /// `{root}/{service_key}`.
     pub(super) path: String,
     pub(super) timeout: Duration,
-    pub(super) tx: mpsc::Sender<WatchEvent>,
-    pub(super) connected: bool,
+    pub(super) emit: Emitter,
 }
 
 pub(super) enum FollowEnd {
@@ -44,7 +44,7 @@ impl Follower {
                     drop(watcher);
                     dead_epoch = Some(session.epoch);
                     debug!(path = %self.path, "zookeeper session gone; waiting for the next one");
-                    if !self.set_connected(false).await {
+                    if !self.emit.set_connected(false).await {
                         return;
                     }
                 }
@@ -65,7 +65,7 @@ impl Follower {
                     s.as_ref()
                         .is_some_and(|s| dead_epoch.is_none_or(|d| s.epoch > d))
                 };
-                let tx = self.tx.clone();
+                let tx = self.emit.sender();
                 tokio::select! {
                     _ = tx.closed() => return None,
                     s = self.sessions.wait_for(newer) => match s {
@@ -90,36 +90,19 @@ impl Follower {
                 },
                 Err(e) => debug!(path = %self.path, error = %e, "zookeeper watch failed"),
             }
-            if !self.set_connected(false).await || !self.pause(backoff).await {
+            if !self.emit.set_connected(false).await || !self.emit.pause(backoff).await {
                 return None;
             }
         }
     }
 
-    /// Waits the next pause of `backoff` unless the consumer goes away first.
-    pub(super) async fn pause(&self, backoff: &mut Backoff) -> bool {
-        let d = backoff.next_pause();
-        tokio::select! {
-            _ = sleep(d) => true,
-            _ = self.tx.closed() => false,
-        }
-    }
-
-    pub(super) async fn set_connected(&mut self, up: bool) -> bool {
-        if self.connected == up {
-            return true;
-        }
-        self.connected = up;
-        self.tx.send(WatchEvent::Connected(up)).await.is_ok()
-    }
-
     /// A fresh read, delivered as a snapshot. `Ok(false)`: consumer gone.
     pub(super) async fn snapshot(&mut self, client: &Client) -> Result<bool, RegistryError> {
         let list = read_service(client, &self.path, self.timeout).await?;
-        if self.tx.send(WatchEvent::Snapshot(list)).await.is_err() {
+        if !self.emit.send(WatchEvent::Snapshot(list)).await {
             return Ok(false);
         }
-        Ok(self.set_connected(true).await)
+        Ok(self.emit.set_connected(true).await)
     }
 
     /// The node key of a direct child's path, if it is one.
@@ -143,7 +126,7 @@ impl Follower {
         let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         let mut sessions = self.sessions.clone();
         loop {
-            let tx = self.tx.clone();
+            let tx = self.emit.sender();
             let event = tokio::select! {
                 _ = tx.closed() => return FollowEnd::Closed,
                 changed = sessions.changed() => {
@@ -192,7 +175,7 @@ impl Follower {
                     if client.state().is_terminated() {
                         return FollowEnd::SessionGone;
                     }
-                    if !self.set_connected(false).await {
+                    if !self.emit.set_connected(false).await {
                         return FollowEnd::Closed;
                     }
                     resync_at = Some(Instant::now() + backoff.next_pause());
@@ -206,7 +189,7 @@ impl Follower {
                         SessionState::Disconnected => {
                             debug!(path = %self.path, "zookeeper disconnected; resynchronising on reconnection");
                             resync_at = None;
-                            if !self.set_connected(false).await {
+                            if !self.emit.set_connected(false).await {
                                 return FollowEnd::Closed;
                             }
                         }
@@ -254,7 +237,7 @@ impl Follower {
                 },
                 EventType::NodeChildrenChanged => continue,
             };
-            if self.tx.send(change).await.is_err() {
+            if !self.emit.send(change).await {
                 return FollowEnd::Closed;
             }
         }

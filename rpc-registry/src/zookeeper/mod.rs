@@ -455,8 +455,7 @@ impl Discover for ZookeeperRegistry {
             prefix: format!("{}/", self.inner.root),
             path,
             timeout: t,
-            tx,
-            connected: true,
+            emit: crate::support::follow::Emitter::new(tx),
         };
         match AbortOnDrop::spawn(follower.run(session, watcher)) {
             Some(task) => Ok(Watch::with_guard(rx, task)),
