@@ -156,6 +156,55 @@ pub enum RegistryKind {
 }
 
 impl RegistryKind {
+    /// The `[registry]` keys this backend takes (besides `type`). Any
+    /// other key set in `rpc.toml` or the environment is refused when the
+    /// configuration is loaded, so that a setting cannot look active when
+    /// the backend ignores it (a Consul `token` given to etcd, TLS given to
+    /// ZooKeeper).
+    pub fn registry_keys(self) -> &'static [&'static str] {
+        match self {
+            Self::Local => &["address", "timeout_ms", "ttl_secs"],
+            // Meaningless in process, but accepted so that the stock
+            // rpc.toml switches to `memory` by its `type` alone.
+            Self::Memory => &["address", "timeout_ms", "ttl_secs"],
+            Self::Etcd => &[
+                "address",
+                "timeout_ms",
+                "ttl_secs",
+                "username",
+                "password",
+                "namespace",
+                "tls",
+            ],
+            Self::Zookeeper => &[
+                "address",
+                "timeout_ms",
+                "ttl_secs",
+                "username",
+                "password",
+                "namespace",
+            ],
+            Self::Consul => &[
+                "address",
+                "timeout_ms",
+                "ttl_secs",
+                "token",
+                "datacenter",
+                "namespace",
+                "tls",
+            ],
+            Self::Nacos => &[
+                "address",
+                "timeout_ms",
+                "ttl_secs",
+                "username",
+                "password",
+                "namespace",
+                "group",
+            ],
+        }
+    }
+
     /// The name used in `rpc.toml`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -596,6 +645,13 @@ impl RpcConfig {
             section_table.insert(key.to_owned(), env_value(&value));
             overridden.push((format!("{section}.{key}"), var));
         }
+        // Which `[registry]` keys were given (file or environment): checked
+        // against the chosen backend once it is known.
+        let registry_keys: Vec<String> = table
+            .get("registry")
+            .and_then(toml::Value::as_table)
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default();
         let de = toml::Value::Table(table);
         let cfg: RpcConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
@@ -613,6 +669,28 @@ impl RpcConfig {
             }
         })?;
         cfg.validate(origin)?;
+        let kind = cfg.registry.kind;
+        let allowed = kind.registry_keys();
+        if let Some(key) = registry_keys
+            .iter()
+            .find(|k| *k != "type" && !allowed.contains(&k.as_str()))
+        {
+            let dotted = format!("registry.{key}");
+            let origin = overridden
+                .iter()
+                .find(|(k, _)| *k == dotted)
+                .map(|(_, var)| format!("environment variable {var}"))
+                .unwrap_or_else(|| origin.to_owned());
+            return Err(ConfigError::new(
+                &origin,
+                &dotted,
+                format!(
+                    "not used by the {} registry backend (it takes: {})",
+                    kind.as_str(),
+                    allowed.join(", ")
+                ),
+            ));
+        }
         Ok(cfg)
     }
 
@@ -996,6 +1074,64 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.key, "client.services.\"S:1.0\".fail_safe.get");
+    }
+
+    #[test]
+    fn a_registry_key_the_backend_does_not_use_is_refused() {
+        let e = RpcConfig::from_toml_str(
+            "[registry]\ntype = \"etcd\"\naddress = \"a:1\"\ntoken = \"t\"\n",
+            "rpc.toml",
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.origin.as_str(), e.key.as_str()),
+            ("rpc.toml", "registry.token")
+        );
+        assert!(e.message.contains("etcd"), "{e}");
+        let e = RpcConfig::from_toml_str(
+            "[registry]\ntype = \"zookeeper\"\naddress = \"a:1\"\n[registry.tls]\nca_file = \"ca.pem\"\n",
+            "rpc.toml",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "registry.tls");
+        assert!(e.message.contains("zookeeper"), "{e}");
+        let e = RpcConfig::from_toml_str("[registry]\ntype = \"local\"\ngroup = \"g\"\n", "t")
+            .unwrap_err();
+        assert_eq!(e.key, "registry.group");
+        // From the environment: the variable is named.
+        let e = RpcConfig::load_with_env(
+            None,
+            env(&[
+                ("RPC_REGISTRY_TYPE", "consul"),
+                ("RPC_REGISTRY_ADDRESS", "a:1"),
+                ("RPC_REGISTRY_GROUP", "g"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "registry.group");
+        assert!(e.origin.contains("RPC_REGISTRY_GROUP"), "{e}");
+        // What each backend takes passes.
+        for (kind, extra) in [
+            (
+                "etcd",
+                "username = \"u\"\npassword = \"p\"\nnamespace = \"n\"",
+            ),
+            (
+                "zookeeper",
+                "username = \"u\"\npassword = \"p\"\nnamespace = \"n\"",
+            ),
+            (
+                "consul",
+                "token = \"t\"\ndatacenter = \"d\"\nnamespace = \"n\"",
+            ),
+            ("nacos", "username = \"u\"\npassword = \"p\"\ngroup = \"g\""),
+            ("local", "ttl_secs = 5"),
+        ] {
+            let text = format!(
+                "[registry]\ntype = \"{kind}\"\naddress = \"a:1\"\ntimeout_ms = 100\n{extra}\n"
+            );
+            RpcConfig::from_toml_str(&text, "t").unwrap_or_else(|e| panic!("{kind}: {e}"));
+        }
     }
 
     #[test]

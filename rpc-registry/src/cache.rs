@@ -1389,7 +1389,10 @@ mod tests {
         // scripted backend hands the next watch to whoever asks first.)
         let (w, other) = (down.push(), down.push());
         w.send(WatchEvent::Snapshot(vec![meta(3)])).await.unwrap();
-        other.send(WatchEvent::Snapshot(vec![meta(3)])).await.unwrap();
+        other
+            .send(WatchEvent::Snapshot(vec![meta(3)]))
+            .await
+            .unwrap();
         assert_eq!(until(&handle, |l, h| h && l.len() == 1).await, vec![3]);
     }
 
