@@ -7,17 +7,31 @@
 //!
 //! # Layout
 //!
+//! Each backend is a folder: `mod.rs` has the registry type, `connect`, the
+//! `Registry` and `Discover` impls and the module docs (what it writes,
+//! how it recovers; `docs/registry-layouts.md` sums them up);
+//! `registration.rs` is its keeper task (or heartbeat) and `follow.rs` its
+//! watch, plus what only that backend needs.
+//!
 //! * [`local`]: [`LocalRegistry`], the default: a directory of JSON records
-//!   with heartbeats; cross-process on one host, no server.
+//!   with heartbeats; cross-process on one host, no server (`scan.rs`
+//!   reads a service directory).
 //! * [`memory`]: [`MemoryRegistry`], in-process, with fault injection for
 //!   tests ([`MemoryRegistry::evict`], [`MemoryRegistry::set_reachable`]).
+//! * `etcd/`, `zookeeper/` (`session.rs`), `consul/` (`agent.rs`: the HTTP
+//!   API; `record.rs`: names), `nacos/` (`lanes.rs`: connections;
+//!   `record.rs`; `subscription.rs`): behind cargo features, below.
 //! * [`cache`]: [`ServiceCache`], one watch per service key, lock-free reads
 //!   of `Arc<Vec<ServiceMetaInfo>>`, a version counter per service, keeps
-//!   its last list through registry outages and empty restarts.
+//!   its last list through registry outages and empty restarts
+//!   (`entry.rs`: a service's list and the empty-push protection;
+//!   `merge.rs`: applying events; `snapshot.rs`: the snapshot file).
 //! * [`factory`]: [`AnyRegistry`], the configured backend as one type.
-//! * `support` (private): what the backends share: keeper-task protocol,
-//!   task ownership, TLS file reading, the skipped-entry log, timers.
-//!   Reconnect backoff is [`rpc_core::backoff`], jittered.
+//! * `support` (private): what the backends share: the keeper-task
+//!   protocol and shutdown, the follower's emitter (events, connection
+//!   state, pauses), the list diff, atomic file writes, task ownership,
+//!   TLS file reading, the skipped-entry log. Reconnect backoff is
+//!   [`rpc_core::backoff`], jittered, shared with the transport.
 //!
 //! # Cargo features
 //!
@@ -29,7 +43,8 @@
 //!   expiry; persistent recursive watches (ZooKeeper 3.6+).
 //! * `consul` — `consul::ConsulRegistry`: agent service registration with
 //!   a TTL check passed by one keeper task, re-registered when the agent
-//!   forgets it; passing-only discovery, watched with blocking queries
+//!   forgets it; passing-only discovery in stale mode (any server answers,
+//!   so it works during a leader election), watched with blocking queries
 //!   (Consul 1.8+).
 //! * `nacos` — `nacos::NacosRegistry`: ephemeral instances kept alive by
 //!   the official SDK's gRPC connection, re-registered by a keeper task
