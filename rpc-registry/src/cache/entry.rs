@@ -1,4 +1,5 @@
-//! One followed service: its published list, health, version, and the empty-push protection (Held, Entry::apply, Entry::release).
+//! One followed service: its published list, health, version, and the empty-
+//! push protection (Held, Entry::apply, Entry::release).
 
 use super::*;
 

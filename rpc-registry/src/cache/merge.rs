@@ -1,4 +1,5 @@
-//! Applying watch events to a list: snapshot merges with a Delta, single upserts and removals, in node-key order.
+//! Applying watch events to a list: snapshot merges with a Delta, single
+//! upserts and removals, in node-key order.
 
 use super::*;
 

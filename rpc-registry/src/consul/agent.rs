@@ -1,4 +1,5 @@
-//! The agent HTTP API over hyper with rustls: requests, ACL refusals, TLS settings.
+//! The agent HTTP API over hyper with rustls: requests, ACL refusals, TLS
+//! settings.
 
 use super::*;
 

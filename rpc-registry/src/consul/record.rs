@@ -1,4 +1,5 @@
-//! Names and records: how a service key becomes a Consul service name and ID, and the service definition carrying the instance record.
+//! Names and records: how a service key becomes a Consul service name and ID,
+//! and the service definition carrying the instance record.
 
 use super::*;
 

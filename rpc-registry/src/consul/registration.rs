@@ -1,4 +1,5 @@
-//! The keeper task: passes every TTL check, re-registers what the agent forgot, deregisters.
+//! The keeper task: passes every TTL check, re-registers what the agent forgot,
+//! deregisters.
 
 use super::*;
 

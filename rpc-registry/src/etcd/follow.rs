@@ -1,4 +1,5 @@
-//! A service prefix followed: a get, then a watch from its revision; a fresh get after every break.
+//! A service prefix followed: a get, then a watch from its revision; a fresh
+//! get after every break.
 
 use super::*;
 use crate::support::follow::Emitter;

@@ -1,4 +1,5 @@
-//! The keeper task: one lease, every published key, the keep-alive stream, and putting the keys back when the lease is gone.
+//! The keeper task: one lease, every published key, the keep-alive stream, and
+//! putting the keys back when the lease is gone.
 
 use super::*;
 

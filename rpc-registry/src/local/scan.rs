@@ -1,4 +1,5 @@
-//! Reading a service directory: records, liveness by heartbeat, pid and observation, garbage collection.
+//! Reading a service directory: records, liveness by heartbeat, pid and
+//! observation, garbage collection.
 
 use super::*;
 

@@ -1,4 +1,5 @@
-//! Connections (lanes) to the server: settings, health probes, and reconnecting a lane.
+//! Connections (lanes) to the server: settings, health probes, and reconnecting
+//! a lane.
 
 use super::*;
 

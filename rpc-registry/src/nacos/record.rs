@@ -1,4 +1,5 @@
-//! Names and records: service keys as Nacos service names, instance records in instance metadata.
+//! Names and records: service keys as Nacos service names, instance records in
+//! instance metadata.
 
 use super::*;
 

@@ -1,4 +1,5 @@
-//! The keeper task: publishes instances, re-registers them after a break, deregisters.
+//! The keeper task: publishes instances, re-registers them after a break,
+//! deregisters.
 
 use super::*;
 

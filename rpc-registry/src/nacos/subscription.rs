@@ -1,4 +1,5 @@
-//! Discovery shared by every watch of a registry: one SDK subscription per service, pokes to its followers.
+//! Discovery shared by every watch of a registry: one SDK subscription per
+//! service, pokes to its followers.
 
 use super::*;
 

@@ -1,4 +1,5 @@
-//! A service node followed with a persistent recursive watch, re-armed and re-read after every reconnection.
+//! A service node followed with a persistent recursive watch, re-armed and re-
+//! read after every reconnection.
 
 use super::*;
 use crate::support::follow::Emitter;

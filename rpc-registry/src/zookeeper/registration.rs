@@ -1,4 +1,5 @@
-//! The keeper task: one session, its ephemeral nodes, and publishing them again in a new session after an expiry.
+//! The keeper task: one session, its ephemeral nodes, and publishing them again
+//! in a new session after an expiry.
 
 use super::*;
 

@@ -1,4 +1,5 @@
-//! How a session is opened (hosts, chroot, digest auth) and handed to discovery.
+//! How a session is opened (hosts, chroot, digest auth) and handed to
+//! discovery.
 
 use super::*;
 
