@@ -122,7 +122,8 @@ ZK_PORT=2181
 ZK_CLASSPATH=/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-simple.jar
 
 zookeeper_install() {
-  if [ -e /usr/share/java/zookeeper.jar ] && [ -e /usr/share/java/slf4j-simple.jar ] && command -v java >/dev/null; then
+  # netty: the TLS test runs a private server with a secure (Netty) port.
+  if [ -e /usr/share/java/zookeeper.jar ] && [ -e /usr/share/java/slf4j-simple.jar ] && [ -e /usr/share/java/netty-codec.jar ] && command -v java >/dev/null; then
     log "zookeeper present: $(dpkg-query -W -f '${Version}' zookeeper 2>/dev/null || echo unknown version)"
     return
   fi

@@ -160,7 +160,7 @@ impl RegistryKind {
     /// other key set in `rpc.toml` or the environment is refused when the
     /// configuration is loaded, so that a setting cannot look active when
     /// the backend ignores it (a Consul `token` given to etcd, TLS given to
-    /// ZooKeeper).
+    /// Nacos).
     pub fn registry_keys(self) -> &'static [&'static str] {
         match self {
             Self::Local => &["address", "timeout_ms", "ttl_secs"],
@@ -183,6 +183,7 @@ impl RegistryKind {
                 "username",
                 "password",
                 "namespace",
+                "tls",
             ],
             Self::Consul => &[
                 "address",
@@ -1089,12 +1090,19 @@ mod tests {
         );
         assert!(e.message.contains("etcd"), "{e}");
         let e = RpcConfig::from_toml_str(
-            "[registry]\ntype = \"zookeeper\"\naddress = \"a:1\"\n[registry.tls]\nca_file = \"ca.pem\"\n",
+            "[registry]\ntype = \"zookeeper\"\naddress = \"a:1\"\ntoken = \"t\"\n",
+            "rpc.toml",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "registry.token");
+        assert!(e.message.contains("zookeeper"), "{e}");
+        let e = RpcConfig::from_toml_str(
+            "[registry]\ntype = \"nacos\"\naddress = \"a:1\"\n[registry.tls]\nca_file = \"ca.pem\"\n",
             "rpc.toml",
         )
         .unwrap_err();
         assert_eq!(e.key, "registry.tls");
-        assert!(e.message.contains("zookeeper"), "{e}");
+        assert!(e.message.contains("nacos"), "{e}");
         let e = RpcConfig::from_toml_str("[registry]\ntype = \"local\"\ngroup = \"g\"\n", "t")
             .unwrap_err();
         assert_eq!(e.key, "registry.group");

@@ -27,7 +27,7 @@ mod zookeeper {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::{Duration, Instant};
 
-    use rpc_core::config::Addresses;
+    use rpc_core::config::{Addresses, TlsConfig};
     use rpc_core::{
         Discover, RegistrationState, Registry, RegistryConfig, RegistryKind, ServiceMetaInfo,
         Watch, WatchEvent,
@@ -36,7 +36,7 @@ mod zookeeper {
     use zookeeper_client::{Acls, Client, CreateMode};
 
     use crate::common::ports::free_port;
-    use crate::conformance::private::found_or_skip;
+    use crate::conformance::private::{TestCerts, certs_or_skip, found_or_skip};
     use crate::conformance::proxy::FaultProxy;
     use crate::conformance::servers_required;
 
@@ -335,20 +335,26 @@ mod zookeeper {
         assert_eq!(provider.discover(SERVICE).await.unwrap(), vec![a]);
     }
 
-    /// `[registry.tls]` is refused at connect, naming the key, rather than
-    /// ignored (the session would not be encrypted); so is a password
-    /// without a user. Neither needs a server.
+    /// TLS settings ZooKeeper cannot honour, and a password without a
+    /// user, are configuration errors naming the key. No server needed.
     #[tokio::test]
-    async fn tls_and_a_lone_password_are_configuration_errors() {
+    async fn tls_settings_and_a_lone_password_are_checked() {
         let mut cfg = config("127.0.0.1:1".into(), 2);
-        cfg.tls = Some(rpc_core::config::TlsConfig::default());
+        cfg.tls = Some(TlsConfig::default());
         let err = ZookeeperRegistry::connect(&cfg).await.unwrap_err();
         assert_eq!(
             err.kind(),
             rpc_core::RegistryErrorKind::InvalidConfig,
             "{err}"
         );
-        assert!(err.to_string().contains("`registry.tls`"), "{err}");
+        assert!(err.to_string().contains("`registry.tls.ca_file`"), "{err}");
+        cfg.tls = Some(TlsConfig {
+            ca_file: Some("ca.pem".into()),
+            domain: Some("zk.local".into()),
+            ..TlsConfig::default()
+        });
+        let err = ZookeeperRegistry::connect(&cfg).await.unwrap_err();
+        assert!(err.to_string().contains("`registry.tls.domain`"), "{err}");
         let mut cfg = config("127.0.0.1:1".into(), 2);
         cfg.password = Some("secret".into());
         let err = ZookeeperRegistry::connect(&cfg).await.unwrap_err();
@@ -426,6 +432,28 @@ mod zookeeper {
 
     const ZK_JAR: &str = "/usr/share/java/zookeeper.jar";
     const CLASSPATH: &str = "/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-nop.jar";
+    /// Netty, for ZooKeeper's TLS port (Debian's `libnetty-java`, which the
+    /// `zookeeper` package depends on; its `netty-all.jar` only points at
+    /// these).
+    const NETTY_JARS: &[&str] = &[
+        "netty-buffer",
+        "netty-codec",
+        "netty-common",
+        "netty-handler",
+        "netty-resolver",
+        "netty-transport",
+        "netty-transport-native-unix-common",
+    ];
+
+    fn netty_classpath() -> Option<String> {
+        let jars: Vec<String> = NETTY_JARS
+            .iter()
+            .map(|j| format!("/usr/share/java/{j}.jar"))
+            .collect();
+        jars.iter()
+            .all(|j| Path::new(j).exists())
+            .then(|| jars.join(":"))
+    }
 
     /// Java and Debian's ZooKeeper jar, or a skip (a failure under
     /// RPC_REQUIRE_SERVERS=1).
@@ -446,6 +474,43 @@ mod zookeeper {
     }
 
     impl PrivateZk {
+        /// With TLS only, on `port` (Netty; Debian's netty jars): the server
+        /// presents `certs.server_cert` and requires a client certificate
+        /// signed by `certs.ca` (ZooKeeper's default `ssl.clientAuth=need`).
+        fn start_tls(dir: &Path, port: u16, certs: &TestCerts, netty: &str) -> Self {
+            let data = dir.join("data");
+            std::fs::create_dir_all(&data).unwrap();
+            // ZooKeeper's PEM key store: the key and the certificate in one file.
+            let bundle = dir.join("server-bundle.pem");
+            let mut pem = std::fs::read(&certs.server_key).unwrap();
+            pem.extend(std::fs::read(&certs.server_cert).unwrap());
+            std::fs::write(&bundle, pem).unwrap();
+            let cfg = dir.join("zoo.cfg");
+            std::fs::write(
+                &cfg,
+                format!(
+                    "tickTime=500\ndataDir={}\nsecureClientPort={port}\nsecureClientPortAddress=127.0.0.1\n\
+                     serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory\n\
+                     ssl.keyStore.location={}\nssl.keyStore.type=PEM\n\
+                     ssl.trustStore.location={}\nssl.trustStore.type=PEM\n\
+                     admin.enableServer=false\n",
+                    data.display(),
+                    bundle.display(),
+                    certs.ca.display()
+                ),
+            )
+            .unwrap();
+            let child = Command::new("java")
+                .args(["-Xmx128m", "-cp", &format!("{CLASSPATH}:{netty}")])
+                .arg("org.apache.zookeeper.server.ZooKeeperServerMain")
+                .arg(&cfg)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            Self { child }
+        }
+
         fn start(dir: &Path, port: u16) -> Self {
             let data = dir.join("data");
             std::fs::create_dir_all(&data).unwrap();
@@ -487,14 +552,81 @@ mod zookeeper {
     async fn connect_when_ready(config: &RegistryConfig) -> ZookeeperRegistry {
         let deadline = Instant::now() + WAIT;
         loop {
-            if let Ok(r) = ZookeeperRegistry::connect(config).await {
-                if r.discover("probe:1").await.is_ok() {
-                    return r;
-                }
-            }
-            assert!(Instant::now() < deadline, "zookeeper did not become ready");
+            let last = match ZookeeperRegistry::connect(config).await {
+                Ok(r) => match r.discover("probe:1").await {
+                    Ok(_) => return r,
+                    Err(e) => rpc_core::error::report(&e),
+                },
+                Err(e) => rpc_core::error::report(&e),
+            };
+            assert!(
+                Instant::now() < deadline,
+                "zookeeper did not become ready: {last}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Issue 14: ZooKeeper over TLS with client certificates (a private
+    /// server with only a secure port). With the CA and a client
+    /// certificate the registry registers, discovers and watches; without a
+    /// client certificate the server refuses the session, and a plain
+    /// connection to the TLS port gets no session either.
+    #[tokio::test]
+    async fn tls_with_a_client_certificate() {
+        if !zookeeper_installed("tls") {
+            return;
+        }
+        let Some(netty) = netty_classpath() else {
+            found_or_skip(
+                false,
+                "zookeeper",
+                "tls",
+                "no netty jars in /usr/share/java",
+            );
+            return;
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let Some(certs) = certs_or_skip("zookeeper", "tls", tmp.path()) else {
+            return;
+        };
+        let port = free_port();
+        let _zk = PrivateZk::start_tls(&tmp.path().join("z"), port, &certs, &netty);
+        let tls = |client_cert: bool| {
+            let mut cfg = config(format!("127.0.0.1:{port}/tls"), 4);
+            cfg.timeout_ms = 2_000;
+            cfg.tls = Some(TlsConfig {
+                ca_file: Some(certs.ca.clone()),
+                cert_file: client_cert.then(|| certs.client_cert.clone()),
+                key_file: client_cert.then(|| certs.client_key.clone()),
+                ..TlsConfig::default()
+            });
+            cfg
+        };
+        let registry = connect_when_ready(&tls(true)).await;
+        let m = ServiceMetaInfo::new("Zk.Tls", "1.0", "127.0.0.1", 9600);
+        let reg = registry.register(m.clone()).await.unwrap();
+        let cache = ServiceCache::new(registry.clone());
+        let handle = cache.service("Zk.Tls:1.0").await.unwrap();
+        tokio::time::timeout(WAIT, handle.wait_until(|l, _| l.contains(&m)))
+            .await
+            .unwrap();
+
+        let e = ZookeeperRegistry::connect(&tls(false)).await.unwrap_err();
+        println!("[zookeeper] TLS: served with a client certificate; without one: {e}");
+        let plain = config(format!("127.0.0.1:{port}/tls"), 4);
+        assert!(
+            ZookeeperRegistry::connect(&RegistryConfig {
+                timeout_ms: 2_000,
+                ..plain
+            })
+            .await
+            .is_err()
+        );
+
+        reg.deregister().await.unwrap();
+        assert!(registry.discover("Zk.Tls:1.0").await.unwrap().is_empty());
+        registry.shutdown().await;
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@
 //! * `keeper`: the command protocol of the backends' keeper tasks (etcd,
 //!   ZooKeeper, Consul, Nacos) and deregistration through it.
 //! * `task`: abort-on-drop ownership of spawned tasks.
-//! * `tls`: reading the `registry.tls` files (etcd, Consul).
+//! * `tls`: reading the `registry.tls` files (etcd, ZooKeeper, Consul).
 //! * `skip`: a skipped registry entry is logged once, with why.
 //! * [`sleep_until_opt`]: a timer arm of `select!` that may be unset.
 //!
@@ -27,7 +27,7 @@ pub(crate) mod keeper;
 #[cfg(any(feature = "etcd", feature = "consul"))]
 pub(crate) mod skip;
 pub(crate) mod task;
-#[cfg(any(feature = "etcd", feature = "consul"))]
+#[cfg(any(feature = "etcd", feature = "zookeeper", feature = "consul"))]
 pub(crate) mod tls;
 
 use tokio::time::Instant;

@@ -1,4 +1,5 @@
-//! What the TLS-capable backends (etcd, Consul) share of `registry.tls`.
+//! What the TLS-capable backends (etcd, ZooKeeper, Consul) share of
+//! `registry.tls`.
 
 use std::path::Path;
 

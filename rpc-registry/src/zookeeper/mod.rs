@@ -32,6 +32,10 @@
 //! generation, and log it, retrying with backoff until it succeeds.
 //! [`ZookeeperRegistry::shutdown`] deletes the nodes and ends the session.
 //!
+//! With `[registry.tls]` (a `ca_file`, and a client certificate for
+//! servers that require one, ZooKeeper's default) every server is dialled
+//! with TLS; ZooKeeper 3.5+ serves it on its `secureClientPort` (Netty).
+//!
 //! With `username` and `password`, the session authenticates with the
 //! `digest` scheme and creates nodes with the `CREATOR_ALL` ACL (only the same
 //! credentials read or change them), as Dubbo and Curator do; without them,
@@ -75,6 +79,8 @@ use zookeeper_client::{
 
 use crate::support::keeper::{self, KeeperDeregister};
 use crate::support::task::AbortOnDrop;
+use crate::support::tls::read_pem;
+use rpc_core::config::TlsConfig;
 
 mod follow;
 mod registration;
@@ -98,6 +104,49 @@ type ZkError = zookeeper_client::Error;
 
 fn unavailable(message: impl Into<String>, e: ZkError) -> RegistryError {
     RegistryError::unavailable(BACKEND, message, e)
+}
+
+/// `registry.tls` as the client's TLS options: the CA (required: ZooKeeper
+/// servers rarely use public roots), and a client certificate for servers
+/// with `ssl.clientAuth=need` (ZooKeeper's default).
+fn tls_options(tls: &TlsConfig) -> Result<zookeeper_client::TlsOptions, RegistryError> {
+    // zookeeper-client builds its rustls config with the process's default
+    // crypto provider; with more than one compiled in (ring here, aws-lc
+    // from zookeeper-client itself) none is chosen and rustls would panic.
+    // Installing ring, which the other backends use, is idempotent.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if tls.domain.is_some() {
+        return Err(invalid(
+            "tls.domain",
+            "not supported by zookeeper: the server name checked is the host in registry.address",
+        ));
+    }
+    let Some(ca) = &tls.ca_file else {
+        return Err(invalid("tls.ca_file", "needed for zookeeper TLS"));
+    };
+    let pem = |path: &std::path::Path, key: &str| -> Result<String, RegistryError> {
+        let bytes = read_pem(BACKEND, path, key)?;
+        String::from_utf8(bytes).map_err(|_| invalid(&format!("tls.{key}"), "not a PEM file"))
+    };
+    let bad = |key: &str, e: ZkError| invalid(&format!("tls.{key}"), e.to_string());
+    let mut options = zookeeper_client::TlsOptions::new()
+        .with_pem_ca(&pem(ca, "ca_file")?)
+        .map_err(|e| bad("ca_file", e))?;
+    match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => {
+            options = options
+                .with_pem_identity(&pem(cert, "cert_file")?, &pem(key, "key_file")?)
+                .map_err(|e| bad("cert_file", e))?;
+        }
+        (None, None) => {}
+        _ => {
+            return Err(invalid(
+                "tls.key_file",
+                "registry.tls needs both cert_file and key_file for a client certificate",
+            ));
+        }
+    }
+    Ok(options)
 }
 
 /// A `[registry]` setting this backend cannot use: `registry.{key}`.
@@ -209,15 +258,10 @@ impl ZookeeperRegistry {
     /// timeout, with `timeout_ms` per request and optional digest
     /// `username`/`password`.
     pub async fn connect(config: &RegistryConfig) -> Result<Self, RegistryError> {
-        // Refused rather than ignored: a user who set it would believe the
-        // session is encrypted. (zookeeper-client has a `tls` feature; it
-        // brings a second rustls crypto provider, not taken on yet.)
-        if config.tls.is_some() {
-            return Err(invalid(
-                "tls",
-                "not supported by the zookeeper backend yet; remove [registry.tls] (the connection would not be encrypted)",
-            ));
-        }
+        let tls = match &config.tls {
+            Some(tls) => Some(tls_options(tls)?),
+            None => None,
+        };
         let (hosts, chroot) = parse_address(config.address.as_slice())?;
         let auth = match (&config.username, &config.password) {
             (Some(user), Some(password)) => Some(format!("{user}:{password}")),
@@ -235,6 +279,7 @@ impl ZookeeperRegistry {
             session_timeout: config.ttl().max(Duration::from_secs(1)),
             timeout: config.timeout(),
             auth,
+            tls,
         };
         let client = spec.open().await?;
         let negotiated = client.session_timeout();

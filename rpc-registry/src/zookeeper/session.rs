@@ -12,6 +12,8 @@ pub(super) struct Spec {
     pub(super) timeout: Duration,
     /// `user:password` for the digest scheme.
     pub(super) auth: Option<String>,
+    /// TLS to every server (`registry.tls`), with `tcp+tls` for every host.
+    pub(super) tls: Option<zookeeper_client::TlsOptions>,
 }
 
 impl Spec {
@@ -41,12 +43,18 @@ impl Spec {
         if let Some(auth) = &self.auth {
             connector = connector.with_auth("digest", auth.as_bytes());
         }
-        let client = bounded(
-            t,
-            format!("connecting to {}", self.hosts),
-            connector.connect(&self.hosts),
-        )
-        .await?;
+        let what = format!("connecting to {}", self.hosts);
+        let client = match &self.tls {
+            Some(tls) => {
+                bounded(
+                    t,
+                    what,
+                    connector.with_tls(tls.clone()).secure_connect(&self.hosts),
+                )
+                .await?
+            }
+            None => bounded(t, what, connector.connect(&self.hosts)).await?,
+        };
         let Some(chroot) = &self.chroot else {
             return Ok(client);
         };
