@@ -74,16 +74,23 @@ mod private_nacos {
         root: tempfile::TempDir,
         child: Option<Child>,
         runs: u32,
+        /// With authentication on: the admin's user name and password.
+        auth: Option<(&'static str, &'static str)>,
     }
 
     impl PrivateNacos {
         async fn start(bin: PathBuf) -> Self {
+            Self::start_with(bin, None).await
+        }
+
+        async fn start_with(bin: PathBuf, auth: Option<(&'static str, &'static str)>) -> Self {
             let mut server = Self {
                 bin,
                 port: free_port_with(&[GRPC_OFFSET, CONSOLE_OFFSET]),
                 root: tempfile::tempdir().unwrap(),
                 child: None,
                 runs: 0,
+                auth,
             };
             server.run().await;
             server
@@ -103,7 +110,13 @@ mod private_nacos {
             std::fs::create_dir_all(&dir).unwrap();
             let log = std::fs::File::create(dir.join("rnacos.log")).unwrap();
             // Started in its data dir: rnacos reads ./.env from its cwd.
-            let child = Command::new(&self.bin)
+            let mut cmd = Command::new(&self.bin);
+            if let Some((user, password)) = self.auth {
+                cmd.env("RNACOS_ENABLE_OPEN_API_AUTH", "true")
+                    .env("RNACOS_INIT_ADMIN_USERNAME", user)
+                    .env("RNACOS_INIT_ADMIN_PASSWORD", password);
+            }
+            let child = cmd
                 .current_dir(&dir)
                 .env("RNACOS_SDK_HOST", "127.0.0.1")
                 .env("RNACOS_CONSOLE_HOST", "127.0.0.1")
@@ -152,6 +165,25 @@ mod private_nacos {
             )
         }
 
+        /// Whether `/nacos/v1/auth/login` gives `user` a token.
+        async fn login_works(&self, user: &str, password: &str) -> bool {
+            let probe = async {
+                let mut s = TcpStream::connect(self.addr()).await.ok()?;
+                let request = format!(
+                    "POST /nacos/v1/auth/login?username={user}&password={password} HTTP/1.1\r\n\
+                     Host: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                s.write_all(request.as_bytes()).await.ok()?;
+                let mut body = String::new();
+                s.read_to_string(&mut body).await.ok()?;
+                Some(body.contains("accessToken"))
+            };
+            matches!(
+                tokio::time::timeout(Duration::from_secs(2), probe).await,
+                Ok(Some(true))
+            )
+        }
+
         async fn kill(&mut self) {
             if let Some(mut child) = self.child.take() {
                 child.kill().await.unwrap();
@@ -166,6 +198,65 @@ mod private_nacos {
 
     /// Two proxies, on P and P + 1000, as the Nacos 2.x client derives its
     /// gRPC port from the address.
+    /// Issue 14: Nacos login (rnacos with `RNACOS_ENABLE_OPEN_API_AUTH`,
+    /// which guards its HTTP open API and gRPC naming requests). The right
+    /// user and password register and discover; a wrong password is
+    /// refused as `Unauthenticated`, not taken for an outage.
+    #[tokio::test]
+    async fn login_with_a_good_and_a_bad_password() {
+        let Some(bin) = rnacos_binary("login") else {
+            return;
+        };
+        let server = PrivateNacos::start_with(bin, Some(("admin", "secret123"))).await;
+        // rnacos creates its admin user a moment after it answers /health;
+        // a client logging in before that gets no token (and the SDK tries
+        // again only 30 s later).
+        let deadline = Instant::now() + WAIT;
+        while !server.login_works("admin", "secret123").await {
+            assert!(
+                Instant::now() < deadline,
+                "rnacos never accepted the admin login"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let as_user = |password: &str| RegistryConfig {
+            username: Some("admin".into()),
+            password: Some(password.into()),
+            ..config(server.endpoint())
+        };
+        let good = NacosRegistry::connect(&as_user("secret123")).await.unwrap();
+        let m = ServiceMetaInfo::new("Nacos.Login", "1.0", "127.0.0.1", 9500);
+        let reg = good.register(m.clone()).await.unwrap();
+        let cache = ServiceCache::new(good.clone());
+        let handle = cache.service("Nacos.Login:1.0").await.unwrap();
+        tokio::time::timeout(WAIT, handle.wait_until(|l, _| l.contains(&m)))
+            .await
+            .expect("the instance was not discovered with the right login");
+
+        let e = match NacosRegistry::connect(&as_user("wrong")).await {
+            Err(e) => e,
+            Ok(bad) => bad
+                .register(ServiceMetaInfo::new(
+                    "Nacos.Login",
+                    "1.0",
+                    "127.0.0.1",
+                    9501,
+                ))
+                .await
+                .map(drop)
+                .unwrap_err(),
+        };
+        println!("[nacos] login: right password served; wrong password refused: {e}");
+        assert_eq!(
+            e.kind(),
+            rpc_core::RegistryErrorKind::Unauthenticated,
+            "{e}"
+        );
+        assert!(!e.is_transient());
+        reg.deregister().await.unwrap();
+        good.shutdown().await;
+    }
+
     struct ProxyPair {
         http: FaultProxy,
         grpc: FaultProxy,

@@ -138,7 +138,24 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const COMMAND_CAPACITY: usize = 64;
 
+/// A Nacos client error as a registry error of the right kind: an answer
+/// with error code 403 is the server refusing our login ("unknown user!":
+/// no valid token, so a wrong user or password) and becomes
+/// `Denied(Unauthenticated)`; anything else is an outage.
 fn unavailable(message: impl Into<String>, e: impl Into<rpc_core::BoxError>) -> RegistryError {
+    let e = e.into();
+    if let Some(nacos_sdk::api::error::Error::ErrResponse(_, _, 403, reason)) =
+        e.downcast_ref::<nacos_sdk::api::error::Error>()
+    {
+        let reason = reason.clone().unwrap_or_default();
+        return RegistryError::denied(
+            BACKEND,
+            rpc_core::RegistryErrorKind::Unauthenticated,
+            message,
+            reason,
+            Some(e),
+        );
+    }
     RegistryError::unavailable(BACKEND, message, e)
 }
 
