@@ -224,7 +224,7 @@ pub enum RegistryError {
         message: String,
     },
     /// Something the configuration points at does not exist on the server
-    /// (a ZooKeeper chroot, a Nacos namespace).
+    /// (a Consul datacenter).
     #[error("{backend} registry: {what} does not exist")]
     NotFound {
         /// Backend name.

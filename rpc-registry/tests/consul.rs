@@ -531,6 +531,19 @@ mod private_consul {
         assert!(err.to_string().contains("one Consul agent"), "{err}");
         assert!(err.to_string().contains("`registry.address`"), "{err}");
         assert_eq!(err.kind(), RegistryErrorKind::InvalidConfig);
+        // A datacenter Consul does not know: a setting to fix, not an outage.
+        let nowhere = RegistryConfig {
+            datacenter: Some("nowhere".into()),
+            ..cfg.clone()
+        };
+        let err = ConsulRegistry::connect(&nowhere)
+            .await
+            .unwrap()
+            .discover("Consul.Private:1.0")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), RegistryErrorKind::NotFound, "{err}");
+        assert!(err.to_string().contains("registry.datacenter"), "{err}");
         let gone = config(format!("http://127.0.0.1:{}", free_port()));
         let err = ConsulRegistry::connect(&gone).await.unwrap_err();
         assert!(err.to_string().contains("does not answer"), "{err}");

@@ -112,6 +112,14 @@ impl Agent {
 
 pub(super) fn rejected(what: &str, status: StatusCode, body: &[u8]) -> RegistryError {
     let body = String::from_utf8_lossy(body);
+    // Consul's answer to a `dc` it has never heard of: a setting to fix,
+    // not an outage to wait out.
+    if status == StatusCode::INTERNAL_SERVER_ERROR && body.contains("No path to datacenter") {
+        return RegistryError::NotFound {
+            backend: BACKEND,
+            what: format!("the datacenter named by `registry.datacenter` ({what})"),
+        };
+    }
     refused(what, status, &body)
         .unwrap_or_else(|| failed(format!("{what}: HTTP {status}: {}", body.trim())))
 }
