@@ -40,14 +40,20 @@ pub fn random_below(n: u64) -> u64 {
     })
 }
 
-/// The pause after `failures` consecutive failures (1 for the first):
-/// the step `min * 2^(failures - 1)`, capped at `max`, then uniform in
-/// `[step / 2, step]`. `failures = 0` gives zero.
-pub fn pause(min: Duration, max: Duration, failures: u32) -> Duration {
+/// The exponential step after `failures` consecutive failures (1 for the
+/// first): `min * 2^(failures - 1)`, capped at `max`; zero for none.
+pub fn step(min: Duration, max: Duration, failures: u32) -> Duration {
     if failures == 0 {
         return Duration::ZERO;
     }
-    let step = min.saturating_mul(1u32 << (failures - 1).min(20)).min(max);
+    min.saturating_mul(1u32 << (failures - 1).min(20)).min(max)
+}
+
+/// The pause after `failures` consecutive failures: uniform in
+/// `[step / 2, step]` of [`step`] ("equal jitter"). `failures = 0` gives
+/// zero.
+pub fn pause(min: Duration, max: Duration, failures: u32) -> Duration {
+    let step = step(min, max, failures);
     let half = step / 2;
     let spread = u64::try_from((step - half).as_nanos()).unwrap_or(u64::MAX);
     half + Duration::from_nanos(random_below(spread.saturating_add(1)))

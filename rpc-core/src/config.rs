@@ -1079,33 +1079,22 @@ mod tests {
 
     #[test]
     fn a_registry_key_the_backend_does_not_use_is_refused() {
-        let e = RpcConfig::from_toml_str(
-            "[registry]\ntype = \"etcd\"\naddress = \"a:1\"\ntoken = \"t\"\n",
-            "rpc.toml",
-        )
-        .unwrap_err();
-        assert_eq!(
-            (e.origin.as_str(), e.key.as_str()),
-            ("rpc.toml", "registry.token")
-        );
-        assert!(e.message.contains("etcd"), "{e}");
-        let e = RpcConfig::from_toml_str(
-            "[registry]\ntype = \"zookeeper\"\naddress = \"a:1\"\ntoken = \"t\"\n",
-            "rpc.toml",
-        )
-        .unwrap_err();
-        assert_eq!(e.key, "registry.token");
-        assert!(e.message.contains("zookeeper"), "{e}");
-        let e = RpcConfig::from_toml_str(
-            "[registry]\ntype = \"nacos\"\naddress = \"a:1\"\n[registry.tls]\nca_file = \"ca.pem\"\n",
-            "rpc.toml",
-        )
-        .unwrap_err();
-        assert_eq!(e.key, "registry.tls");
-        assert!(e.message.contains("nacos"), "{e}");
-        let e = RpcConfig::from_toml_str("[registry]\ntype = \"local\"\ngroup = \"g\"\n", "t")
-            .unwrap_err();
-        assert_eq!(e.key, "registry.group");
+        // (backend, the extra lines, the key refused)
+        for (kind, extra, key) in [
+            ("etcd", "token = \"t\"", "registry.token"),
+            ("zookeeper", "token = \"t\"", "registry.token"),
+            (
+                "nacos",
+                "[registry.tls]\nca_file = \"ca.pem\"",
+                "registry.tls",
+            ),
+            ("local", "group = \"g\"", "registry.group"),
+        ] {
+            let text = format!("[registry]\ntype = \"{kind}\"\naddress = \"a:1\"\n{extra}\n");
+            let e = RpcConfig::from_toml_str(&text, "rpc.toml").unwrap_err();
+            assert_eq!((e.origin.as_str(), e.key.as_str()), ("rpc.toml", key));
+            assert!(e.message.contains(kind), "{e}");
+        }
         // From the environment: the variable is named.
         let e = RpcConfig::load_with_env(
             None,

@@ -10,6 +10,7 @@ use rpc_core::{ServiceMetaInfo, WatchEvent};
 pub(crate) type Nodes = BTreeMap<String, ServiceMetaInfo>;
 
 /// A list keyed by node key.
+#[cfg(any(feature = "consul", feature = "nacos", test))]
 pub(crate) fn nodes(list: Vec<ServiceMetaInfo>) -> Nodes {
     list.into_iter().map(|m| (m.node_key(), m)).collect()
 }

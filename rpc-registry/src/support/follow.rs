@@ -4,6 +4,18 @@
 //! consumer leaves, and turn a whole list into a snapshot (after a break)
 //! or into changes.
 
+// Shared by the four remote backends; a build with only some of them
+// uses only some of it.
+#![cfg_attr(
+    not(all(
+        feature = "etcd",
+        feature = "zookeeper",
+        feature = "consul",
+        feature = "nacos"
+    )),
+    allow(dead_code)
+)]
+
 use rpc_core::WatchEvent;
 use rpc_core::backoff::Backoff;
 use tokio::sync::mpsc;

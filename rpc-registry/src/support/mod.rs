@@ -15,6 +15,12 @@
 //! with the transport.
 
 pub(crate) mod diff;
+#[cfg(any(
+    feature = "etcd",
+    feature = "zookeeper",
+    feature = "consul",
+    feature = "nacos"
+))]
 pub(crate) mod follow;
 pub(crate) mod fs;
 #[cfg(any(

@@ -120,10 +120,7 @@ impl<S: Call> Call for Retry<S> {
 /// Backoff before retry number `retry` (1-based): uniform in
 /// `0..min(max, base * 2^(retry-1))` ("full jitter").
 pub(crate) fn backoff(policy: &CallPolicy, retry: u32) -> Duration {
-    let ceiling = policy
-        .retry_backoff
-        .saturating_mul(1 << retry.saturating_sub(1).min(16))
-        .min(policy.retry_backoff_max);
+    let ceiling = rpc_core::backoff::step(policy.retry_backoff, policy.retry_backoff_max, retry);
     let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
     Duration::from_nanos(random_below(nanos.max(1)))
 }
