@@ -24,8 +24,10 @@
 //! * [`cache`]: [`ServiceCache`], one watch per service key, lock-free reads
 //!   of `Arc<Vec<ServiceMetaInfo>>`, a version counter per service, keeps
 //!   its last list through registry outages and empty restarts
-//!   (`entry.rs`: a service's list and the empty-push protection;
-//!   `merge.rs`: applying events; `snapshot.rs`: the snapshot file).
+//!   (`entry.rs`: a service's list, health and version;
+//!   `protection.rs`: the empty-push protection, the only place that
+//!   policy lives, as a plain state machine; `merge.rs`: applying events;
+//!   `snapshot.rs`: the snapshot file).
 //! * [`factory`]: [`AnyRegistry`], the configured backend as one type.
 //! * `support` (private): what the backends share: the keeper-task
 //!   protocol and shutdown, the follower's emitter (events, connection

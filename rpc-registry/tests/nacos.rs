@@ -29,7 +29,6 @@ mod private_nacos {
 
     use rpc_core::config::Addresses;
     use rpc_core::{RegistrationState, Registry, RegistryConfig, RegistryKind, ServiceMetaInfo};
-    use rpc_registry::nacos::EMPTY_GRACE;
     use rpc_registry::{CacheOptions, NacosRegistry, ServiceCache, ServiceHandle};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
@@ -40,6 +39,11 @@ mod private_nacos {
     use crate::conformance::proxy::FaultProxy;
 
     const WAIT: Duration = Duration::from_secs(30);
+    /// The cache's empty-push grace in these tests (the cache's policy is
+    /// the only one; Nacos reports breaks and lists, nothing more). Shorter
+    /// than the default to keep the test short, and longer than a provider
+    /// takes to register again after a restart (about 4 s, measured).
+    const GRACE: Duration = Duration::from_secs(10);
     const GRPC_OFFSET: u16 = 1000;
     const CONSOLE_OFFSET: u16 = 2000;
 
@@ -303,6 +307,7 @@ mod private_nacos {
             consumer,
             CacheOptions {
                 backoff_max: Duration::from_secs(1),
+                empty_grace: GRACE,
                 ..CacheOptions::default()
             },
         )
@@ -400,7 +405,7 @@ mod private_nacos {
 
     /// The server restarts empty and its only provider cannot come back
     /// (partitioned for good): right after reconnecting, the consumer keeps
-    /// its list for [`EMPTY_GRACE`], then the server, still answering with
+    /// its list for the cache's grace ([`GRACE`]), then the server, still answering with
     /// nothing, is believed and the last instance is removed.
     #[tokio::test]
     async fn an_empty_list_after_a_restart_is_held_then_confirmed() {
@@ -432,7 +437,7 @@ mod private_nacos {
         // The consumer reconnects to an empty server. Its list must hold for
         // the grace period after that (which starts after `back`)...
         let emptied = tokio::time::timeout(
-            EMPTY_GRACE - Duration::from_secs(1),
+            GRACE - Duration::from_secs(1),
             handle.wait_until(|l, _| l.is_empty()),
         )
         .await;
@@ -450,7 +455,7 @@ mod private_nacos {
         )
         .await;
         println!(
-            "[nacos] empty list applied {:?} after the restart (grace {EMPTY_GRACE:?})",
+            "[nacos] empty list applied {:?} after the restart (grace {GRACE:?})",
             back.elapsed()
         );
     }

@@ -48,6 +48,7 @@ use crate::support::task::AbortOnDrop;
 
 mod entry;
 mod merge;
+mod protection;
 
 use entry::*;
 use merge::*;

@@ -1,4 +1,6 @@
-//! A service followed for one watch: the empty-push guard, rechecks, diffs.
+//! A service followed for one watch: breaks reported, rechecks, diffs. The
+//! empty-push policy is the cache's (`cache::protection`); this file only
+//! reports what it saw.
 
 use super::*;
 use crate::support::follow::Emitter;
@@ -7,6 +9,9 @@ use crate::support::follow::Emitter;
 pub(super) struct Follower {
     pub(super) discovery: Arc<Discovery>,
     pub(super) health: watch::Receiver<Health>,
+    /// `Health::reconnects` as last handled: a higher count is a break,
+    /// even if this watch never saw the connection down.
+    pub(super) reconnects: u64,
     pub(super) key: String,
     /// The Nacos service name.
     pub(super) service: String,
@@ -37,8 +42,18 @@ impl Follower {
                 },
                 r = self.health.changed() => match r {
                     Ok(()) => {
-                        let up = self.health.borrow_and_update().up;
-                        if up {
+                        let h = *self.health.borrow_and_update();
+                        let reconnected = std::mem::replace(&mut self.reconnects, h.reconnects) != h.reconnects;
+                        if h.up && reconnected && self.emit.connected() {
+                            // The break came and went between two looks at
+                            // the health: report it, so the snapshot that
+                            // follows reads as the registry coming back (the
+                            // cache's empty-push grace starts there).
+                            if !self.set_connected(false).await {
+                                return;
+                            }
+                        }
+                        if h.up {
                             // A new connection has no subscription on the
                             // server until the SDK's redo (up to 3 s): send
                             // it now, and read every second meanwhile.
@@ -78,7 +93,7 @@ impl Follower {
         let open = self.read_and_deliver().await;
         let now = Instant::now();
         if self.settle_until > now {
-            let soon = now + HOLD_RECHECK;
+            let soon = now + SETTLE_RECHECK;
             self.recheck_at = Some(self.recheck_at.map_or(soon, |at| at.min(soon)));
         }
         open
@@ -93,22 +108,12 @@ impl Follower {
                 return self.set_connected(false).await;
             }
         };
-        if list.is_empty() && !self.current.is_empty() {
-            // The empty-push guard (module docs).
-            let h = *self.health.borrow();
-            if !h.up {
-                self.retry_later();
-                return self.set_connected(false).await;
-            }
-            if h.reconnects > 0 && h.since.elapsed() < EMPTY_GRACE {
-                let until = h.since + EMPTY_GRACE;
-                info!(service = %self.key, held = self.current.len(), left = ?until.saturating_duration_since(Instant::now()), "nacos lists no instance right after reconnecting; keeping the list for now");
-                // Look again soon: a provider registering again is the
-                // common end of this, and its push waits for the SDK to
-                // subscribe again (up to 3 s after reconnecting).
-                self.recheck_at = Some(until.min(Instant::now() + HOLD_RECHECK));
-                return true;
-            }
+        if list.is_empty() && !self.current.is_empty() && !self.health.borrow().up {
+            // The server answered, but the connection is known to be broken
+            // (a probe timed out): wait for it rather than believe the
+            // answer of a server that may have just restarted empty.
+            self.retry_later();
+            return self.set_connected(false).await;
         }
         self.backoff.reset();
         self.recheck_at = None;

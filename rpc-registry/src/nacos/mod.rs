@@ -49,12 +49,13 @@
 //! service with a direct query and turns the difference into upserts and
 //! removals. Healthy, enabled instances only. The SDK's push-empty
 //! protection is off (with it, a subscriber never hears that the last
-//! instance left); the guard is here instead: an empty list replaces a
-//! non-empty one only when the server answers the direct query, and not
-//! within [`EMPTY_GRACE`] after the connection came back from a break (a
-//! restarted server is empty until its providers have re-registered). While
-//! the connection is down the watch reports `Connected(false)` and keeps
-//! the list; when it is back it subscribes again at once (the SDK's own
+//! instance left); the cache's empty-push protection is the guard instead
+//! (its grace after a break covers a server restarted empty). The watch
+//! reports what that policy needs: an empty list only when the server
+//! answers the direct query over a connection not known to be broken, and
+//! `Connected(false)` for every break, including one seen only as a higher
+//! reconnect count. While the connection is down the watch keeps the list;
+//! when it is back it subscribes again at once (the SDK's own
 //! redo runs only every 3 s, and the server pushes nothing to a connection
 //! without a subscription), resynchronises with a snapshot, and reads every
 //! second for a few seconds.
@@ -112,19 +113,15 @@ pub const META_KEY: &str = "rpc.meta";
 /// Instance metadata entry holding the service version (for people and
 /// other tools; discovery reads [`META_KEY`]).
 pub const VERSION_KEY: &str = "version";
-/// After the connection comes back from a break, an empty list does not
-/// replace a non-empty one before this long: a restarted server is empty
-/// until its providers have reconnected and registered again.
-pub const EMPTY_GRACE: Duration = Duration::from_secs(10);
 const CLUSTER: &str = "DEFAULT";
 const APP_NAME: &str = "rpc";
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Shorter than the SDK's shortest reconnect pause (2 s), so a probe sent
 /// during a break always times out and the break is seen.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
-/// How often a watch holding its list against an empty one, or settling,
-/// reads again.
-const HOLD_RECHECK: Duration = Duration::from_secs(1);
+/// How often a watch reads again while settling, and the first read after
+/// a watch starts.
+const SETTLE_RECHECK: Duration = Duration::from_secs(1);
 /// How long a watch keeps reading every second after (re)subscribing: the
 /// subscription may reach the server a moment after the read, and the SDK
 /// re-sends its own after reconnecting only at its next redo (every 3 s).
@@ -303,7 +300,9 @@ impl Discover for NacosRegistry {
         if tx.send(WatchEvent::Snapshot(list.clone())).await.is_err() {
             return Err(RegistryError::Shutdown);
         }
+        let reconnects = discovery.health.borrow().reconnects;
         let follower = Follower {
+            reconnects,
             health: discovery.health.clone(),
             discovery,
             key: service_key.to_owned(),
@@ -311,7 +310,7 @@ impl Discover for NacosRegistry {
             emit: crate::support::follow::Emitter::new(tx),
             pokes,
             current: list.into_iter().map(|m| (m.node_key(), m)).collect(),
-            recheck_at: Some(Instant::now() + HOLD_RECHECK),
+            recheck_at: Some(Instant::now() + SETTLE_RECHECK),
             backoff: Backoff::new(BACKOFF_MIN, BACKOFF_MAX),
             settle_until: Instant::now() + SETTLE,
             _guard: guard,
