@@ -143,9 +143,7 @@ where
     }
 }
 
-fn timed_out(what: &str, t: Duration) -> RegistryError {
-    RegistryError::timed_out(BACKEND, what, t)
-}
+crate::support::backend_errors!(BACKEND);
 
 /// The key root for a namespace: `/rpc/` or `/{namespace}/rpc/`.
 pub fn root_for(namespace: Option<&str>) -> String {

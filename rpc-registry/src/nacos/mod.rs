@@ -156,18 +156,7 @@ fn unavailable(message: impl Into<String>, e: impl Into<rpc_core::BoxError>) -> 
     RegistryError::unavailable(BACKEND, message, e)
 }
 
-/// A `[registry]` setting this backend cannot use: `registry.{key}`.
-fn invalid(key: &str, message: impl Into<String>) -> RegistryError {
-    RegistryError::invalid_config(BACKEND, key, message)
-}
-
-fn failed(message: impl Into<String>) -> RegistryError {
-    RegistryError::unavailable_because(BACKEND, message)
-}
-
-fn timed_out(what: &str, t: Duration) -> RegistryError {
-    RegistryError::timed_out(BACKEND, what, t)
-}
+crate::support::backend_errors!(BACKEND);
 
 /// Nacos as a registry. Cheap to clone; clones share connections.
 #[derive(Clone)]

@@ -10,6 +10,7 @@
 //! * `tls`: reading the `registry.tls` files (etcd, ZooKeeper, Consul).
 //! * `skip`: a skipped registry entry is logged once, with why.
 //! * [`sleep_until_opt`]: a timer arm of `select!` that may be unset.
+//! * `backend_errors!`: a backend's error constructors, bound to its name.
 //!
 //! Reconnect backoff is `rpc_core::backoff::Backoff` (jittered), shared
 //! with the transport.
@@ -37,6 +38,42 @@ pub(crate) mod task;
 pub(crate) mod tls;
 
 use tokio::time::Instant;
+
+/// Defines a backend's `invalid(key, message)` (a `[registry]` setting it
+/// cannot use: `registry.{key}`), `failed(message)` (unavailable, no source)
+/// and `timed_out(what, after)`, bound to its name `$backend`. A macro
+/// rather than a type so call sites stay short; each backend keeps its own
+/// `unavailable`, which maps its client's errors to kinds.
+#[cfg(any(
+    feature = "etcd",
+    feature = "zookeeper",
+    feature = "consul",
+    feature = "nacos"
+))]
+macro_rules! backend_errors {
+    ($backend:expr) => {
+        #[allow(dead_code)]
+        fn invalid(key: &str, message: impl Into<String>) -> rpc_core::RegistryError {
+            rpc_core::RegistryError::invalid_config($backend, key, message)
+        }
+
+        #[allow(dead_code)]
+        fn failed(message: impl Into<String>) -> rpc_core::RegistryError {
+            rpc_core::RegistryError::unavailable_because($backend, message)
+        }
+
+        fn timed_out(what: &str, after: std::time::Duration) -> rpc_core::RegistryError {
+            rpc_core::RegistryError::timed_out($backend, what, after)
+        }
+    };
+}
+#[cfg(any(
+    feature = "etcd",
+    feature = "zookeeper",
+    feature = "consul",
+    feature = "nacos"
+))]
+pub(crate) use backend_errors;
 
 /// Sleeps until `at`, or forever when there is no `at`: the arm of a
 /// `select!` loop whose timer is not always armed.

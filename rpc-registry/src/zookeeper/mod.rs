@@ -149,18 +149,7 @@ fn tls_options(tls: &TlsConfig) -> Result<zookeeper_client::TlsOptions, Registry
     Ok(options)
 }
 
-/// A `[registry]` setting this backend cannot use: `registry.{key}`.
-fn invalid(key: &str, message: impl Into<String>) -> RegistryError {
-    RegistryError::invalid_config(BACKEND, key, message)
-}
-
-fn failed(message: impl Into<String>) -> RegistryError {
-    RegistryError::unavailable_because(BACKEND, message)
-}
-
-fn timed_out(what: &str, t: Duration) -> RegistryError {
-    RegistryError::timed_out(BACKEND, what, t)
-}
+crate::support::backend_errors!(BACKEND);
 
 /// Runs a ZooKeeper call with a deadline.
 async fn bounded<T>(
