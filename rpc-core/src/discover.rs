@@ -21,6 +21,16 @@ pub trait Discover: Send + Sync + 'static {
         service_key: &str,
     ) -> impl Future<Output = Result<Vec<ServiceMetaInfo>, RegistryError>> + Send;
 
+    /// Every service key (`name:version`) the registry has entries for,
+    /// sorted, each once: what an operator lists (`rpc services`). It may
+    /// include a service whose last instance just left (ZooKeeper keeps the
+    /// service's persistent node), so a key here can [`discover`] empty.
+    /// Records that are not ours (other Nacos or Consul clients) count when
+    /// discovery would also list them.
+    ///
+    /// [`discover`]: Discover::discover
+    fn services(&self) -> impl Future<Output = Result<Vec<String>, RegistryError>> + Send;
+
     /// Follows `service_key`. The first event is a [`WatchEvent::Snapshot`];
     /// then changes, in order. Dropping the [`Watch`] stops the backend's work.
     fn watch(&self, service_key: &str)

@@ -190,6 +190,21 @@ impl Discover for AnyRegistry {
         }
     }
 
+    async fn services(&self) -> Result<Vec<String>, RegistryError> {
+        match self {
+            Self::Memory(r) => r.services().await,
+            Self::Local(r) => r.services().await,
+            #[cfg(feature = "etcd")]
+            Self::Etcd(r) => r.services().await,
+            #[cfg(feature = "nacos")]
+            Self::Nacos(r) => r.services().await,
+            #[cfg(feature = "consul")]
+            Self::Consul(r) => r.services().await,
+            #[cfg(feature = "zookeeper")]
+            Self::Zookeeper(r) => r.services().await,
+        }
+    }
+
     async fn watch(&self, service_key: &str) -> Result<Watch, RegistryError> {
         match self {
             Self::Memory(r) => r.watch(service_key).await,

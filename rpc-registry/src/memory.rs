@@ -297,6 +297,22 @@ impl Discover for MemoryRegistry {
             .unwrap_or_default())
     }
 
+    async fn services(&self) -> Result<Vec<String>, RegistryError> {
+        let state = self.lock();
+        if !state.reachable {
+            return Err(Self::unavailable());
+        }
+        // A watch leaves an entry behind; only services with instances count.
+        let mut keys: Vec<String> = state
+            .services
+            .iter()
+            .filter(|(_, s)| !s.instances.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.sort();
+        Ok(keys)
+    }
+
     async fn watch(&self, service_key: &str) -> Result<Watch, RegistryError> {
         let (tx, rx) = mpsc::channel(WATCH_CHANNEL_CAPACITY);
         let events = {

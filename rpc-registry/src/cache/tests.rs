@@ -79,6 +79,9 @@ impl Discover for Scripted {
     async fn discover(&self, _: &str) -> Result<Vec<ServiceMetaInfo>, RegistryError> {
         Ok(Vec::new())
     }
+    async fn services(&self) -> Result<Vec<String>, RegistryError> {
+        Ok(Vec::new())
+    }
     async fn watch(&self, _: &str) -> Result<Watch, RegistryError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let next = {

@@ -439,6 +439,34 @@ impl Discover for ConsulRegistry {
         Ok(self.health(service_key, None, true).await?.0)
     }
 
+    /// The catalog's service names (a stale read, like discovery's), each
+    /// mapped back to its key through an `rpc-record=` tag; names of other
+    /// namespaces and services registered by something else are left out.
+    async fn services(&self) -> Result<Vec<String>, RegistryError> {
+        let mut path = "/v1/catalog/services?stale".to_owned();
+        if let Some(dc) = &self.inner.datacenter {
+            path.push_str(&format!("&dc={}", encode_path(dc)));
+        }
+        let body = self
+            .inner
+            .agent
+            .ok(Method::GET, &path, None, self.inner.timeout)
+            .await?;
+        let catalog: BTreeMap<String, Vec<String>> = serde_json::from_slice(&body)
+            .map_err(|e| unavailable("list services: unreadable answer", e))?;
+        let mut keys = std::collections::BTreeSet::new();
+        for (name, tags) in catalog {
+            let key = tags
+                .iter()
+                .filter_map(|t| t.strip_prefix(RECORD_TAG))
+                .filter_map(|json| ServiceMetaInfo::from_json(json.as_bytes()).ok())
+                .map(|m| m.service_key())
+                .find(|key| self.consul_name(key) == name);
+            keys.extend(key);
+        }
+        Ok(keys.into_iter().collect())
+    }
+
     async fn watch(&self, service_key: &str) -> Result<Watch, RegistryError> {
         // The first snapshot is read here so that an unreachable agent is an
         // error to the caller, not a silent empty list.

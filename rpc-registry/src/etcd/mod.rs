@@ -446,6 +446,46 @@ impl Discover for EtcdRegistry {
         .0)
     }
 
+    /// One keys-only read per service: each read takes the first key after
+    /// the previous service's range, so a service with many instances costs
+    /// no more than one with a single instance.
+    async fn services(&self) -> Result<Vec<String>, RegistryError> {
+        let root = self.inner.root.as_bytes();
+        let end = prefix_end(&self.inner.root);
+        let mut client = self.inner.client.clone();
+        let t = self.inner.timeout;
+        let what = format!("list the services under {}", self.inner.root);
+        let mut from = root.to_vec();
+        let mut keys = Vec::new();
+        loop {
+            let options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(1)
+                .with_keys_only();
+            let resp = match timeout(t, client.get(from.clone(), Some(options))).await {
+                Err(_) => return Err(timed_out(&what, t)),
+                Ok(Err(e)) => return Err(unavailable(what, e)),
+                Ok(Ok(resp)) => resp,
+            };
+            let Some(kv) = resp.kvs().first() else { break };
+            let rest = kv.key().get(root.len()..).unwrap_or_default();
+            match rest.iter().position(|b| *b == b'/') {
+                Some(slash) => {
+                    let service = &rest[..slash];
+                    keys.push(String::from_utf8_lossy(service).into_owned());
+                    // Past `{root}{service}/`: '0' is the byte after '/'.
+                    from = [root, service, b"0"].concat();
+                }
+                None => {
+                    // A key that is not an instance's: step past it.
+                    from = kv.key().to_vec();
+                    from.push(0);
+                }
+            }
+        }
+        Ok(keys)
+    }
+
     async fn watch(&self, service_key: &str) -> Result<Watch, RegistryError> {
         let prefix = self.service_prefix(service_key);
         let mut client = self.inner.client.clone();

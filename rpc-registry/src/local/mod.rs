@@ -325,6 +325,11 @@ impl Discover for LocalRegistry {
         Ok(scan.live.into_values().collect())
     }
 
+    async fn services(&self) -> Result<Vec<String>, RegistryError> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || inner.service_keys()).await
+    }
+
     async fn watch(&self, service_key: &str) -> Result<Watch, RegistryError> {
         let inner = Arc::clone(&self.inner);
         let key = service_key.to_owned();

@@ -119,6 +119,37 @@ impl Inner {
         scan.map(|scan| Scan { root, ..scan })
     }
 
+    /// The service keys with a live instance: each service directory is
+    /// named by its first record (a long key's directory name is hashed and
+    /// cannot be decoded) and then read like `discover` reads it.
+    pub(super) fn service_keys(&self) -> Result<Vec<String>, RegistryError> {
+        self.root_identity()?;
+        let entries = fs::read_dir(&self.root).map_err(|e| self.unreachable(e))?;
+        let mut keys = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| self.unreachable(e))?;
+            let dir_name = entry.file_name();
+            let dir_name = dir_name.to_string_lossy();
+            if dir_name.starts_with('.') || !entry.path().is_dir() {
+                continue;
+            }
+            let Ok(files) = fs::read_dir(entry.path()) else {
+                continue;
+            };
+            let key = files.flatten().find_map(|f| {
+                let record = read_record(&f.path()).ok().flatten()?;
+                let key = record.meta.service_key();
+                (encode_name(&key) == dir_name).then_some(key)
+            });
+            let Some(key) = key else { continue };
+            if !self.scan(&key, false, Observed::default())?.live.is_empty() {
+                keys.push(key);
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
     pub(super) fn scan_dir(
         &self,
         service_key: &str,

@@ -134,6 +134,10 @@ const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const COMMAND_CAPACITY: usize = 64;
+/// Service names per page of a service listing.
+const SERVICE_PAGE: i32 = 200;
+/// Bound on the pages of one service listing (200,000 names).
+const MAX_SERVICE_PAGES: i32 = 1000;
 
 /// A Nacos client error as a registry error of the right kind: an answer
 /// with error code 403 is the server refusing our login ("unknown user!":
@@ -272,6 +276,12 @@ impl rpc_core::Registry for NacosRegistry {
 impl Discover for NacosRegistry {
     async fn discover(&self, service_key: &str) -> Result<Vec<ServiceMetaInfo>, RegistryError> {
         self.inner.discovery.query(service_key).await
+    }
+
+    /// The group's service names (a Nacos service name is the service key;
+    /// other clients' services are listed by their own names).
+    async fn services(&self) -> Result<Vec<String>, RegistryError> {
+        self.inner.discovery.service_names().await
     }
 
     async fn watch(&self, service_key: &str) -> Result<Watch, RegistryError> {

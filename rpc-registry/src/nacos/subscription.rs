@@ -76,6 +76,31 @@ impl Discovery {
         Ok(list)
     }
 
+    /// Every service name of the group, read in pages of
+    /// [`SERVICE_PAGE`], at most [`MAX_SERVICE_PAGES`] of them.
+    pub(super) async fn service_names(&self) -> Result<Vec<String>, RegistryError> {
+        let t = self.timeout;
+        let mut names = Vec::new();
+        for page in 1..=MAX_SERVICE_PAGES {
+            let (batch, total) = timeout(
+                t,
+                self.naming
+                    .get_service_list(page, SERVICE_PAGE, Some(self.group.clone())),
+            )
+            .await
+            .map_err(|_| timed_out("list services", t))?
+            .map_err(|e| unavailable("list services", e))?;
+            let last = batch.len() < usize::try_from(SERVICE_PAGE).unwrap_or(usize::MAX);
+            names.extend(batch);
+            if last || names.len() >= usize::try_from(total).unwrap_or(0) {
+                break;
+            }
+        }
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
     pub(super) async fn subscribe(&self, service: &str) -> watch::Receiver<u64> {
         let mut hub = self.hub.lock().await;
         if let Some(e) = hub.get_mut(service) {

@@ -463,6 +463,22 @@ impl Discover for ZookeeperRegistry {
         .await
     }
 
+    /// The children of the root: one persistent node per service, kept
+    /// after its last instance left.
+    async fn services(&self) -> Result<Vec<String>, RegistryError> {
+        let session = self.current().await?;
+        let root = &self.inner.root;
+        let t = self.inner.spec.timeout;
+        let mut keys = match timeout(t, session.client.list_children(root)).await {
+            Ok(Ok(children)) => children,
+            Ok(Err(ZkError::NoNode)) => Vec::new(),
+            Ok(Err(e)) => return Err(unavailable(format!("list {root}"), e)),
+            Err(_) => return Err(timed_out(&format!("list {root}"), t)),
+        };
+        keys.sort();
+        Ok(keys)
+    }
+
     async fn watch(&self, service_key: &str) -> Result<Watch, RegistryError> {
         let path = self.service_path(service_key);
         let t = self.inner.spec.timeout;

@@ -103,6 +103,11 @@ macro_rules! conformance_suite {
         }
 
         #[tokio::test]
+        async fn list_services_names_each_service_once() {
+            $crate::conformance::list_services::<$backend>().await;
+        }
+
+        #[tokio::test]
         async fn a_watcher_sees_an_add_and_a_remove_in_order() {
             $crate::conformance::watch_sees_add_then_remove::<$backend>().await;
         }
@@ -289,6 +294,52 @@ pub async fn services_are_kept_apart<B: Backend>() {
     assert_eq!(c.discover("Conf.Apart:2.0").await.unwrap(), vec![a_v2]);
     assert_eq!(c.discover("Conf.Other:1.0").await.unwrap(), vec![other]);
     assert!(c.discover("Conf.Other:2.0").await.unwrap().is_empty());
+}
+
+/// (2b) Listing services names each registered service key once (two
+/// instances, two versions of one name), sorted, and each listed key of
+/// ours discovers its instances.
+pub async fn list_services<B: Backend>() {
+    let Some(b) = setup::<B>().await else {
+        return;
+    };
+    let p = b.provider();
+    let _r = [
+        p.register(instance("Conf.List", "1.0", 7201))
+            .await
+            .unwrap(),
+        p.register(instance("Conf.List", "1.0", 7202))
+            .await
+            .unwrap(),
+        p.register(instance("Conf.List", "2.0", 7201))
+            .await
+            .unwrap(),
+        p.register(instance("Conf.Listed", "1.0", 7201))
+            .await
+            .unwrap(),
+    ];
+    let c = b.consumer();
+    let ours = ["Conf.List:1.0", "Conf.List:2.0", "Conf.Listed:1.0"];
+    // Consul's catalog and Nacos's service list follow registrations a
+    // moment later on some servers: wait for them, bounded.
+    let listed = within(soon(&b), "the services to be listed", async {
+        loop {
+            let listed = c.services().await.unwrap();
+            if ours.iter().all(|k| listed.iter().any(|l| l == k)) {
+                return listed;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let mut sorted = listed.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(listed, sorted, "sorted, each key once");
+    for key in ours {
+        assert!(!c.discover(key).await.unwrap().is_empty(), "{key}");
+    }
+    assert_eq!(c.discover("Conf.List:1.0").await.unwrap().len(), 2);
 }
 
 /// (3) A watcher sees an addition, then a removal, in order.
