@@ -361,6 +361,19 @@ pub enum SerializerKind {
     Json,
 }
 
+impl SerializerKind {
+    /// Every serializer, in wire-id order.
+    pub const ALL: [SerializerKind; 2] = [SerializerKind::Bincode, SerializerKind::Json];
+
+    /// The name used in `rpc.toml`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Bincode => "bincode",
+            Self::Json => "json",
+        }
+    }
+}
+
 /// Load-balancing policies.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -376,7 +376,9 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    pub(crate) fn new(
+    /// An error about `key` (dotted) from `origin` (a file, an environment
+    /// variable, or what else set it), without a source.
+    pub fn new(
         origin: impl Into<String>,
         key: impl Into<String>,
         message: impl Into<String>,

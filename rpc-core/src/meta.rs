@@ -12,6 +12,25 @@ pub const DEFAULT_GROUP: &str = "default";
 /// Default load-balancing weight of an instance.
 pub const DEFAULT_WEIGHT: u32 = 100;
 
+/// The [`ServiceMetaInfo::metadata`] entries a provider of this framework
+/// publishes about itself, for operators' tools (`rpc describe`) and
+/// consumers. Records written before an entry existed simply lack it:
+/// readers treat every entry as optional.
+pub mod keys {
+    /// `mr/{wire version}`: the wire protocol the provider speaks.
+    pub const PROTOCOL: &str = "protocol";
+    /// The service's method wire names, comma-separated, in the trait's
+    /// order (absent from providers older than this entry).
+    pub const METHODS: &str = "methods";
+    /// `rpc/{crate version}`: the framework version of the provider.
+    pub const FRAMEWORK: &str = "framework";
+    /// The body serializers the provider decodes, comma-separated
+    /// (`bincode,json`); it answers in the one a request uses.
+    pub const SERIALIZERS: &str = "serializers";
+    /// When the provider registered, in seconds since the Unix epoch (UTC).
+    pub const SINCE: &str = "since";
+}
+
 /// One provider instance of one service.
 ///
 /// The JSON form keeps the field names of the Java original (`serviceName`,

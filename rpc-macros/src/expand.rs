@@ -251,7 +251,7 @@ fn expand_client(service: &Service, names: &Names) -> TokenStream {
             #vis async fn #method(&self #(, #params)*)
                 -> ::core::result::Result<#output, ::rpc::RpcError>
             {
-                const INFO: ::rpc::client::MethodInfo = ::rpc::client::MethodInfo {
+                const INFO: ::rpc::client::MethodInfo<'static> = ::rpc::client::MethodInfo {
                     name: #wire,
                     idempotent: #idempotent,
                     timeout: #timeout,

@@ -15,7 +15,10 @@
 use std::future::Future;
 use std::net::SocketAddr;
 
-use rpc_core::{Discover, Registration, Registry, RpcConfig, ServiceMetaInfo, WatchEvent};
+use rpc_core::meta::keys;
+use rpc_core::{
+    Discover, Registration, Registry, RpcConfig, SerializerKind, ServiceMetaInfo, WatchEvent,
+};
 use rpc_registry::AnyRegistry;
 use rpc_transport::{Server, ServerBuilder, ServiceHandler};
 use tracing::{info, warn};
@@ -62,11 +65,16 @@ impl ProviderBuilder {
             None => AnyRegistry::from_config(&self.config.registry).await?,
         };
         let server = self.server.bind().await?;
+        // A clock before 1970 is a broken clock, not a reason to refuse to start.
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         Ok(Provider {
             config: self.config,
             server,
             registry,
             advertise,
+            since,
         })
     }
 }
@@ -79,6 +87,8 @@ pub struct Provider {
     registry: AnyRegistry,
     /// The host published for every service (`crate::advertise`).
     advertise: String,
+    /// When it was bound, in seconds since the Unix epoch ([`keys::SINCE`]).
+    since: u64,
 }
 
 impl Provider {
@@ -107,8 +117,21 @@ impl Provider {
                 let key = rpc_core::ServiceKey::parse(key);
                 let mut m = ServiceMetaInfo::new(key.name(), key.version(), host.clone(), port);
                 m.weight = self.config.server.weight;
-                m.metadata
-                    .insert("protocol".into(), format!("mr/{}", rpc_codec::VERSION));
+                let methods = self.server.methods(key.as_str()).unwrap_or_default();
+                let serializers: Vec<&str> =
+                    SerializerKind::ALL.iter().map(|s| s.as_str()).collect();
+                for (k, v) in [
+                    (keys::PROTOCOL, format!("mr/{}", rpc_codec::VERSION)),
+                    (keys::METHODS, methods.join(",")),
+                    (
+                        keys::FRAMEWORK,
+                        format!("rpc/{}", env!("CARGO_PKG_VERSION")),
+                    ),
+                    (keys::SERIALIZERS, serializers.join(",")),
+                    (keys::SINCE, self.since.to_string()),
+                ] {
+                    m.metadata.insert(k.to_owned(), v);
+                }
                 m
             })
             .collect()

@@ -205,6 +205,59 @@ async fn unknown_method_of_a_newer_client_is_an_error_response() {
     p.stop().await;
 }
 
+/// Generic invocation: a method known only by name, JSON in and out, and
+/// the provider's self-description in its registry record.
+#[tokio::test]
+async fn generic_invocation_calls_by_name_with_json() {
+    use rpc::serde_json::json;
+    let registry = AnyRegistry::from(MemoryRegistry::new());
+    let config = RpcConfig::default();
+    let p = provider(registry.clone(), 1, &config).await;
+    let consumer = Consumer::with_registry(registry, config.client.clone(), WAIT);
+    wait_for(&consumer, 1).await;
+    let generic = consumer.generic_service("Shop", "2.1");
+    let method = String::from("make");
+    let item = generic
+        .call_generic(&method, &[json!(7), json!("seven"), json!(["a"])])
+        .await
+        .unwrap();
+    assert_eq!(item, json!({"id": 7, "name": "seven", "tags": ["a"]}));
+    // A user error comes back as serde's form of the method's Result.
+    let found = generic.call_generic("find", &[json!(5)]).await.unwrap();
+    assert_eq!(found, json!({"Err": {"NotFound": 5}}));
+    // No arguments.
+    assert_eq!(
+        generic.call_generic("touches", &[]).await.unwrap(),
+        json!(0)
+    );
+    let err = generic
+        .call_generic("restock", &[json!(1)])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(StatusCode::MethodNotFound), "{err}");
+    let err = generic
+        .call_generic("find", &[json!("not a number")])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(StatusCode::Serialization), "{err}");
+    // A bincode client cannot call generically: refused before sending.
+    let err = consumer
+        .service("Shop", "2.1")
+        .call_generic("touches", &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RpcError::Config(_)), "{err}");
+
+    // The record says which methods there are, and how to talk to it.
+    let instances = consumer.service("Shop", "2.1").instances().await.unwrap();
+    let meta = &instances[0].metadata;
+    assert_eq!(meta["methods"], "make,find,touch,whoami,touches");
+    assert_eq!(meta["serializers"], "bincode,json");
+    assert!(meta["framework"].starts_with("rpc/"), "{meta:?}");
+    assert!(meta["since"].parse::<u64>().unwrap() > 1_700_000_000);
+    p.stop().await;
+}
+
 #[tokio::test]
 async fn from_config_uses_the_configured_registry() {
     let dir = tempfile::tempdir().unwrap();

@@ -170,6 +170,12 @@ impl Server {
         self.shared.services.keys().cloned().collect()
     }
 
+    /// The method wire names of the service `key` (`name:version`), if it
+    /// is served.
+    pub fn methods(&self, key: &str) -> Option<&'static [&'static str]> {
+        self.shared.services.get(key).map(|h| h.methods())
+    }
+
     /// Serves until `shutdown` completes, then drains: stops accepting and
     /// reading, waits up to `shutdown_timeout_ms` for in-flight calls to be
     /// answered, aborts the rest, and returns.

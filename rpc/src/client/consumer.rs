@@ -198,6 +198,19 @@ where
         self.service_with_policy(name, version, policy)
     }
 
+    /// A proxy for generic invocation of one service
+    /// ([`ServiceClient::call_generic`]): the policy `[client]` gives it,
+    /// with the JSON serializer, so that a method known only by its name
+    /// can be called with JSON arguments and answers in JSON.
+    pub fn generic_service(&self, name: &str, version: &str) -> ServiceClient<ClientStack<O, A>> {
+        let key = rpc_core::service_key(name, version);
+        let policy = CallPolicy {
+            serializer: rpc_core::SerializerKind::Json,
+            ..self.inner.config.policy_for(&key)
+        };
+        self.service_with_policy(name, version, policy)
+    }
+
     /// A proxy for one service with an explicit policy (a stack of its own:
     /// instance set, balancer state, retry budget).
     pub fn service_with_policy(

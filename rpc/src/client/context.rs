@@ -13,11 +13,13 @@ use super::options::CallOptions;
 
 /// What `#[service]` knows about a method: its wire name and attributes
 /// (`#[rpc(idempotent, timeout_ms = ..)]`). Generated clients pass one per
-/// call; [`MethodInfo::new`] has no attributes.
+/// call; [`MethodInfo::new`] has no attributes. The name borrows for `'a`:
+/// `'static` in generated clients, any string for generic invocation
+/// ([`ServiceClient::call_generic`](super::service::ServiceClient::call_generic)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MethodInfo {
+pub struct MethodInfo<'a> {
     /// The wire name.
-    pub name: &'static str,
+    pub name: &'a str,
     /// `#[rpc(idempotent)]`: fail-over may retry it after any provider
     /// failure (also when the call may have run).
     pub idempotent: bool,
@@ -25,9 +27,9 @@ pub struct MethodInfo {
     pub timeout: Option<Duration>,
 }
 
-impl MethodInfo {
+impl<'a> MethodInfo<'a> {
     /// A method without attributes.
-    pub const fn new(name: &'static str) -> Self {
+    pub const fn new(name: &'a str) -> Self {
         Self {
             name,
             idempotent: false,
@@ -47,7 +49,7 @@ impl MethodInfo {
 #[derive(Debug)]
 pub struct ClientContext<'a> {
     pub(crate) service: &'a str,
-    pub(crate) method: MethodInfo,
+    pub(crate) method: MethodInfo<'a>,
     pub(crate) options: Option<&'a CallOptions>,
     pub(crate) metadata: Cow<'a, Metadata>,
     /// When the call started: the one clock read of a call that succeeds at once.
@@ -74,7 +76,7 @@ impl<'a> ClientContext<'a> {
     /// A context for a call of `method` on `service`, starting now with
     /// `timeout` (the [`Deadline`](super::Deadline) layer settles the
     /// final timeout and deadline).
-    pub fn new(service: &'a str, method: MethodInfo, timeout: Duration) -> Self {
+    pub fn new(service: &'a str, method: MethodInfo<'a>, timeout: Duration) -> Self {
         let started = Instant::now();
         Self {
             deadline: rpc_core::context::deadline_after(started, timeout),
@@ -117,7 +119,7 @@ impl<'a> ClientContext<'a> {
     }
 
     /// The method's attributes.
-    pub fn method_info(&self) -> &MethodInfo {
+    pub fn method_info(&self) -> &MethodInfo<'a> {
         &self.method
     }
 

@@ -201,7 +201,7 @@ impl<S> ServiceClient<S> {
 impl<S: Call> ServiceClient<S> {
     /// Calls `method` (a wire name, no attributes) with the argument tuple
     /// `args`; see [`call_method`](Self::call_method).
-    pub async fn call<A, R>(&self, method: &'static str, args: &A) -> Result<R, RpcError>
+    pub async fn call<A, R>(&self, method: &str, args: &A) -> Result<R, RpcError>
     where
         A: Serialize + Sync + ?Sized,
         R: DeserializeOwned,
@@ -212,7 +212,7 @@ impl<S: Call> ServiceClient<S> {
     /// Calls `method` with the argument tuple `args` through the whole
     /// stack, decoding the reply. Under `fail_safe`, a failure returns the
     /// method's configured default instead, if it has one.
-    pub async fn call_method<A, R>(&self, method: MethodInfo, args: &A) -> Result<R, RpcError>
+    pub async fn call_method<A, R>(&self, method: MethodInfo<'_>, args: &A) -> Result<R, RpcError>
     where
         A: Serialize + Sync + ?Sized,
         R: DeserializeOwned,
@@ -240,8 +240,47 @@ impl<S: Call> ServiceClient<S> {
         }
     }
 
+    /// Generic invocation: calls `method`, a name known only at run time,
+    /// without the service's Rust types. `args` is the argument list, each
+    /// argument as JSON (an empty list for a method without arguments); the
+    /// reply comes back as JSON. The provider decodes the arguments into its
+    /// own types, so a wrong count or shape is a `bad request` or
+    /// `serialization failure` status from it, an unknown method a
+    /// `method not found`.
+    ///
+    /// Needs a client that uses the JSON serializer
+    /// ([`Consumer::generic_service`](super::consumer::Consumer::generic_service));
+    /// any other fails with [`RpcError::Config`] before anything is sent.
+    /// Goes through the whole stack (deadline, discovery, retry, balancing).
+    /// A method's own `Result` comes back as JSON too: `{"Ok": ..}` or
+    /// `{"Err": ..}` (serde's form).
+    pub async fn call_generic(
+        &self,
+        method: &str,
+        args: &[serde_json::Value],
+    ) -> Result<serde_json::Value, RpcError> {
+        if self.inner.policy.serializer != SerializerKind::Json {
+            return Err(RpcError::Config(rpc_core::ConfigError::new(
+                "generic invocation",
+                "client.serializer",
+                format!(
+                    "generic invocation needs the json serializer, this client uses {}",
+                    self.inner.policy.serializer.as_str()
+                ),
+            )));
+        }
+        let method = MethodInfo::new(method);
+        if args.is_empty() {
+            // The provider decodes a method without arguments as `()`,
+            // which JSON writes as `null`, not as an empty list.
+            self.call_method(method, &()).await
+        } else {
+            self.call_method(method, args).await
+        }
+    }
+
     /// The stack below encoding, for a method without attributes.
-    pub async fn call_raw(&self, method: &'static str, args: &[u8]) -> Result<RawReply, RpcError> {
+    pub async fn call_raw(&self, method: &str, args: &[u8]) -> Result<RawReply, RpcError> {
         self.call_raw_method(MethodInfo::new(method), args).await
     }
 
@@ -249,7 +288,7 @@ impl<S: Call> ServiceClient<S> {
     /// argument tuple encoded with the policy's serializer.
     pub async fn call_raw_method(
         &self,
-        method: MethodInfo,
+        method: MethodInfo<'_>,
         args: &[u8],
     ) -> Result<RawReply, RpcError> {
         let inner = &*self.inner;
