@@ -17,6 +17,17 @@ pub enum TransportError {
     /// Two handlers claim the same `name:version`.
     #[error("service `{0}` is added twice")]
     DuplicateService(String),
+    /// A heartbeat round trip ([`ping`](crate::client::ping)) failed.
+    #[error("ping {addr}: {reason}")]
+    Ping {
+        /// The address pinged.
+        addr: String,
+        /// What went wrong, in words.
+        reason: String,
+        /// The socket error, if there was one.
+        #[source]
+        source: Option<std::io::Error>,
+    },
     /// Other socket I/O failed.
     #[error("I/O error")]
     Io(#[from] std::io::Error),

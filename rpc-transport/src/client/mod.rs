@@ -8,6 +8,9 @@
 //! future abandons it (its slot is freed and the server told to cancel).
 
 mod connection;
+mod ping;
+
+pub use ping::{Pong, ping};
 
 use std::io;
 use std::sync::Arc;
