@@ -227,6 +227,7 @@ pub async fn describe(config: &RpcConfig, service: &str, out: Output) -> Result<
                 }
             }
             field("INSTANCES", list.len().to_string());
+            text.push('\n');
             print!("{text}");
             let rows: Vec<Vec<String>> = list.iter().map(instance_row).collect();
             print!(
