@@ -1,7 +1,7 @@
 //! `rpc config check [FILE]`: loads a configuration the way every program
 //! of this framework does (so it fails the same way, naming the file and
 //! the key), then prints each effective setting with where it came from:
-//! the file, an `RPC_*` environment variable, `--registry`, or the
+//! the file (named on the first line), an `RPC_*` environment variable, `--registry`, or the
 //! built-in default. Passwords and tokens are shown as `***`.
 
 use std::path::{Path, PathBuf};
@@ -61,7 +61,8 @@ pub fn run(file: Option<&Path>, registry: Option<&str>, out: Output) -> Result<i
             {
                 format!("env {var}")
             } else if lookup(&in_file, &key) {
-                format!("file {file_name}")
+                // The path is on the first line: a long one would not fit.
+                "file".to_owned()
             } else {
                 "default".to_owned()
             };
@@ -88,8 +89,10 @@ pub fn run(file: Option<&Path>, registry: Option<&str>, out: Output) -> Result<i
         }
         Output::Table => {
             println!("{file_name}: valid");
-            let rows: Vec<Vec<String>> = rows.into_iter().map(|(k, v, s)| vec![k, v, s]).collect();
-            print!("{}", output::table(&["KEY", "VALUE", "SOURCE"], &rows));
+            // The value last: it is the one that may be long (cut to fit;
+            // `--output json` has it whole).
+            let rows: Vec<Vec<String>> = rows.into_iter().map(|(k, v, s)| vec![k, s, v]).collect();
+            print!("{}", output::table(&["KEY", "SOURCE", "VALUE"], &rows));
         }
     }
     Ok(code::OK)

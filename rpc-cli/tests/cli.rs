@@ -494,3 +494,93 @@ async fn nacos() {
     ))
     .await;
 }
+
+/// What needs no registry server: help, usage errors, config check, bad
+/// URLs, an unreachable registry, a ping nobody answers.
+#[tokio::test]
+async fn usage_config_and_unreachable_registries_have_their_exit_codes() {
+    let run = async |args: &[&str], envs: &[(&str, &str)]| {
+        let mut cmd = tokio::process::Command::new(RPC);
+        cmd.args(args)
+            .env_remove("RPC_CONFIG")
+            .current_dir(std::env::temp_dir())
+            .kill_on_drop(true);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        tokio::time::timeout(WAIT, cmd.output())
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let o = run(&["--help"], &[]).await;
+    let (out, _) = expect(&o, 0, "--help");
+    assert!(out.contains("Usage: rpc"), "{out}");
+    assert!(out.lines().all(|l| l.chars().count() <= 80), "{out}");
+    let o = run(&["frobnicate"], &[]).await;
+    expect(&o, 2, "an unknown command");
+
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[client]\ntimeout_ms = 700\n\n[registry]\ntype = \"etcd\"\naddress = \"http://127.0.0.1:2379\"\n",
+    )
+    .unwrap();
+    let good = good.display().to_string();
+    let o = run(
+        &["config", "check", &good],
+        &[
+            ("RPC_CLIENT_RETRIES", "4"),
+            ("RPC_REGISTRY_PASSWORD", "hunter2"),
+        ],
+    )
+    .await;
+    let (out, _) = expect(&o, 0, "config check");
+    let line = |key: &str| {
+        out.lines()
+            .find(|l| l.split_whitespace().next() == Some(key))
+            .unwrap_or_else(|| panic!("no {key} in {out}"))
+            .split_whitespace()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert!(out.starts_with(&format!("{good}: valid\n")), "{out}");
+    assert_eq!(line("client.timeout_ms"), "file 700");
+    assert_eq!(line("client.retries"), "env RPC_CLIENT_RETRIES 4");
+    assert_eq!(line("client.serializer"), "default \"bincode\"");
+    assert_eq!(line("registry.password"), "env RPC_REGISTRY_PASSWORD ***");
+    assert!(!out.contains("hunter2"), "{out}");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[client]\ntimeout_ms = \"soon\"\n").unwrap();
+    let o = run(&["config", "check", &bad.display().to_string()], &[]).await;
+    let (_, err) = expect(&o, 1, "config check of a bad file");
+    assert!(
+        err.contains("bad.toml") && err.contains("client.timeout_ms"),
+        "{err}"
+    );
+
+    let o = run(&["--registry", "memory://", "services"], &[]).await;
+    let (_, err) = expect(&o, 1, "a memory registry URL");
+    assert!(err.contains("inside one process"), "{err}");
+    // Nothing listens on port 1 of loopback.
+    let o = run(
+        &[
+            "--registry",
+            "etcd://127.0.0.1:1?timeout_ms=2000",
+            "services",
+        ],
+        &[],
+    )
+    .await;
+    let (_, err) = expect(&o, 5, "an unreachable registry");
+    assert!(
+        err.starts_with("rpc: registry: etcd registry unavailable"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    let o = run(&["ping", "127.0.0.1:1", "--timeout", "2000"], &[]).await;
+    let (_, err) = expect(&o, 4, "a ping nobody answers");
+    assert!(err.contains("ping 127.0.0.1:1: cannot connect"), "{err}");
+}
