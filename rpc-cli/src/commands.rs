@@ -6,21 +6,47 @@ use std::time::Duration;
 use rpc::registry::{AnyRegistry, MemoryRegistry};
 use rpc::{CallOptions, Consumer};
 use rpc_core::meta::keys;
-use rpc_core::{Discover, Registry, RpcConfig, ServiceKey, ServiceMetaInfo};
+use rpc_core::{
+    Discover, Registry, RegistryError, RegistryKind, RpcConfig, ServiceKey, ServiceMetaInfo,
+};
 use serde_json::{Value, json};
 
 use crate::Output;
 use crate::error::{CliError, code, one_line};
 use crate::output;
 
-/// `name` or `name:version`, with the default version filled in.
-pub fn service_key(s: &str) -> ServiceKey {
+/// `name` or `name:version`, with the default version filled in; an empty
+/// name or version is refused.
+pub fn service_key(s: &str) -> Result<ServiceKey, CliError> {
     let key = ServiceKey::parse(s.trim());
-    ServiceKey::new(key.name(), key.version())
+    if key.name().is_empty() || s.trim().ends_with(':') {
+        return Err(CliError::BadInput(format!(
+            "`{s}` is not a service: give `name` or `name:version`"
+        )));
+    }
+    Ok(ServiceKey::new(key.name(), key.version()))
 }
 
-/// The configured registry, connected.
+/// The configured registry, connected. A `local` registry's directory
+/// must exist: the backend would create it, which for a tool that only
+/// reads turns a typo into an empty registry.
 pub async fn connect(config: &RpcConfig) -> Result<AnyRegistry, CliError> {
+    if config.registry.kind == RegistryKind::Local {
+        let dir = match config.registry.address.first().filter(|a| !a.is_empty()) {
+            Some(dir) => std::path::PathBuf::from(dir),
+            None => rpc::registry::local::default_dir(),
+        };
+        if !dir.is_dir() {
+            return Err(RegistryError::unavailable_because(
+                "local",
+                format!(
+                    "no registry directory {} (no provider has registered there)",
+                    dir.display()
+                ),
+            )
+            .into());
+        }
+    }
     Ok(AnyRegistry::from_config(&config.registry).await?)
 }
 
@@ -54,14 +80,14 @@ pub async fn services(config: &RpcConfig, out: Output) -> Result<i32, CliError> 
                 .iter()
                 .map(|(k, n)| json!({"service": k, "instances": n}))
                 .collect();
-            println!("{}", output::json(&list));
+            output::emit_line(&output::json(&list));
         }
         Output::Table => {
             let rows: Vec<Vec<String>> = rows
                 .into_iter()
                 .map(|(k, n)| vec![k, n.to_string()])
                 .collect();
-            print!("{}", output::table(&["SERVICE", "INSTANCES"], &rows));
+            output::emit(&output::table(&["SERVICE", "INSTANCES"], &rows));
         }
     }
     Ok(code::OK)
@@ -77,24 +103,20 @@ const OWN_KEYS: [&str; 5] = [
     keys::SINCE,
 ];
 
+const INSTANCE_COLUMNS: [&str; 6] = [
+    "ADDRESS", "WEIGHT", "GROUP", "PROTOCOL", "SINCE", "METADATA",
+];
+
 /// `rpc instances SERVICE`.
 pub async fn instances(config: &RpcConfig, service: &str, out: Output) -> Result<i32, CliError> {
-    let key = service_key(service);
+    let key = service_key(service)?;
     let registry = connect(config).await?;
     let list = instances_of(&registry, config, &key).await?;
     match out {
-        Output::Json => println!("{}", output::json(&list)),
+        Output::Json => output::emit_line(&output::json(&list)),
         Output::Table => {
             let rows: Vec<Vec<String>> = list.iter().map(instance_row).collect();
-            print!(
-                "{}",
-                output::table(
-                    &[
-                        "ADDRESS", "WEIGHT", "GROUP", "PROTOCOL", "SINCE", "METADATA"
-                    ],
-                    &rows
-                )
-            );
+            output::emit(&output::table(&INSTANCE_COLUMNS, &rows));
         }
     }
     Ok(code::OK)
@@ -134,7 +156,7 @@ fn split_list(s: &str) -> Vec<String> {
 
 /// `rpc describe SERVICE`.
 pub async fn describe(config: &RpcConfig, service: &str, out: Output) -> Result<i32, CliError> {
-    let key = service_key(service);
+    let key = service_key(service)?;
     let registry = connect(config).await?;
     let list = instances_of(&registry, config, &key).await?;
     let versions: Vec<String> = registry
@@ -160,9 +182,11 @@ pub async fn describe(config: &RpcConfig, service: &str, out: Output) -> Result<
             }
         }
     }
+    // Every value any instance gives, split at commas (`bincode,json`).
     let distinct = |k: &str| -> Vec<String> {
         list.iter()
-            .filter_map(|m| m.metadata.get(k).cloned())
+            .filter_map(|m| m.metadata.get(k))
+            .flat_map(|v| split_list(v))
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect()
@@ -180,65 +204,49 @@ pub async fn describe(config: &RpcConfig, service: &str, out: Output) -> Result<
                 "serializers": serializers,
                 "instances": list,
             });
-            println!("{}", output::json(&v));
+            output::emit_line(&output::json(&v));
         }
         Output::Table => {
-            let none = || "-".to_owned();
-            let mut text = String::new();
-            let mut field = |label: &str, value: String| {
-                text.push_str(&format!("{label:<12} {value}\n"));
+            let or_dash = |v: Vec<String>| {
+                if v.is_empty() {
+                    "-".to_owned()
+                } else {
+                    v.join(", ")
+                }
             };
-            field("SERVICE", key.as_str().to_owned());
-            field("VERSIONS", versions.join(", "));
-            field(
-                "FRAMEWORK",
-                Some(frameworks.join(", "))
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(none),
-            );
-            field(
-                "SERIALIZERS",
-                Some(serializers.join(" | "))
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(none),
-            );
+            let mut lines = vec![
+                output::field("SERVICE", key.as_str()),
+                output::field("VERSIONS", &versions.join(", ")),
+                output::field("FRAMEWORK", &or_dash(frameworks)),
+                output::field("SERIALIZERS", &or_dash(serializers)),
+            ];
             if publishing.is_empty() {
-                field(
+                lines.push(output::field(
                     "METHODS",
-                    "not published: these providers predate method lists \
-                     (`rpc call` still works by name)"
-                        .into(),
-                );
+                    "not published (older providers); `rpc call` works by name",
+                ));
             } else {
-                let mut first = true;
-                for m in &methods {
-                    field(if first { "METHODS" } else { "" }, m.clone());
-                    first = false;
+                for (i, m) in methods.iter().enumerate() {
+                    lines.push(output::field(if i == 0 { "METHODS" } else { "" }, m));
                 }
                 if publishing.len() < list.len() {
-                    field(
+                    lines.push(output::field(
                         "",
-                        format!(
+                        &format!(
                             "({} of {} instances publish their methods)",
                             publishing.len(),
                             list.len()
                         ),
-                    );
+                    ));
                 }
             }
-            field("INSTANCES", list.len().to_string());
-            text.push('\n');
-            print!("{text}");
+            lines.push(output::field("INSTANCES", &list.len().to_string()));
             let rows: Vec<Vec<String>> = list.iter().map(instance_row).collect();
-            print!(
-                "{}",
-                output::table(
-                    &[
-                        "ADDRESS", "WEIGHT", "GROUP", "PROTOCOL", "SINCE", "METADATA"
-                    ],
-                    &rows
-                )
-            );
+            output::emit(&format!(
+                "{}\n\n{}",
+                lines.join("\n"),
+                output::table(&INSTANCE_COLUMNS, &rows)
+            ));
         }
     }
     Ok(code::OK)
@@ -286,7 +294,7 @@ pub async fn call(config: &RpcConfig, a: CallArgs<'_>, out: Output) -> Result<i3
     if let Some(ms) = a.timeout {
         options = options.timeout(Duration::from_millis(ms));
     }
-    let key = service_key(a.service);
+    let key = service_key(a.service)?;
     let wait = config.registry.timeout();
     // Kept until the call is done: dropping it deregisters.
     let mut _direct = None;
@@ -314,7 +322,7 @@ pub async fn call(config: &RpcConfig, a: CallArgs<'_>, out: Output) -> Result<i3
         Output::Json => serde_json::to_string(&reply).unwrap_or_default(),
         Output::Table => output::json(&reply),
     };
-    println!("{text}");
+    output::emit_line(&text);
     // A method's own `Result` comes back in serde's form: an `Err` is the
     // method failing, which a script should see in the exit code.
     if let Value::Object(map) = &reply {
@@ -349,26 +357,31 @@ pub async fn ping(
     out: Output,
 ) -> Result<i32, CliError> {
     let limit = Duration::from_millis(timeout_ms);
-    for _ in 0..count.max(1) {
+    if address
+        .rsplit_once(':')
+        .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+    {
+        return Err(CliError::BadInput(format!("{address}: expected HOST:PORT")));
+    }
+    for _ in 0..count {
         let pong = rpc::transport::client::ping(address, limit)
             .await
             .map_err(|e| CliError::CallFailed(one_line(&e)))?;
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        match out {
-            Output::Json => println!(
-                "{}",
-                json!({
-                    "address": address,
-                    "connect_ms": ms(pong.connect),
-                    "round_trip_ms": ms(pong.round_trip),
-                })
-            ),
-            Output::Table => println!(
+        let line = match out {
+            Output::Json => json!({
+                "address": address,
+                "connect_ms": ms(pong.connect),
+                "round_trip_ms": ms(pong.round_trip),
+            })
+            .to_string(),
+            Output::Table => format!(
                 "pong from {address}: connect {:.3} ms, heartbeat round trip {:.3} ms",
                 ms(pong.connect),
                 ms(pong.round_trip)
             ),
-        }
+        };
+        output::emit_line(&line);
     }
     Ok(code::OK)
 }
@@ -395,8 +408,21 @@ mod tests {
 
     #[test]
     fn a_bare_name_has_the_default_version() {
-        assert_eq!(service_key("UserService").as_str(), "UserService:1.0");
-        assert_eq!(service_key("UserService:2.0").as_str(), "UserService:2.0");
+        assert_eq!(
+            service_key("UserService").unwrap().as_str(),
+            "UserService:1.0"
+        );
+        assert_eq!(
+            service_key("UserService:2.0").unwrap().as_str(),
+            "UserService:2.0"
+        );
+        for bad in ["", " ", ":1.0", "UserService:"] {
+            assert_eq!(
+                service_key(bad).unwrap_err().exit_code(),
+                code::BAD_INPUT,
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

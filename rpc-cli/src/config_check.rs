@@ -82,17 +82,16 @@ pub fn run(file: Option<&Path>, registry: Option<&str>, out: Output) -> Result<i
                 .iter()
                 .map(|(k, v, s)| json!({"key": k, "value": v, "source": s}))
                 .collect();
-            println!(
-                "{}",
-                output::json(&json!({"file": file_name, "valid": true, "settings": list}))
-            );
+            output::emit_line(&output::json(
+                &json!({"file": file_name, "valid": true, "settings": list}),
+            ));
         }
         Output::Table => {
-            println!("{file_name}: valid");
+            output::emit_line(&format!("{}: valid", output::clean(&file_name)));
             // The value last: it is the one that may be long (cut to fit;
             // `--output json` has it whole).
             let rows: Vec<Vec<String>> = rows.into_iter().map(|(k, v, s)| vec![k, s, v]).collect();
-            print!("{}", output::table(&["KEY", "SOURCE", "VALUE"], &rows));
+            output::emit(&output::table(&["KEY", "SOURCE", "VALUE"], &rows));
         }
     }
     Ok(code::OK)

@@ -6,8 +6,9 @@ use rpc_core::{ConfigError, RegistryError, RpcError, StatusCode};
 pub mod code {
     /// Everything worked.
     pub const OK: i32 = 0;
-    /// Bad input: malformed JSON arguments, a bad `--registry` URL or
-    /// `--metadata`, an invalid configuration.
+    /// Bad input: malformed JSON arguments or arguments the method cannot
+    /// take, a bad `--registry` URL, SERVICE or `--metadata`, an invalid
+    /// configuration.
     pub const BAD_INPUT: i32 = 1;
     /// Command-line usage error (clap's own code).
     pub const USAGE: i32 = 2;
@@ -79,6 +80,14 @@ impl From<RpcError> for CliError {
                 code: StatusCode::ServiceNotFound | StatusCode::MethodNotFound,
                 ..
             } => Self::NotFound(message),
+            // The provider could not take the arguments apart: too few, too
+            // many, or of the wrong type. The caller's input, not an outage.
+            RpcError::Remote {
+                code: StatusCode::BadRequest | StatusCode::Serialization,
+                ..
+            } => Self::BadInput(format!(
+                "{message} (the arguments do not fit the method: a JSON array holds one value per argument)"
+            )),
             _ => Self::CallFailed(message),
         }
     }

@@ -93,6 +93,7 @@ enum Command {
     /// The call goes through discovery, balancing, retries and the
     /// deadline like any consumer's, with the JSON serializer. A method
     /// whose `Result` is `Err` prints the error value and exits 4.
+    #[command(allow_negative_numbers = true)]
     Call {
         /// `name` or `name:version`.
         service: String,
@@ -103,7 +104,7 @@ enum Command {
         /// a method without arguments.
         args: Option<String>,
         /// Timeout in ms (default: the configuration's).
-        #[arg(long, value_name = "MS")]
+        #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
         timeout: Option<u64>,
         /// Call metadata, repeatable.
         #[arg(long = "metadata", short = 'm', value_name = "KEY=VALUE")]
@@ -120,10 +121,10 @@ enum Command {
         /// The provider's address.
         address: String,
         /// How long to wait for each reply, in ms.
-        #[arg(long, value_name = "MS", default_value_t = 3000)]
+        #[arg(long, value_name = "MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
         timeout: u64,
         /// How many pings, one per connection.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         count: u32,
     },
     /// Configuration tools.

@@ -33,9 +33,10 @@ pub fn load(config: Option<&Path>, registry: Option<&str>) -> Result<RpcConfig, 
 
 /// The configuration a `--registry` URL stands for (module docs).
 pub fn from_url(url: &str) -> Result<RpcConfig, CliError> {
+    let shown = redacted(url);
     let bad = |why: &str| {
         CliError::BadInput(format!(
-            "--registry {url}: {why} (forms: etcd://host:port, zookeeper://host:port[/chroot], consul://host:port, nacos://host:port, local:///dir)"
+            "--registry {shown}: {why} (forms: etcd://host:port, zookeeper://host:port[/chroot], consul://host:port, nacos://host:port, local:///dir)"
         ))
     };
     let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("no scheme"))?;
@@ -78,6 +79,12 @@ pub fn from_url(url: &str) -> Result<RpcConfig, CliError> {
     table.insert("address".into(), address);
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = percent_decode(key).ok_or_else(|| bad("bad %-escape in the query"))?;
+        if key == "type" || key == "address" {
+            return Err(bad(&format!(
+                "`{key}` comes from the URL itself, not from its query"
+            )));
+        }
         let value = percent_decode(value).ok_or_else(|| bad("bad %-escape in the query"))?;
         let value = match value.parse::<u64>() {
             Ok(n) if key.ends_with("_ms") || key.ends_with("_secs") => {
@@ -85,15 +92,39 @@ pub fn from_url(url: &str) -> Result<RpcConfig, CliError> {
             }
             _ => toml::Value::String(value),
         };
-        table.insert(key.to_owned(), value);
+        table.insert(key, value);
     }
     let mut root = toml::Table::new();
     root.insert("registry".into(), toml::Value::Table(table));
     let text = toml::to_string(&root).map_err(|e| bad(&e.to_string()))?;
     Ok(RpcConfig::from_toml_str(
         &text,
-        &format!("--registry {url}"),
+        &format!("--registry {shown}"),
     )?)
+}
+
+/// `url` with the values of `password` and `token` in its query, and any
+/// `user:password@` in it, shown as `***`: it is echoed in errors.
+fn redacted(url: &str) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let base = match base.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => base.to_owned(),
+        },
+        None => base.to_owned(),
+    };
+    if query.is_empty() {
+        return base;
+    }
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) if k.contains("password") || k.contains("token") => format!("{k}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{base}?{}", pairs.join("&"))
 }
 
 /// `%XX` escapes and `+` as a space, as in a URL query; `None` for a bad
@@ -161,5 +192,17 @@ mod tests {
         assert!(e.contains("registry.token"), "{e}");
         assert!(e.contains("--registry etcd://"), "{e}");
         assert!(msg("consul://h:1?token=%zz").contains("%-escape"));
+        assert!(msg("local:///x?type=etcd").contains("`type` comes from the URL"));
+        assert!(msg("local:///x?address=/etc").contains("`address` comes from the URL"));
+        // Secrets are not echoed.
+        let e = msg("consul://127.0.0.1:1?token=s3cret&bogus=1");
+        assert!(e.contains("registry.bogus") && !e.contains("s3cret"), "{e}");
+        assert!(e.contains("token=***"), "{e}");
+        let e = msg("etcd://user:pw@127.0.0.1:1?password=pw2&bogus=1");
+        assert!(
+            e.contains("etcd://***@127.0.0.1:1?password=***&bogus=1"),
+            "{e}"
+        );
+        assert!(!e.contains(":pw@") && !e.contains("pw2"), "{e}");
     }
 }

@@ -9,13 +9,13 @@
 //! [`RELIST`] and new services are followed too (at most [`MAX_WATCHES`]).
 //! A watch that ends is opened again at the next look.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use rpc_core::{Discover, RpcConfig, ServiceMetaInfo, WatchEvent};
 use serde_json::json;
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 
 use crate::Output;
 use crate::commands::{connect, service_key};
@@ -37,7 +37,10 @@ enum Note {
 
 pub async fn run(config: &RpcConfig, service: Option<&str>, out: Output) -> Result<i32, CliError> {
     let registry = connect(config).await?;
-    let only = service.map(|s| service_key(s).into_string());
+    let only = match service {
+        Some(s) => Some(service_key(s)?.into_string()),
+        None => None,
+    };
     // Opening the first watch reports an unreachable registry at once.
     let first: Vec<String> = match &only {
         Some(key) => vec![key.clone()],
@@ -46,7 +49,12 @@ pub async fn run(config: &RpcConfig, service: Option<&str>, out: Output) -> Resu
     let (tx, mut rx) = mpsc::channel::<Note>(QUEUE);
     // Owns every follower task: they stop when this function returns.
     let mut followers = JoinSet::new();
-    let mut watched: HashSet<String> = HashSet::new();
+    // What each followed service's task is, to stop following a service
+    // that left the registry (so churn does not use up MAX_WATCHES).
+    let mut watched: HashMap<String, AbortHandle> = HashMap::new();
+    // Services there when the watch began: their first instances are
+    // `present`; a service found later has its instances `added`.
+    let initial: HashSet<String> = first.iter().cloned().collect();
     let mut lists: BTreeMap<String, BTreeMap<String, ServiceMetaInfo>> = BTreeMap::new();
     let mut warned_full = false;
     let mut pending = first;
@@ -57,7 +65,7 @@ pub async fn run(config: &RpcConfig, service: Option<&str>, out: Output) -> Resu
     let mut opened_once = false;
     loop {
         for key in std::mem::take(&mut pending) {
-            if watched.contains(&key) {
+            if watched.contains_key(&key) {
                 continue;
             }
             if watched.len() >= MAX_WATCHES {
@@ -74,16 +82,17 @@ pub async fn run(config: &RpcConfig, service: Option<&str>, out: Output) -> Resu
                 Err(e) if !opened_once => return Err(e.into()),
                 Err(_) => continue,
             };
-            watched.insert(key.clone());
             let tx = tx.clone();
-            followers.spawn(async move {
+            let name = key.clone();
+            let task = followers.spawn(async move {
                 while let Some(event) = watch.next().await {
-                    if tx.send(Note::Event(key.clone(), event)).await.is_err() {
+                    if tx.send(Note::Event(name.clone(), event)).await.is_err() {
                         return;
                     }
                 }
-                let _ = tx.send(Note::Ended(key)).await;
+                let _ = tx.send(Note::Ended(name)).await;
             });
+            watched.insert(key, task);
         }
         opened_once = true;
         tokio::select! {
@@ -95,7 +104,7 @@ pub async fn run(config: &RpcConfig, service: Option<&str>, out: Output) -> Resu
             }
             note = rx.recv() => match note {
                 Some(Note::Event(key, event)) => {
-                    let opening = !lists.contains_key(&key);
+                    let opening = !lists.contains_key(&key) && initial.contains(&key);
                     let list = lists.entry(key.clone()).or_default();
                     for line in lines(&key, list, event, opening) {
                         print_line(&line, out);
@@ -109,11 +118,32 @@ pub async fn run(config: &RpcConfig, service: Option<&str>, out: Output) -> Resu
                 None => return Ok(code::OK),
             },
             _ = relist.tick() => {
+                // Finished and stopped tasks leave their results behind.
+                while followers.try_join_next().is_some() {}
                 pending = match &only {
                     Some(key) => vec![key.clone()],
                     // A failed listing is retried at the next tick; the
                     // watches report the connection themselves.
-                    None => registry.services().await.unwrap_or_default(),
+                    None => match registry.services().await {
+                        Ok(listed) => {
+                            // Stop following services that left with no
+                            // instance; they are followed again if they return.
+                            let gone: Vec<String> = watched
+                                .keys()
+                                .filter(|k| !listed.contains(k))
+                                .filter(|k| lists.get(*k).is_none_or(BTreeMap::is_empty))
+                                .cloned()
+                                .collect();
+                            for key in gone {
+                                if let Some(task) = watched.remove(&key) {
+                                    task.abort();
+                                }
+                                lists.remove(&key);
+                            }
+                            listed
+                        }
+                        Err(_) => Vec::new(),
+                    },
                 };
             }
         }
@@ -201,22 +231,24 @@ fn lines(
 
 fn print_line(line: &Line, out: Output) {
     let time = output::now();
-    match out {
-        Output::Json => println!(
-            "{}",
-            json!({
-                "time": time,
-                "service": line.service,
-                "event": line.what,
-                "address": line.address,
-                "instance": line.instance,
-            })
-        ),
-        Output::Table => match &line.address {
-            Some(a) => println!("{time}  {}  {}  {a}", line.service, line.what),
-            None => println!("{time}  {}  {}", line.service, line.what),
-        },
-    }
+    let text = match out {
+        Output::Json => json!({
+            "time": time,
+            "service": line.service,
+            "event": line.what,
+            "address": line.address,
+            "instance": line.instance,
+        })
+        .to_string(),
+        Output::Table => {
+            let service = output::clean(&line.service);
+            match &line.address {
+                Some(a) => format!("{time}  {service}  {}  {}", line.what, output::clean(a)),
+                None => format!("{time}  {service}  {}", line.what),
+            }
+        }
+    };
+    output::emit_line(&text);
 }
 
 #[cfg(test)]

@@ -288,7 +288,7 @@ async fn exercise(t: Target) {
     let (out, _) = expect(&o, 0, "describe");
     assert!(out.contains("METHODS      add\n"), "[{name}] {out}");
     assert!(out.contains("             count\n"), "[{name}] {out}");
-    assert!(out.contains("SERIALIZERS  bincode,json"), "[{name}] {out}");
+    assert!(out.contains("SERIALIZERS  bincode, json"), "[{name}] {out}");
 
     // call: a struct argument, a user error, an unknown method, bad JSON.
     let o = t
@@ -341,6 +341,14 @@ async fn exercise(t: Target) {
     let (out, _) = expect(&o, 0, "a direct call");
     assert_eq!(out.trim(), "7", "[{name}]");
 
+    // Arguments the method cannot take are the caller's mistake (exit 1),
+    // and negative numbers need no `--`.
+    let o = t.rpc(&["call", "Cli.Shop", "count", "5"]).await;
+    let (_, err) = expect(&o, 1, "an argument for a method without any");
+    assert!(err.contains("do not fit the method"), "[{name}] {err}");
+    let o = t.rpc(&["call", "Cli.Shop", "add", "-1"]).await;
+    expect(&o, 1, "a negative number where a struct is due");
+
     // ping
     let o = t.rpc(&["ping", &p1.addr]).await;
     let (out, _) = expect(&o, 0, "ping");
@@ -348,6 +356,26 @@ async fn exercise(t: Target) {
         out.starts_with(&format!("pong from {}", p1.addr)),
         "[{name}] {out}"
     );
+    // A reader that leaves early (`| head -1`) ends it quietly, with 0.
+    let mut pings = tokio::process::Command::new(RPC)
+        .args(["ping", &p1.addr, "--count", "100000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    let mut stdout = BufReader::new(pings.stdout.take().unwrap());
+    stdout.read_line(&mut first).await.unwrap();
+    assert!(first.starts_with("pong from"), "[{name}] {first}");
+    drop(stdout);
+    let o = tokio::time::timeout(WAIT, pings.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "[{name}] closed pipe: {err}");
+    assert!(!err.contains("panicked"), "[{name}] {err}");
 
     // A provider from before method lists: describe says so, call works.
     let registry = AnyRegistry::from_config(&config.registry).await.unwrap();
@@ -385,6 +413,22 @@ async fn exercise(t: Target) {
     let _ = legacy_stop.send(());
     let _ = legacy.await;
 
+    // Registry data is printed as data: a record from the year 10000 with
+    // control characters in its metadata neither panics nor breaks lines.
+    if name == "local" {
+        let mut odd = ServiceMetaInfo::new("Cli.Odd", "1.0", "127.0.0.1", 9);
+        odd.metadata.insert("since".into(), "253402300800".into());
+        odd.metadata
+            .insert("note".into(), "two\nlines \u{1b}[31mred".into());
+        let odd = registry.register(odd).await.unwrap();
+        let o = t.rpc(&["instances", "Cli.Odd"]).await;
+        let (out, _) = expect(&o, 0, "instances of an odd record");
+        assert_eq!(out.lines().count(), 2, "[{name}] {out}");
+        assert!(!out.contains('\u{1b}'), "[{name}] {out}");
+        assert!(out.contains("two\\nlines"), "[{name}] {out}");
+        odd.deregister().await.unwrap();
+    }
+
     // watch: sees a second provider come and go, then stops on SIGINT.
     let mut child = tokio::process::Command::new(RPC)
         .args(["--registry", &t.url, "watch", "Cli.Shop"])
@@ -421,9 +465,12 @@ async fn exercise(t: Target) {
     let p2 = shop_provider(&config).await;
     let p2_addr = p2.addr.clone();
     wait_line("added", &p2_addr, started).await;
+    // Stopped concurrently: the line must come while the provider is still
+    // shutting down (its grace, the registry's session), not after.
     let started = tokio::time::Instant::now();
-    p2.stop().await;
+    let stopping = tokio::spawn(p2.stop());
     wait_line("removed", &p2_addr, started).await;
+    tokio::time::timeout(WAIT, stopping).await.unwrap().unwrap();
     let pid = child.id().unwrap().to_string();
     let kill = std::process::Command::new("kill")
         .args(["-INT", &pid])

@@ -78,8 +78,6 @@ pub mod server {
 pub use rpc_registry as registry;
 pub use rpc_transport as transport;
 pub use serde;
-/// `serde_json`, whose `Value` generic invocation takes and returns.
-pub use serde_json;
 
 /// Items generated code names. Not a public API.
 #[doc(hidden)]

@@ -209,7 +209,7 @@ async fn unknown_method_of_a_newer_client_is_an_error_response() {
 /// the provider's self-description in its registry record.
 #[tokio::test]
 async fn generic_invocation_calls_by_name_with_json() {
-    use rpc::serde_json::json;
+    use serde_json::json;
     let registry = AnyRegistry::from(MemoryRegistry::new());
     let config = RpcConfig::default();
     let p = provider(registry.clone(), 1, &config).await;

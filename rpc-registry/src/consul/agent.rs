@@ -120,8 +120,18 @@ pub(super) fn rejected(what: &str, status: StatusCode, body: &[u8]) -> RegistryE
             what: format!("the datacenter named by `registry.datacenter` ({what})"),
         };
     }
+    // Not Consul (an HTTP server on that port) may answer with a whole
+    // page: the first line, cut short, is enough to tell.
+    let first: String = body
+        .trim()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(200)
+        .collect();
     refused(what, status, &body)
-        .unwrap_or_else(|| failed(format!("{what}: HTTP {status}: {}", body.trim())))
+        .unwrap_or_else(|| failed(format!("{what}: HTTP {status}: {first}")))
 }
 
 /// A 403 is Consul's ACL system refusing the request: "ACL not found" (a

@@ -136,7 +136,14 @@ impl Inner {
             let Ok(files) = fs::read_dir(entry.path()) else {
                 continue;
             };
+            // Record files only: a root pointed at the wrong directory
+            // (`/proc`, say) must not have its files read.
             let key = files.flatten().find_map(|f| {
+                let name = f.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with('.') || !name.ends_with(".json") {
+                    return None;
+                }
                 let record = read_record(&f.path()).ok().flatten()?;
                 let key = record.meta.service_key();
                 (encode_name(&key) == dir_name).then_some(key)

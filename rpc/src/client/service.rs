@@ -252,6 +252,9 @@ impl<S: Call> ServiceClient<S> {
     /// ([`Consumer::generic_service`](super::consumer::Consumer::generic_service));
     /// any other fails with [`RpcError::Config`] before anything is sent.
     /// Goes through the whole stack (deadline, discovery, retry, balancing).
+    /// `serde_json` is not re-exported (a re-export makes rustc spell
+    /// `String` as `std::string::String` in every user's diagnostics):
+    /// depend on `serde_json` 1 to build the values.
     /// A method's own `Result` comes back as JSON too: `{"Ok": ..}` or
     /// `{"Err": ..}` (serde's form).
     pub async fn call_generic(
