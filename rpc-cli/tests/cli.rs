@@ -288,7 +288,10 @@ async fn exercise(t: Target) {
     let (out, _) = expect(&o, 0, "describe");
     assert!(out.contains("METHODS      add\n"), "[{name}] {out}");
     assert!(out.contains("             count\n"), "[{name}] {out}");
-    assert!(out.contains("SERIALIZERS  bincode, json"), "[{name}] {out}");
+    assert!(
+        out.contains("SERIALIZERS  bincode, json, msgpack, postcard"),
+        "[{name}] {out}"
+    );
 
     // call: a struct argument, a user error, an unknown method, bad JSON.
     let o = t

@@ -1,8 +1,16 @@
 //! Body serializers: one trait, chosen per call and carried in the header.
 //!
 //! Ids are part of the wire format: `0` = bincode 2 (standard config:
-//! little-endian, varint integers), `1` = JSON. A server answers in the
+//! little-endian, varint integers), `1` = JSON, `2` = postcard 1, `3` =
+//! MessagePack (structs as maps with field names). A server answers in the
 //! serializer the request used.
+//!
+//! Every decoder refuses trailing bytes, and none allocates from a length
+//! prefix it has not checked against the input: bincode through a claim
+//! budget, postcard because it borrows strings and bytes from the input (a
+//! prefix longer than what is left is an error), MessagePack because its
+//! reader copies only the bytes that are there; and serde caps a sequence's
+//! preallocation (`size_hint::cautious`).
 
 use bytes::{BufMut, BytesMut};
 use serde::Serialize;
@@ -114,11 +122,85 @@ impl Serializer for Json {
     }
 }
 
+/// postcard 1: varint integers, no field names; maintained, serde-native.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Postcard;
+
+/// MessagePack via rmp-serde, structs written as maps with their field
+/// names so that other languages can read them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MsgPack;
+
+impl Serializer for Postcard {
+    const ID: u8 = 2;
+    const NAME: &'static str = "postcard";
+
+    fn encode<T: Serialize + ?Sized>(value: &T, dst: &mut BytesMut) -> Result<(), CodecError> {
+        postcard::to_io(value, dst.writer())
+            .map(|_| ())
+            .map_err(|e| CodecError::Encode {
+                serializer: Self::NAME,
+                source: Box::new(e),
+            })
+    }
+
+    fn decode<T: DeserializeOwned>(src: &[u8]) -> Result<T, CodecError> {
+        let decode_error = |source: rpc_core::BoxError| CodecError::Decode {
+            serializer: Self::NAME,
+            source,
+        };
+        let (value, rest) =
+            postcard::take_from_bytes(src).map_err(|e| decode_error(Box::new(e)))?;
+        if !rest.is_empty() {
+            return Err(decode_error(
+                format!("{} trailing bytes", rest.len()).into(),
+            ));
+        }
+        Ok(value)
+    }
+}
+
+impl Serializer for MsgPack {
+    const ID: u8 = 3;
+    const NAME: &'static str = "msgpack";
+
+    fn encode<T: Serialize + ?Sized>(value: &T, dst: &mut BytesMut) -> Result<(), CodecError> {
+        let mut w = dst.writer();
+        value
+            .serialize(&mut rmp_serde::Serializer::new(&mut w).with_struct_map())
+            .map_err(|e| CodecError::Encode {
+                serializer: Self::NAME,
+                source: Box::new(e),
+            })
+    }
+
+    fn decode<T: DeserializeOwned>(src: &[u8]) -> Result<T, CodecError> {
+        let decode_error = |source: rpc_core::BoxError| CodecError::Decode {
+            serializer: Self::NAME,
+            source,
+        };
+        // Over a cursor, so the bytes used are known. Its reader copies a
+        // string with `take(len).read_to_end`, which grows with the bytes
+        // actually there: a hostile length prefix cannot make it allocate.
+        let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(src));
+        let value = T::deserialize(&mut de).map_err(|e| decode_error(Box::new(e)))?;
+        let used = usize::try_from(de.position()).unwrap_or(usize::MAX);
+        if used != src.len() {
+            return Err(decode_error(
+                format!("{} trailing bytes", src.len().saturating_sub(used)).into(),
+            ));
+        }
+        Ok(value)
+    }
+}
+
 /// The wire id of a configured serializer.
 pub fn id_of(kind: SerializerKind) -> u8 {
     match kind {
         SerializerKind::Bincode => Bincode::ID,
         SerializerKind::Json => Json::ID,
+        SerializerKind::Postcard => Postcard::ID,
+        SerializerKind::MsgPack => MsgPack::ID,
     }
 }
 
@@ -127,6 +209,8 @@ pub fn from_id(id: u8) -> Result<SerializerKind, CodecError> {
     match id {
         Bincode::ID => Ok(SerializerKind::Bincode),
         Json::ID => Ok(SerializerKind::Json),
+        Postcard::ID => Ok(SerializerKind::Postcard),
+        MsgPack::ID => Ok(SerializerKind::MsgPack),
         other => Err(CodecError::UnknownSerializer(other)),
     }
 }
@@ -140,6 +224,8 @@ pub fn encode<T: Serialize + ?Sized>(
     match kind {
         SerializerKind::Bincode => Bincode::encode(value, dst),
         SerializerKind::Json => Json::encode(value, dst),
+        SerializerKind::Postcard => Postcard::encode(value, dst),
+        SerializerKind::MsgPack => MsgPack::encode(value, dst),
     }
 }
 
@@ -148,6 +234,8 @@ pub fn decode<T: DeserializeOwned>(kind: SerializerKind, src: &[u8]) -> Result<T
     match kind {
         SerializerKind::Bincode => Bincode::decode(src),
         SerializerKind::Json => Json::decode(src),
+        SerializerKind::Postcard => Postcard::decode(src),
+        SerializerKind::MsgPack => MsgPack::decode(src),
     }
 }
 
@@ -164,13 +252,13 @@ mod tests {
     }
 
     #[test]
-    fn both_serializers_round_trip() {
+    fn every_serializer_round_trips() {
         let v = S {
             a: 7,
             b: "x".into(),
             c: Some(vec![1, 2]),
         };
-        for kind in [SerializerKind::Bincode, SerializerKind::Json] {
+        for kind in SerializerKind::ALL {
             let mut buf = BytesMut::new();
             encode(kind, &v, &mut buf).unwrap();
             let back: S = decode(kind, &buf).unwrap();
@@ -193,6 +281,44 @@ mod tests {
         let body = [0xFD, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x3F];
         assert!(Bincode::decode::<String>(&body).is_err());
         assert!(Bincode::decode::<Vec<u64>>(&body).is_err());
+        // postcard: a varint length of 2^63 - 1.
+        let body = [0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F];
+        assert!(Postcard::decode::<String>(&body).is_err());
+        assert!(Postcard::decode::<Vec<u8>>(&body).is_err());
+        assert!(Postcard::decode::<Vec<String>>(&body).is_err());
+        // MessagePack: str32, bin32 and array32 claiming 4 GiB, then nothing.
+        for head in [0xDB, 0xC6, 0xDD] {
+            let body = [head, 0xFF, 0xFF, 0xFF, 0xFF];
+            assert!(MsgPack::decode::<String>(&body).is_err());
+            assert!(MsgPack::decode::<Vec<u8>>(&body).is_err());
+            assert!(MsgPack::decode::<Vec<String>>(&body).is_err());
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_are_rejected_by_every_binary_serializer() {
+        for kind in [SerializerKind::Postcard, SerializerKind::MsgPack] {
+            let mut buf = BytesMut::new();
+            encode(kind, &5u32, &mut buf).unwrap();
+            buf.put_u8(0);
+            assert!(decode::<u32>(kind, &buf).is_err(), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn msgpack_writes_field_names() {
+        let mut buf = BytesMut::new();
+        MsgPack::encode(
+            &S {
+                a: 1,
+                b: "x".into(),
+                c: None,
+            },
+            &mut buf,
+        )
+        .unwrap();
+        // fixmap of 3, then "a" as fixstr.
+        assert_eq!(&buf[..3], &[0x83, 0xA1, b'a']);
     }
 
     #[test]

@@ -75,6 +75,34 @@ fn response_ok_bincode() {
 }
 
 #[test]
+fn request_and_response_postcard() {
+    let f = encode_request(&head(SerializerKind::Postcard), &(42u64,), 1 << 20).unwrap();
+    assert_eq!(f[3], 2, "serializer id 2 = postcard");
+    assert!(f.ends_with(&[42]), "a varint 42");
+    golden("request_postcard.bin", &f);
+    let f = encode_response(1, SerializerKind::Postcard, &(42u64, "alice"), 1 << 20).unwrap();
+    assert_eq!(&f[HEADER_LEN..], &[42, 5, b'a', b'l', b'i', b'c', b'e']);
+    golden("response_ok_postcard.bin", &f);
+}
+
+#[test]
+fn request_and_response_msgpack() {
+    let f = encode_request(&head(SerializerKind::MsgPack), &(42u64,), 1 << 20).unwrap();
+    assert_eq!(f[3], 3, "serializer id 3 = MessagePack");
+    assert!(
+        f.ends_with(&[0x91, 42]),
+        "a fixarray of one positive fixint"
+    );
+    golden("request_msgpack.bin", &f);
+    let f = encode_response(1, SerializerKind::MsgPack, &(42u64, "alice"), 1 << 20).unwrap();
+    assert_eq!(
+        &f[HEADER_LEN..],
+        &[0x92, 42, 0xA5, b'a', b'l', b'i', b'c', b'e']
+    );
+    golden("response_ok_msgpack.bin", &f);
+}
+
+#[test]
 fn response_error() {
     let f = encode_error(
         7,

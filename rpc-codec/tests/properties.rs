@@ -65,7 +65,7 @@ proptest! {
     /// Arbitrary bytes as arguments never panic the serializers.
     #[test]
     fn arbitrary_argument_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512)) {
-        for kind in [SerializerKind::Bincode, SerializerKind::Json] {
+        for kind in SerializerKind::ALL {
             let _ = rpc_codec::serializer::decode::<(u64, String, Vec<String>, Option<Vec<u8>>)>(kind, &body);
         }
     }
@@ -114,9 +114,9 @@ proptest! {
         meta in proptest::collection::vec((".{0,16}", ".{0,16}"), 0..8),
         deadline_us in proptest::option::of(1u64..u64::MAX / 2),
         args in (any::<u64>(), ".{0,64}"),
-        json in any::<bool>(),
+        which in 0..SerializerKind::ALL.len(),
     ) {
-        let serializer = if json { SerializerKind::Json } else { SerializerKind::Bincode };
+        let serializer = SerializerKind::ALL[which];
         let md: rpc_core::Metadata = meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let wire_meta: Vec<(String, String)> =
             md.wire_entries().map(|(k, v)| (k.to_owned(), v.into_owned())).collect();

@@ -359,17 +359,30 @@ pub enum SerializerKind {
     Bincode,
     /// JSON (readable, interoperable).
     Json,
+    /// postcard 1 (compact varint encoding, maintained; serde data model).
+    Postcard,
+    /// MessagePack (rmp-serde), structs as maps with field names: compact
+    /// and self-describing, readable from other languages.
+    #[serde(rename = "msgpack")]
+    MsgPack,
 }
 
 impl SerializerKind {
     /// Every serializer, in wire-id order.
-    pub const ALL: [SerializerKind; 2] = [SerializerKind::Bincode, SerializerKind::Json];
+    pub const ALL: [SerializerKind; 4] = [
+        SerializerKind::Bincode,
+        SerializerKind::Json,
+        SerializerKind::Postcard,
+        SerializerKind::MsgPack,
+    ];
 
     /// The name used in `rpc.toml`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Bincode => "bincode",
             Self::Json => "json",
+            Self::Postcard => "postcard",
+            Self::MsgPack => "msgpack",
         }
     }
 }
@@ -944,6 +957,17 @@ mod tests {
         assert_eq!(c.registry.address.0, vec!["http://a:2379", "http://b:2379"]);
         assert_eq!(c.client.serializer, SerializerKind::Json);
         assert_eq!(c.client.timeout(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn every_serializer_is_named_in_rpc_toml_as_its_as_str() {
+        for kind in SerializerKind::ALL {
+            let text = format!("[client]\nserializer = \"{}\"\n", kind.as_str());
+            let c = RpcConfig::from_toml_str(&text, "t").unwrap();
+            assert_eq!(c.client.serializer, kind);
+        }
+        let e = RpcConfig::from_toml_str("[client]\nserializer = \"cbor\"\n", "t").unwrap_err();
+        assert_eq!(e.key, "client.serializer");
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub mod keys {
     /// `rpc/{crate version}`: the framework version of the provider.
     pub const FRAMEWORK: &str = "framework";
     /// The body serializers the provider decodes, comma-separated
-    /// (`bincode,json`); it answers in the one a request uses.
+    /// (`bincode,json,postcard,msgpack`); it answers in the one a request uses.
     pub const SERIALIZERS: &str = "serializers";
     /// When the provider registered, in seconds since the Unix epoch (UTC).
     pub const SINCE: &str = "since";

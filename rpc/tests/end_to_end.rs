@@ -205,6 +205,34 @@ async fn unknown_method_of_a_newer_client_is_an_error_response() {
     p.stop().await;
 }
 
+/// Consumers that chose different serializers call one provider: each
+/// reply comes back in the serializer of its request.
+#[tokio::test]
+async fn every_serializer_interoperates_with_one_provider() {
+    let registry = AnyRegistry::from(MemoryRegistry::new());
+    let config = RpcConfig::default();
+    let p = provider(registry.clone(), 1, &config).await;
+    for kind in rpc::SerializerKind::ALL {
+        let mut client_config = config.client.clone();
+        client_config.serializer = kind;
+        let consumer = Consumer::with_registry(registry.clone(), client_config, WAIT);
+        wait_for(&consumer, 1).await;
+        let shop = ShopClient::new(&consumer);
+        let item = shop
+            .make(3, "three".into(), vec!["t".into()])
+            .await
+            .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+        assert_eq!(item.name, "three", "{kind:?}");
+        assert_eq!(
+            shop.find(9).await.unwrap(),
+            Err(ShopError::NotFound(9)),
+            "{kind:?}"
+        );
+        shop.touch().await.unwrap();
+    }
+    p.stop().await;
+}
+
 /// Generic invocation: a method known only by name, JSON in and out, and
 /// the provider's self-description in its registry record.
 #[tokio::test]
@@ -252,7 +280,7 @@ async fn generic_invocation_calls_by_name_with_json() {
     let instances = consumer.service("Shop", "2.1").instances().await.unwrap();
     let meta = &instances[0].metadata;
     assert_eq!(meta["methods"], "make,find,touch,whoami,touches");
-    assert_eq!(meta["serializers"], "bincode,json");
+    assert_eq!(meta["serializers"], "bincode,json,postcard,msgpack");
     assert!(meta["framework"].starts_with("rpc/"), "{meta:?}");
     assert!(meta["since"].parse::<u64>().unwrap() > 1_700_000_000);
     p.stop().await;
