@@ -97,6 +97,20 @@ fn unavailable(message: impl Into<String>, e: impl Into<rpc_core::BoxError>) -> 
             let reason = status.message().to_owned();
             return RegistryError::denied(BACKEND, kind, message, reason, Some(e));
         }
+        // tonic's Display of a status ends in the Debug dump of its source
+        // (`source: tonic::transport::Error(Transport, ConnectError(..))`),
+        // which would be the one line an operator reads: say the code, the
+        // message and the root cause instead.
+        let mut root: Option<&(dyn std::error::Error + 'static)> =
+            std::error::Error::source(status);
+        while let Some(next) = root.and_then(std::error::Error::source) {
+            root = Some(next);
+        }
+        let mut text = format!("{}: {}", status.code().description(), status.message());
+        if let Some(root) = root {
+            text.push_str(&format!(" ({root})"));
+        }
+        return RegistryError::unavailable(BACKEND, message, std::io::Error::other(text));
     }
     RegistryError::unavailable(BACKEND, message, e)
 }
