@@ -52,7 +52,8 @@ prints a Markdown table.
   --duration SECS   measured time per run (default 5)
   --warmup SECS     unmeasured time before it (default 1)
   --inflight LIST   comma-separated calls in flight (default 1,32,256)
-  --systems LIST    comma-separated: rpc, tarpc, echo (default all three)
+  --systems LIST    comma-separated: rpc, rpc-layered, rpc-bincode, rpc-postcard, rpc-msgpack,
+                    tarpc, echo (default rpc, tarpc, echo)
   --runtime R       current: tokio current_thread runtimes (default);
                     multi: tokio multi_thread runtimes with 1 worker thread
   --repeat N        runs per cell; the table shows median (min-max) (default 1)
@@ -149,7 +150,12 @@ fn server(a: &ServerArgs) -> Result<(), String> {
     };
     rt.block_on(async {
         match a.system {
-            System::Rpc | System::RpcLayered | System::Baseline => {
+            System::Rpc
+            | System::RpcLayered
+            | System::RpcBincode
+            | System::RpcPostcard
+            | System::RpcMsgPack
+            | System::Baseline => {
                 let dir = a
                     .registry_dir
                     .as_deref()
@@ -183,14 +189,19 @@ fn client(a: &ClientArgs) -> Result<(), String> {
     let outcome = rt.block_on(async {
         let run = async {
             match a.system {
-                System::Rpc | System::RpcLayered | System::Baseline => {
+                System::Rpc
+                | System::RpcLayered
+                | System::RpcBincode
+                | System::RpcPostcard
+                | System::RpcMsgPack
+                | System::Baseline => {
                     let dir = a
                         .registry_dir
                         .as_deref()
                         .ok_or("--system rpc needs --registry-dir")?;
                     systems::rpc_fw::client(
                         dir,
-                        a.system == System::RpcLayered,
+                        a.system,
                         a.addr,
                         a.inflight,
                         a.warmup,

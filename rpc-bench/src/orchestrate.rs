@@ -350,7 +350,7 @@ fn run_one(
         _ => (exe, system.name()),
     };
     let registry = match system {
-        System::Rpc | System::RpcLayered | System::Baseline => Some(
+        _ if system.is_rpc() => Some(
             tempfile::Builder::new()
                 .prefix("rpc-bench-registry-")
                 .tempdir()
@@ -508,7 +508,7 @@ fn machine(a: &RunArgs, pinning: &Pinning, size: usize) -> Vec<String> {
         format!("Runtime: {}", a.runtime.describe()),
         format!("Pinning: {}", pinning.describe()),
         format!(
-            "Payload: BenchmarkMessage, {size} bytes with bincode 2 standard; one TCP connection per system over loopback"
+            "Payload: BenchmarkMessage, {size} bytes with bincode 2 standard (tarpc, echo; rpc uses its default serializer, postcard, unless the system names one); one TCP connection per system over loopback"
         ),
         format!(
             "Per run: {}s warmup + {}s measured; {} run(s) per cell{}; {build}",

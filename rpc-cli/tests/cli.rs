@@ -599,7 +599,7 @@ async fn usage_config_and_unreachable_registries_have_their_exit_codes() {
     assert!(out.starts_with(&format!("{good}: valid\n")), "{out}");
     assert_eq!(line("client.timeout_ms"), "file 700");
     assert_eq!(line("client.retries"), "env RPC_CLIENT_RETRIES 4");
-    assert_eq!(line("client.serializer"), "default \"bincode\"");
+    assert_eq!(line("client.serializer"), "default \"postcard\"");
     assert_eq!(line("registry.password"), "env RPC_REGISTRY_PASSWORD ***");
     assert!(!out.contains("hunter2"), "{out}");
     let bad = dir.path().join("bad.toml");

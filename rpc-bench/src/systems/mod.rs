@@ -16,6 +16,12 @@ pub enum System {
     /// `Rpc` with one user layer on each side (a client layer and a server
     /// layer, each counting calls): what the open call path costs.
     RpcLayered,
+    /// `Rpc` with the bincode 2 serializer (the default before postcard).
+    RpcBincode,
+    /// `Rpc` with the postcard serializer (issue 17: choosing the default).
+    RpcPostcard,
+    /// `Rpc` with the MessagePack serializer.
+    RpcMsgPack,
     /// tarpc 0.38, serde transport + bincode over TCP.
     Tarpc,
     /// A bare length-delimited echo with the same serialization.
@@ -35,6 +41,9 @@ impl System {
         match self {
             System::Rpc => "rpc",
             System::RpcLayered => "rpc-layered",
+            System::RpcBincode => "rpc-bincode",
+            System::RpcPostcard => "rpc-postcard",
+            System::RpcMsgPack => "rpc-msgpack",
             System::Tarpc => "tarpc",
             System::Echo => "echo",
             System::Baseline => "rpc@base",
@@ -45,7 +54,26 @@ impl System {
 impl System {
     /// Whether this is the framework (it needs a registry directory).
     pub fn is_rpc(self) -> bool {
-        matches!(self, System::Rpc | System::RpcLayered | System::Baseline)
+        matches!(
+            self,
+            System::Rpc
+                | System::RpcLayered
+                | System::RpcBincode
+                | System::RpcPostcard
+                | System::RpcMsgPack
+                | System::Baseline
+        )
+    }
+
+    /// The body serializer of a framework system: the framework's default
+    /// (postcard) unless the system names one.
+    pub fn serializer(self) -> rpc::SerializerKind {
+        match self {
+            System::RpcBincode => rpc::SerializerKind::Bincode,
+            System::RpcPostcard => rpc::SerializerKind::Postcard,
+            System::RpcMsgPack => rpc::SerializerKind::MsgPack,
+            _ => rpc::SerializerKind::default(),
+        }
     }
 }
 
@@ -61,10 +89,13 @@ impl FromStr for System {
         match s.trim() {
             "rpc" => Ok(System::Rpc),
             "rpc-layered" => Ok(System::RpcLayered),
+            "rpc-bincode" => Ok(System::RpcBincode),
+            "rpc-postcard" => Ok(System::RpcPostcard),
+            "rpc-msgpack" => Ok(System::RpcMsgPack),
             "tarpc" => Ok(System::Tarpc),
             "echo" => Ok(System::Echo),
             other => Err(format!(
-                "unknown system `{other}` (expected rpc, rpc-layered, tarpc or echo)"
+                "unknown system `{other}` (expected rpc, rpc-layered, rpc-bincode, rpc-postcard, rpc-msgpack, tarpc or echo)"
             )),
         }
     }

@@ -128,14 +128,16 @@ impl<S: rpc::client::Call> rpc::client::Call for Counting<S> {
 /// the closed loop.
 pub async fn client(
     registry_dir: &Path,
-    layered: bool,
+    system: super::System,
     expect: SocketAddr,
     inflight: usize,
     warmup: Duration,
     duration: Duration,
     setup_timeout: Duration,
 ) -> Result<Outcome, String> {
-    let cfg = config(registry_dir);
+    let layered = system == super::System::RpcLayered;
+    let mut cfg = config(registry_dir);
+    cfg.client.serializer = system.serializer();
     let consumer = rpc::Consumer::from_config(&cfg)
         .await
         .map_err(|e| format!("consumer setup failed: {}", chain(&e)))?;
