@@ -150,12 +150,10 @@ fn server(a: &ServerArgs) -> Result<(), String> {
     };
     rt.block_on(async {
         match a.system {
-            System::Rpc
-            | System::RpcLayered
-            | System::RpcBincode
-            | System::RpcPostcard
-            | System::RpcMsgPack
-            | System::Baseline => {
+            System::Tarpc => systems::tarpc_sys::serve(ready, shutdown).await,
+            System::Echo => systems::echo::serve(ready, shutdown).await,
+            // Every other system is the framework (`System::is_rpc`).
+            _ => {
                 let dir = a
                     .registry_dir
                     .as_deref()
@@ -163,8 +161,6 @@ fn server(a: &ServerArgs) -> Result<(), String> {
                 let layered = a.system == System::RpcLayered;
                 systems::rpc_fw::serve(dir, layered, ready, shutdown).await
             }
-            System::Tarpc => systems::tarpc_sys::serve(ready, shutdown).await,
-            System::Echo => systems::echo::serve(ready, shutdown).await,
         }
     })
 }
@@ -189,12 +185,22 @@ fn client(a: &ClientArgs) -> Result<(), String> {
     let outcome = rt.block_on(async {
         let run = async {
             match a.system {
-                System::Rpc
-                | System::RpcLayered
-                | System::RpcBincode
-                | System::RpcPostcard
-                | System::RpcMsgPack
-                | System::Baseline => {
+                System::Tarpc => {
+                    systems::tarpc_sys::client(
+                        a.addr,
+                        a.inflight,
+                        a.warmup,
+                        a.duration,
+                        a.setup_timeout,
+                    )
+                    .await
+                }
+                System::Echo => {
+                    systems::echo::client(a.addr, a.inflight, a.warmup, a.duration, a.setup_timeout)
+                        .await
+                }
+                // Every other system is the framework (`System::is_rpc`).
+                _ => {
                     let dir = a
                         .registry_dir
                         .as_deref()
@@ -209,20 +215,6 @@ fn client(a: &ClientArgs) -> Result<(), String> {
                         a.setup_timeout,
                     )
                     .await
-                }
-                System::Tarpc => {
-                    systems::tarpc_sys::client(
-                        a.addr,
-                        a.inflight,
-                        a.warmup,
-                        a.duration,
-                        a.setup_timeout,
-                    )
-                    .await
-                }
-                System::Echo => {
-                    systems::echo::client(a.addr, a.inflight, a.warmup, a.duration, a.setup_timeout)
-                        .await
                 }
             }
         };

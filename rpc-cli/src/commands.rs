@@ -339,7 +339,7 @@ pub async fn call(config: &RpcConfig, a: CallArgs<'_>, out: Output) -> Result<i3
 
 /// `host:port` (IPv6 in brackets) as a host and a port.
 fn split_address(addr: &str) -> Result<(String, u16), CliError> {
-    let bad = || CliError::BadInput(format!("--address {addr}: expected HOST:PORT"));
+    let bad = || CliError::BadInput(format!("{addr}: expected HOST:PORT"));
     let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
     let port: u16 = port.parse().map_err(|_| bad())?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -357,12 +357,7 @@ pub async fn ping(
     out: Output,
 ) -> Result<i32, CliError> {
     let limit = Duration::from_millis(timeout_ms);
-    if address
-        .rsplit_once(':')
-        .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
-    {
-        return Err(CliError::BadInput(format!("{address}: expected HOST:PORT")));
-    }
+    split_address(address)?;
     for _ in 0..count {
         let pong = rpc::transport::client::ping(address, limit)
             .await

@@ -66,7 +66,7 @@ pub fn run(file: Option<&Path>, registry: Option<&str>, out: Output) -> Result<i
             } else {
                 "default".to_owned()
             };
-            let secret = key.ends_with("password") || key.ends_with("token");
+            let secret = crate::target::is_secret(&key);
             let value = match value {
                 Value::Null => "(unset)".to_owned(),
                 _ if secret => "***".to_owned(),

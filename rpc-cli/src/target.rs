@@ -103,6 +103,12 @@ pub fn from_url(url: &str) -> Result<RpcConfig, CliError> {
     )?)
 }
 
+/// Whether a `[registry]` key holds a credential (`password`, `token`):
+/// never printed, here or by `config check`.
+pub fn is_secret(key: &str) -> bool {
+    key.ends_with("password") || key.ends_with("token")
+}
+
 /// `url` with the values of `password` and `token` in its query, and any
 /// `user:password@` in it, shown as `***`: it is echoed in errors.
 fn redacted(url: &str) -> String {
@@ -120,7 +126,7 @@ fn redacted(url: &str) -> String {
     let pairs: Vec<String> = query
         .split('&')
         .map(|pair| match pair.split_once('=') {
-            Some((k, _)) if k.contains("password") || k.contains("token") => format!("{k}=***"),
+            Some((k, _)) if is_secret(k) => format!("{k}=***"),
             _ => pair.to_owned(),
         })
         .collect();

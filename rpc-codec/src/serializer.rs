@@ -31,7 +31,7 @@ pub trait Serializer {
     fn decode<T: DeserializeOwned>(src: &[u8]) -> Result<T, CodecError>;
 }
 
-/// bincode 2 with its standard configuration. The default.
+/// bincode 2 with its standard configuration (the default before postcard).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Bincode;
 
@@ -74,6 +74,38 @@ fn bincode_decode_limited<T: DeserializeOwned>(
     bincode::serde::decode_from_slice(src, bincode_config().with_limit::<{ 1usize << 38 }>())
 }
 
+/// The decoded `value`, if `used` bytes were all of `src` (the binary
+/// serializers refuse trailing bytes: a body is exactly one value).
+fn whole<T>(name: &'static str, value: T, src: &[u8], used: usize) -> Result<T, CodecError> {
+    if used == src.len() {
+        return Ok(value);
+    }
+    Err(CodecError::Decode {
+        serializer: name,
+        source: format!("{} trailing bytes", src.len().saturating_sub(used)).into(),
+    })
+}
+
+fn encode_failed(
+    name: &'static str,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> CodecError {
+    CodecError::Encode {
+        serializer: name,
+        source: Box::new(e),
+    }
+}
+
+fn decode_error(
+    name: &'static str,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> CodecError {
+    CodecError::Decode {
+        serializer: name,
+        source: Box::new(e),
+    }
+}
+
 impl Serializer for Bincode {
     const ID: u8 = 0;
     const NAME: &'static str = "bincode";
@@ -82,24 +114,12 @@ impl Serializer for Bincode {
         let mut w = dst.writer();
         bincode::serde::encode_into_std_write(value, &mut w, bincode_config())
             .map(|_| ())
-            .map_err(|e| CodecError::Encode {
-                serializer: Self::NAME,
-                source: Box::new(e),
-            })
+            .map_err(|e| encode_failed(Self::NAME, e))
     }
 
     fn decode<T: DeserializeOwned>(src: &[u8]) -> Result<T, CodecError> {
-        let (value, used) = bincode_decode_limited(src).map_err(|e| CodecError::Decode {
-            serializer: Self::NAME,
-            source: Box::new(e),
-        })?;
-        if used != src.len() {
-            return Err(CodecError::Decode {
-                serializer: Self::NAME,
-                source: format!("{} trailing bytes", src.len() - used).into(),
-            });
-        }
-        Ok(value)
+        let (value, used) = bincode_decode_limited(src).map_err(|e| decode_error(Self::NAME, e))?;
+        whole(Self::NAME, value, src, used)
     }
 }
 
@@ -108,17 +128,11 @@ impl Serializer for Json {
     const NAME: &'static str = "json";
 
     fn encode<T: Serialize + ?Sized>(value: &T, dst: &mut BytesMut) -> Result<(), CodecError> {
-        serde_json::to_writer(dst.writer(), value).map_err(|e| CodecError::Encode {
-            serializer: Self::NAME,
-            source: Box::new(e),
-        })
+        serde_json::to_writer(dst.writer(), value).map_err(|e| encode_failed(Self::NAME, e))
     }
 
     fn decode<T: DeserializeOwned>(src: &[u8]) -> Result<T, CodecError> {
-        serde_json::from_slice(src).map_err(|e| CodecError::Decode {
-            serializer: Self::NAME,
-            source: Box::new(e),
-        })
+        serde_json::from_slice(src).map_err(|e| decode_error(Self::NAME, e))
     }
 }
 
@@ -138,25 +152,13 @@ impl Serializer for Postcard {
     fn encode<T: Serialize + ?Sized>(value: &T, dst: &mut BytesMut) -> Result<(), CodecError> {
         postcard::to_io(value, dst.writer())
             .map(|_| ())
-            .map_err(|e| CodecError::Encode {
-                serializer: Self::NAME,
-                source: Box::new(e),
-            })
+            .map_err(|e| encode_failed(Self::NAME, e))
     }
 
     fn decode<T: DeserializeOwned>(src: &[u8]) -> Result<T, CodecError> {
-        let decode_error = |source: rpc_core::BoxError| CodecError::Decode {
-            serializer: Self::NAME,
-            source,
-        };
         let (value, rest) =
-            postcard::take_from_bytes(src).map_err(|e| decode_error(Box::new(e)))?;
-        if !rest.is_empty() {
-            return Err(decode_error(
-                format!("{} trailing bytes", rest.len()).into(),
-            ));
-        }
-        Ok(value)
+            postcard::take_from_bytes(src).map_err(|e| decode_error(Self::NAME, e))?;
+        whole(Self::NAME, value, src, src.len() - rest.len())
     }
 }
 
@@ -168,29 +170,17 @@ impl Serializer for MsgPack {
         let mut w = dst.writer();
         value
             .serialize(&mut rmp_serde::Serializer::new(&mut w).with_struct_map())
-            .map_err(|e| CodecError::Encode {
-                serializer: Self::NAME,
-                source: Box::new(e),
-            })
+            .map_err(|e| encode_failed(Self::NAME, e))
     }
 
     fn decode<T: DeserializeOwned>(src: &[u8]) -> Result<T, CodecError> {
-        let decode_error = |source: rpc_core::BoxError| CodecError::Decode {
-            serializer: Self::NAME,
-            source,
-        };
         // Over a cursor, so the bytes used are known. Its reader copies a
         // string with `take(len).read_to_end`, which grows with the bytes
         // actually there: a hostile length prefix cannot make it allocate.
         let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(src));
-        let value = T::deserialize(&mut de).map_err(|e| decode_error(Box::new(e)))?;
+        let value = T::deserialize(&mut de).map_err(|e| decode_error(Self::NAME, e))?;
         let used = usize::try_from(de.position()).unwrap_or(usize::MAX);
-        if used != src.len() {
-            return Err(decode_error(
-                format!("{} trailing bytes", src.len().saturating_sub(used)).into(),
-            ));
-        }
-        Ok(value)
+        whole(Self::NAME, value, src, used)
     }
 }
 
