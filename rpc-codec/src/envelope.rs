@@ -220,7 +220,8 @@ pub fn encode_error(
     // 64 KiB plus a header always fits the u32 length; the minimum configurable
     // maximum frame length is checked by the peer that reads it.
     match f.finish(
-        serializer_id,
+        // Error messages are never compressed, whatever the request was.
+        serializer_id & crate::compression::SERIALIZER_ID_MASK,
         MessageType::Response,
         status,
         request_id,

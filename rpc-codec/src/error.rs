@@ -30,6 +30,27 @@ pub enum CodecError {
     /// The serializer id is not one we know.
     #[error("unknown serializer id {0}")]
     UnknownSerializer(u8),
+    /// The compression bits of the serializer byte hold the reserved value.
+    #[error("unknown compression flag {0}")]
+    UnknownCompression(u8),
+    /// A compressed body could not be decompressed.
+    #[error("{algorithm} decompression failed")]
+    Decompress {
+        /// `lz4` or `zstd`.
+        algorithm: &'static str,
+        /// What was wrong.
+        #[source]
+        source: BoxError,
+    },
+    /// A compressed body would decompress past the frame limit: refused
+    /// before the output was allocated.
+    #[error("body decompresses to {len} bytes or more, over the maximum of {max} bytes")]
+    DecompressedTooLarge {
+        /// Bytes announced, or decoded when refused.
+        len: u64,
+        /// The limit (the receiver's maximum frame length).
+        max: usize,
+    },
     /// A request envelope is malformed.
     #[error("malformed request envelope: {0}")]
     BadEnvelope(&'static str),

@@ -7,7 +7,7 @@
 //! |-------:|-----:|----------------|------------------------------------------------------------|
 //! | 0      | 2    | magic          | `0x4D52` (`"MR"`)                                          |
 //! | 2      | 1    | version        | `1`                                                        |
-//! | 3      | 1    | serializer id  | `0` bincode 2 (standard config), `1` JSON                  |
+//! | 3      | 1    | serializer     | id in the low 6 bits: `0` bincode 2, `1` JSON, `2` postcard, `3` MessagePack; [`compression`] in the top 2 |
 //! | 4      | 1    | message type   | `1` request, `2` response, `3` heartbeat, `4` cancel, `5` go-away |
 //! | 5      | 1    | status         | [`rpc_core::StatusCode`]; `0` except in error responses    |
 //! | 6      | 8    | request id     | chosen by the caller, echoed in the response               |
@@ -26,6 +26,8 @@
 //!   maximum frame length from the header before buffering a body.
 //! * [`envelope`] — request envelope parse/encode, response encoding.
 //! * [`serializer`] — the [`Serializer`] trait, [`Bincode`] and [`Json`].
+//! * [`compression`] — lz4 and zstd bodies, flagged in the top two bits of
+//!   the serializer byte, decompressed within the frame limit.
 //! * [`error`] — [`CodecError`].
 
 #![deny(missing_docs)]
@@ -33,6 +35,7 @@
 #![warn(missing_debug_implementations, unreachable_pub)]
 
 pub mod codec;
+pub mod compression;
 pub mod envelope;
 pub mod error;
 pub mod frame;

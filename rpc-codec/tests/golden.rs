@@ -149,3 +149,51 @@ fn golden_request_parses_back() {
     let (id,): (u64,) = rpc_codec::serializer::decode(SerializerKind::Bincode, env.args).unwrap();
     assert_eq!(id, 42);
 }
+
+/// A request and a response with a repetitive body, compressed with each
+/// algorithm (threshold 0). These pin our encoders' output too: a new
+/// lz4_flex or ruzstd that compresses differently makes them fail, and is
+/// then regenerated deliberately (every earlier frame must still decode).
+#[test]
+fn compressed_requests_and_responses() {
+    use rpc_codec::compression::{compress_frame, open_body};
+    use rpc_core::Compression;
+    let names: Vec<String> = (0..24).map(|i| format!("user-{}", i % 3)).collect();
+    for (c, flag, name) in [
+        (Compression::Lz4, 0x40, "lz4"),
+        (Compression::Zstd, 0x80, "zstd"),
+    ] {
+        let plain = encode_request(&head(SerializerKind::Postcard), &(&names,), 1 << 20).unwrap();
+        let f = compress_frame(plain.clone(), c, 0);
+        assert_eq!(f[3], flag | 2, "{name}: compression bits over postcard's id");
+        assert!(f.len() < plain.len(), "{name}: {} >= {}", f.len(), plain.len());
+        golden(&format!("request_postcard_{name}.bin"), &f);
+        let frame = FrameCodec::default()
+            .decode(&mut BytesMut::from(&f[..]))
+            .unwrap()
+            .unwrap();
+        let (id, body) = open_body(frame.header.serializer, frame.body, 1 << 20).unwrap();
+        assert_eq!(id, 2);
+        let env = RequestEnvelope::parse(&body).unwrap();
+        assert_eq!(env.method, "get_user");
+        let (back,): (Vec<String>,) =
+            rpc_codec::serializer::decode(SerializerKind::Postcard, env.args).unwrap();
+        assert_eq!(back, names);
+
+        let plain = encode_response(1, SerializerKind::Postcard, &names, 1 << 20).unwrap();
+        let f = compress_frame(plain.clone(), c, 0);
+        assert_eq!(f[3], flag | 2);
+        assert_eq!(f[4], MessageType::Response as u8);
+        golden(&format!("response_ok_postcard_{name}.bin"), &f);
+        let (_, body) = open_body(f[3], bytes::Bytes::copy_from_slice(&f[HEADER_LEN..]), 1 << 20)
+            .unwrap();
+        assert_eq!(&body[..], &plain[HEADER_LEN..]);
+    }
+}
+
+#[test]
+fn error_replies_to_compressed_requests_stay_plain() {
+    let f = encode_error(7, 0x42, StatusCode::BadRequest, "nope");
+    assert_eq!(f[3], 2, "only the serializer id is echoed");
+    assert_eq!(&f[HEADER_LEN..], b"nope");
+}

@@ -179,3 +179,53 @@ fn bad_magic_and_version_are_fatal() {
         Err(CodecError::UnsupportedVersion(2))
     ));
 }
+
+fn compression() -> impl Strategy<Value = rpc_core::Compression> {
+    prop_oneof![
+        Just(rpc_core::Compression::Lz4),
+        Just(rpc_core::Compression::Zstd),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Every body, repetitive or not, comes back as it went in.
+    #[test]
+    fn compressed_bodies_round_trip(
+        c in compression(),
+        body in proptest::collection::vec(any::<u8>(), 0..8192),
+        repeat in 1usize..8,
+    ) {
+        let body = body.repeat(repeat);
+        let packed = rpc_codec::compression::compress(c, &body);
+        let back = rpc_codec::compression::decompress(c, &packed, body.len()).unwrap();
+        prop_assert_eq!(back, body);
+    }
+
+    /// Arbitrary (or damaged) compressed bodies never panic the decoder and
+    /// never yield more than the limit.
+    #[test]
+    fn arbitrary_compressed_bodies_never_panic(
+        c in compression(),
+        data in proptest::collection::vec(any::<u8>(), 0..2048),
+        damage in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+        from_real in any::<bool>(),
+        max in 0usize..65536,
+    ) {
+        let mut data = if from_real {
+            rpc_codec::compression::compress(c, &data.repeat(4))
+        } else {
+            data
+        };
+        for (at, byte) in damage {
+            if !data.is_empty() {
+                let i = at % data.len();
+                data[i] = byte;
+            }
+        }
+        if let Ok(out) = rpc_codec::compression::decompress(c, &data, max) {
+            prop_assert!(out.len() <= max);
+        }
+    }
+}

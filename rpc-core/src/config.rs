@@ -94,6 +94,9 @@ pub struct ServerConfig {
     pub shutdown_grace_ms: u64,
     /// Weight published for load balancing.
     pub weight: u32,
+    /// Smallest reply body, in bytes, that is compressed, when the
+    /// request was (with the request's algorithm). Default 1024.
+    pub compression_threshold: usize,
 }
 
 impl Default for ServerConfig {
@@ -112,6 +115,7 @@ impl Default for ServerConfig {
             shutdown_timeout_ms: 10_000,
             shutdown_grace_ms: 500,
             weight: crate::meta::DEFAULT_WEIGHT,
+            compression_threshold: DEFAULT_COMPRESSION_THRESHOLD,
         }
     }
 }
@@ -394,6 +398,48 @@ impl SerializerKind {
     }
 }
 
+/// Compression of call bodies (`client.compression`). The provider
+/// answers with the algorithm of the request, so a consumer that does not
+/// compress never receives a compressed reply.
+///
+/// Both algorithms are pure Rust (no C toolchain): `lz4` is
+/// [lz4_flex](https://docs.rs/lz4_flex)'s block format, fast and light;
+/// `zstd` is [ruzstd](https://docs.rs/ruzstd) at its fastest level, which
+/// compresses tighter at a higher CPU cost. Providers older than
+/// compression answer a compressed request with `bad request: unknown
+/// serializer id N` (see `docs/protocol.md`): upgrade providers first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Bodies travel as encoded. The default.
+    #[default]
+    None,
+    /// LZ4 block format, uncompressed size prepended.
+    Lz4,
+    /// Zstandard frame (RFC 8878).
+    Zstd,
+}
+
+impl Compression {
+    /// Every algorithm, in wire-flag order.
+    pub const ALL: [Compression; 3] = [Compression::None, Compression::Lz4, Compression::Zstd];
+
+    /// The name used in `rpc.toml`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Lz4 => "lz4",
+            Self::Zstd => "zstd",
+        }
+    }
+}
+
+/// Default `compression_threshold`, in bytes: below about 1 KiB a body
+/// rarely shrinks enough to pay for the work (an RPC body of a few hundred
+/// bytes has little repetition for LZ4 to find), the same order as the
+/// 1 KiB minimum that HTTP servers commonly apply to response compression.
+pub const DEFAULT_COMPRESSION_THRESHOLD: usize = 1024;
+
 /// Load-balancing policies.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -448,6 +494,8 @@ pub struct ServiceOverrides {
     pub fail_safe: Option<BTreeMap<String, String>>,
     /// Serializer.
     pub serializer: Option<SerializerKind>,
+    /// Body compression.
+    pub compression: Option<Compression>,
 }
 
 /// The policy one service is called with: `[client]` merged with its
@@ -478,6 +526,10 @@ pub struct CallPolicy {
     pub fail_safe: BTreeMap<String, String>,
     /// Serializer.
     pub serializer: SerializerKind,
+    /// Body compression of requests (replies use the request's).
+    pub compression: Compression,
+    /// Request bodies smaller than this many bytes are sent uncompressed.
+    pub compression_threshold: usize,
 }
 
 /// `[client]`
@@ -486,6 +538,12 @@ pub struct CallPolicy {
 pub struct ClientConfig {
     /// `postcard` (default), `bincode`, `json` or `msgpack`.
     pub serializer: SerializerKind,
+    /// `none` (default), `lz4` or `zstd`: compression of request bodies
+    /// of at least `compression_threshold` bytes; the provider compresses
+    /// its replies with the same algorithm.
+    pub compression: Compression,
+    /// Smallest request body, in bytes, that is compressed. Default 1024.
+    pub compression_threshold: usize,
     /// `round_robin` (default), `random`, `weighted`, `consistent_hash`, `p2c`.
     pub load_balancer: LoadBalancerKind,
     /// `fail_over` (default), `fail_fast`, `fail_safe`.
@@ -544,6 +602,8 @@ impl Default for ClientConfig {
     fn default() -> Self {
         Self {
             serializer: SerializerKind::Postcard,
+            compression: Compression::None,
+            compression_threshold: DEFAULT_COMPRESSION_THRESHOLD,
             load_balancer: LoadBalancerKind::RoundRobin,
             fault_tolerance: FaultTolerance::FailOver,
             retries: 2,
@@ -598,6 +658,8 @@ impl ClientConfig {
             idempotent,
             fail_safe,
             serializer: o.serializer.unwrap_or(self.serializer),
+            compression: o.compression.unwrap_or(self.compression),
+            compression_threshold: self.compression_threshold,
         }
     }
 }

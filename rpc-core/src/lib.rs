@@ -38,8 +38,8 @@ pub mod registry;
 pub mod status;
 
 pub use config::{
-    CallPolicy, ClientConfig, FaultTolerance, LoadBalancerKind, RegistryConfig, RegistryKind,
-    RpcConfig, SerializerKind, ServerConfig, ServiceOverrides,
+    CallPolicy, ClientConfig, Compression, FaultTolerance, LoadBalancerKind, RegistryConfig,
+    RegistryKind, RpcConfig, SerializerKind, ServerConfig, ServiceOverrides,
 };
 pub use context::{Context, MetaValue, Metadata};
 pub use discover::{Discover, Watch, WatchEvent};
