@@ -53,7 +53,7 @@ prints a Markdown table.
   --warmup SECS     unmeasured time before it (default 1)
   --inflight LIST   comma-separated calls in flight (default 1,32,256)
   --systems LIST    comma-separated: rpc, rpc-layered, rpc-bincode, rpc-postcard, rpc-msgpack,
-                    tarpc, echo (default rpc, tarpc, echo)
+                    rpc-lz4, rpc-zstd (every body compressed), tarpc, echo (default rpc, tarpc, echo)
   --runtime R       current: tokio current_thread runtimes (default);
                     multi: tokio multi_thread runtimes with 1 worker thread
   --repeat N        runs per cell; the table shows median (min-max) (default 1)

@@ -95,11 +95,12 @@ pub async fn services(config: &RpcConfig, out: Output) -> Result<i32, CliError> 
 
 /// Metadata entries a provider publishes about itself, shown in their
 /// own columns or by `describe`, not in the free-form one.
-const OWN_KEYS: [&str; 5] = [
+const OWN_KEYS: [&str; 6] = [
     keys::PROTOCOL,
     keys::METHODS,
     keys::FRAMEWORK,
     keys::SERIALIZERS,
+    keys::COMPRESSIONS,
     keys::SINCE,
 ];
 
@@ -193,6 +194,7 @@ pub async fn describe(config: &RpcConfig, service: &str, out: Output) -> Result<
     };
     let frameworks = distinct(keys::FRAMEWORK);
     let serializers = distinct(keys::SERIALIZERS);
+    let compressions = distinct(keys::COMPRESSIONS);
     match out {
         Output::Json => {
             let v = json!({
@@ -202,6 +204,7 @@ pub async fn describe(config: &RpcConfig, service: &str, out: Output) -> Result<
                 "instances_publishing_methods": publishing.len(),
                 "frameworks": frameworks,
                 "serializers": serializers,
+                "compressions": compressions,
                 "instances": list,
             });
             output::emit_line(&output::json(&v));
@@ -219,6 +222,7 @@ pub async fn describe(config: &RpcConfig, service: &str, out: Output) -> Result<
                 output::field("VERSIONS", &versions.join(", ")),
                 output::field("FRAMEWORK", &or_dash(frameworks)),
                 output::field("SERIALIZERS", &or_dash(serializers)),
+                output::field("COMPRESSIONS", &or_dash(compressions)),
             ];
             if publishing.is_empty() {
                 lines.push(output::field(

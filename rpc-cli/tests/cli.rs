@@ -292,6 +292,7 @@ async fn exercise(t: Target) {
         out.contains("SERIALIZERS  bincode, json, msgpack, postcard"),
         "[{name}] {out}"
     );
+    assert!(out.contains("COMPRESSIONS lz4, zstd"), "[{name}] {out}");
 
     // call: a struct argument, a user error, an unknown method, bad JSON.
     let o = t

@@ -165,8 +165,17 @@ fn compressed_requests_and_responses() {
     ] {
         let plain = encode_request(&head(SerializerKind::Postcard), &(&names,), 1 << 20).unwrap();
         let f = compress_frame(plain.clone(), c, 0);
-        assert_eq!(f[3], flag | 2, "{name}: compression bits over postcard's id");
-        assert!(f.len() < plain.len(), "{name}: {} >= {}", f.len(), plain.len());
+        assert_eq!(
+            f[3],
+            flag | 2,
+            "{name}: compression bits over postcard's id"
+        );
+        assert!(
+            f.len() < plain.len(),
+            "{name}: {} >= {}",
+            f.len(),
+            plain.len()
+        );
         golden(&format!("request_postcard_{name}.bin"), &f);
         let frame = FrameCodec::default()
             .decode(&mut BytesMut::from(&f[..]))
@@ -185,8 +194,12 @@ fn compressed_requests_and_responses() {
         assert_eq!(f[3], flag | 2);
         assert_eq!(f[4], MessageType::Response as u8);
         golden(&format!("response_ok_postcard_{name}.bin"), &f);
-        let (_, body) = open_body(f[3], bytes::Bytes::copy_from_slice(&f[HEADER_LEN..]), 1 << 20)
-            .unwrap();
+        let (_, body) = open_body(
+            f[3],
+            bytes::Bytes::copy_from_slice(&f[HEADER_LEN..]),
+            1 << 20,
+        )
+        .unwrap();
         assert_eq!(&body[..], &plain[HEADER_LEN..]);
     }
 }

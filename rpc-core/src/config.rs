@@ -1040,6 +1040,38 @@ mod tests {
     }
 
     #[test]
+    fn every_compression_is_named_in_rpc_toml_as_its_as_str() {
+        for c in Compression::ALL {
+            let text = format!(
+                "[client]\ncompression = \"{}\"\ncompression_threshold = 64\n\
+                 [client.services.\"S:1\"]\ncompression = \"zstd\"\n",
+                c.as_str()
+            );
+            let cfg = RpcConfig::from_toml_str(&text, "t").unwrap();
+            assert_eq!(cfg.client.compression, c);
+            let policy = cfg.client.policy_for("S:1");
+            assert_eq!(policy.compression, Compression::Zstd, "the override wins");
+            assert_eq!(policy.compression_threshold, 64);
+            assert_eq!(cfg.client.policy_for("T:1").compression, c);
+        }
+        let e = RpcConfig::from_toml_str("[client]\ncompression = \"gzip\"\n", "t").unwrap_err();
+        assert_eq!(e.key, "client.compression");
+        let e =
+            RpcConfig::from_toml_str("[server]\ncompression_threshold = -1\n", "t").unwrap_err();
+        assert_eq!(e.key, "server.compression_threshold");
+        let d = RpcConfig::default();
+        assert_eq!(d.client.compression, Compression::None);
+        assert_eq!(
+            d.client.compression_threshold,
+            DEFAULT_COMPRESSION_THRESHOLD
+        );
+        assert_eq!(
+            d.server.compression_threshold,
+            DEFAULT_COMPRESSION_THRESHOLD
+        );
+    }
+
+    #[test]
     fn comma_separated_addresses_split() {
         let c = RpcConfig::from_toml_str(
             "[registry]\ntype=\"etcd\"\naddress = \"http://a:1, http://b:2\"\n",

@@ -27,6 +27,10 @@ pub mod keys {
     /// The body serializers the provider decodes, comma-separated
     /// (`bincode,json,postcard,msgpack`); it answers in the one a request uses.
     pub const SERIALIZERS: &str = "serializers";
+    /// The body compressions the provider decodes, comma-separated
+    /// (`lz4,zstd`); it compresses a reply with the request's. Absent from
+    /// providers older than compression, which refuse compressed requests.
+    pub const COMPRESSIONS: &str = "compressions";
     /// When the provider registered, in seconds since the Unix epoch (UTC).
     pub const SINCE: &str = "since";
 }

@@ -155,6 +155,8 @@ fn opts(method: &str, timeout: Duration) -> CallOptions<'_> {
         serializer: SerializerKind::Bincode,
         timeout,
         metadata: rpc_core::Metadata::empty(),
+        compression: rpc_core::Compression::None,
+        compression_threshold: 0,
     }
 }
 
@@ -876,5 +878,157 @@ async fn a_bad_frame_behind_a_good_request_answers_the_request_then_goes_away() 
     );
     let sum: i32 = rpc_codec::serializer::decode(SerializerKind::Bincode, &frames[0].body).unwrap();
     assert_eq!(sum, 42);
+    s.shutdown().await;
+}
+
+fn big_text() -> String {
+    (0..2000).map(|i| format!("user-{} ", i % 13)).collect()
+}
+
+/// A request frame for `Test:1.0.echo(text)` in bincode, compressed with
+/// `c` whatever its size.
+fn compressed_echo(c: rpc_core::Compression, id: u64, text: &str) -> BytesMut {
+    let head = rpc_codec::RequestHead {
+        request_id: id,
+        serializer: SerializerKind::Bincode,
+        deadline: Some(WAIT),
+        service: "Test:1.0",
+        method: "echo",
+        metadata: rpc_core::Metadata::empty(),
+    };
+    let plain = rpc_codec::encode_request(&head, &(text,), 1 << 20).unwrap();
+    rpc_codec::compression::compress_frame(plain, c, 0)
+}
+
+#[tokio::test]
+async fn compressed_calls_round_trip_and_replies_use_the_request_algorithm() {
+    use rpc_codec::compression::{flag, open_body};
+    use rpc_core::Compression;
+    let s = start_with(ServerConfig {
+        compression_threshold: 256,
+        ..ServerConfig::default()
+    })
+    .await;
+    let ep = endpoint(s.addr);
+    let text = big_text();
+    for c in Compression::ALL {
+        let o = CallOptions {
+            compression: c,
+            compression_threshold: 256,
+            ..opts("echo", WAIT)
+        };
+        let back: String = ep.call(&o, &(&text,)).await.unwrap();
+        assert_eq!(back, text, "{c:?}");
+        let short: String = ep.call(&o, &("hi",)).await.unwrap();
+        assert_eq!(short, "hi");
+    }
+
+    // On the wire: the reply to a compressed request is compressed with
+    // the same algorithm when it is over the server's threshold...
+    let mut raw = TcpStream::connect(s.addr).await.unwrap();
+    for (i, c) in [Compression::Lz4, Compression::Zstd]
+        .into_iter()
+        .enumerate()
+    {
+        let id = i as u64 + 1;
+        let req = compressed_echo(c, id, &text);
+        assert_eq!(req[3], flag(0, c));
+        raw.write_all(&req).await.unwrap();
+        let reply = read_frame(&mut raw).await;
+        assert_eq!(reply.header.request_id, id);
+        assert_eq!(reply.header.status, StatusCode::Ok);
+        assert_eq!(reply.header.serializer, flag(0, c), "{c:?}");
+        assert!((reply.header.body_len as usize) < text.len() / 4);
+        let (ser, body) = open_body(reply.header.serializer, reply.body, 1 << 20).unwrap();
+        assert_eq!(ser, 0);
+        let back: String = rpc_codec::serializer::decode(SerializerKind::Bincode, &body).unwrap();
+        assert_eq!(back, text);
+        // ... and plain when it is under it.
+        raw.write_all(&compressed_echo(c, 10 + id, "hi"))
+            .await
+            .unwrap();
+        let reply = read_frame(&mut raw).await;
+        assert_eq!(
+            reply.header.serializer, 0,
+            "{c:?}: small replies stay plain"
+        );
+    }
+    // A consumer that does not compress never gets a compressed reply.
+    let plain: String = ep.call(&opts("echo", WAIT), &(&text,)).await.unwrap();
+    assert_eq!(plain, text);
+    let head = rpc_codec::RequestHead {
+        request_id: 30,
+        serializer: SerializerKind::Bincode,
+        deadline: Some(WAIT),
+        service: "Test:1.0",
+        method: "echo",
+        metadata: rpc_core::Metadata::empty(),
+    };
+    raw.write_all(&rpc_codec::encode_request(&head, &(&text,), 1 << 20).unwrap())
+        .await
+        .unwrap();
+    let reply = read_frame(&mut raw).await;
+    assert_eq!(reply.header.serializer, 0);
+    assert_eq!(
+        reply.body.len(),
+        text.len() + 3,
+        "bincode: varint length, then the text"
+    );
+    s.shutdown().await;
+}
+
+/// Hostile compressed bodies are answered with `bad request` on the same
+/// connection, which keeps serving: a zstd bomb (32 KiB that expand to
+/// 1 GiB, against a 1 MiB limit), the reserved flag, and lz4 garbage.
+#[tokio::test]
+async fn hostile_compressed_requests_are_refused_and_the_connection_lives() {
+    let s = start_with(ServerConfig {
+        max_frame_len: 1 << 20,
+        ..ServerConfig::default()
+    })
+    .await;
+    let ep = endpoint(s.addr);
+    let mut raw = TcpStream::connect(s.addr).await.unwrap();
+    let send = |body: Vec<u8>, serializer: u8, id: u64| {
+        let mut f = rpc_codec::FrameBuf::with_capacity(body.len());
+        f.body_mut().extend_from_slice(&body);
+        f.finish(
+            serializer,
+            MessageType::Request,
+            StatusCode::Ok,
+            id,
+            1 << 20,
+        )
+        .unwrap()
+    };
+    // 8192 RLE blocks of 128 KiB of zeros.
+    let mut bomb = vec![0x28, 0xB5, 0x2F, 0xFD, 0x00, 7 << 3];
+    for i in 0..8192u32 {
+        let header = u32::from(i == 8191) | (1 << 1) | ((128 * 1024) << 3);
+        bomb.extend_from_slice(&header.to_le_bytes()[..3]);
+        bomb.push(0);
+    }
+    let mut lz4_garbage = 1000u32.to_le_bytes().to_vec();
+    lz4_garbage.extend_from_slice(&[0xFF; 40]);
+    for (id, body, byte, want) in [
+        (1, bomb, 0x80, "over the maximum"),
+        (2, b"whatever".to_vec(), 0xC0, "unknown compression flag 3"),
+        (3, lz4_garbage, 0x40, "lz4 decompression failed"),
+    ] {
+        raw.write_all(&send(body, byte, id)).await.unwrap();
+        let reply = read_frame(&mut raw).await;
+        assert_eq!(reply.header.request_id, id);
+        assert_eq!(reply.header.status, StatusCode::BadRequest);
+        assert_eq!(reply.header.serializer & 0xC0, 0, "error replies are plain");
+        let msg = String::from_utf8_lossy(&reply.body);
+        assert!(msg.contains(want), "{id}: {msg}");
+    }
+    // The same connection still answers.
+    let mut hb = BytesMut::new();
+    encode_empty(&mut hb, MessageType::Heartbeat, 5);
+    raw.write_all(&hb).await.unwrap();
+    assert_eq!(read_frame(&mut raw).await.header.request_id, 5);
+    let r: i32 = ep.call(&opts("add", WAIT), &(2, 2)).await.unwrap();
+    assert_eq!(r, 4);
     s.shutdown().await;
 }

@@ -128,6 +128,7 @@ impl Provider {
                         format!("rpc/{}", env!("CARGO_PKG_VERSION")),
                     ),
                     (keys::SERIALIZERS, serializers.join(",")),
+                    (keys::COMPRESSIONS, "lz4,zstd".to_owned()),
                     (keys::SINCE, self.since.to_string()),
                 ] {
                     m.metadata.insert(k.to_owned(), v);

@@ -281,6 +281,7 @@ async fn generic_invocation_calls_by_name_with_json() {
     let meta = &instances[0].metadata;
     assert_eq!(meta["methods"], "make,find,touch,whoami,touches");
     assert_eq!(meta["serializers"], "bincode,json,postcard,msgpack");
+    assert_eq!(meta["compressions"], "lz4,zstd");
     assert!(meta["framework"].starts_with("rpc/"), "{meta:?}");
     assert!(meta["since"].parse::<u64>().unwrap() > 1_700_000_000);
     p.stop().await;
@@ -363,4 +364,131 @@ async fn a_rolling_restart_loses_no_call() {
     assert!(total > 100, "only {total} calls were made");
     p1.stop().await;
     p2.stop().await;
+}
+
+/// Every compression with two serializers against one provider with the
+/// default config: the provider decompresses and answers in kind.
+#[tokio::test]
+async fn every_compression_interoperates_with_one_provider() {
+    let registry = AnyRegistry::from(MemoryRegistry::new());
+    let config = RpcConfig::default();
+    let p = provider(registry.clone(), 1, &config).await;
+    let tags: Vec<String> = (0..300).map(|i| format!("tag-{}", i % 7)).collect();
+    for c in rpc::Compression::ALL {
+        for kind in [rpc::SerializerKind::Postcard, rpc::SerializerKind::Json] {
+            let mut client_config = config.client.clone();
+            client_config.serializer = kind;
+            client_config.compression = c;
+            client_config.compression_threshold = 0;
+            let consumer = Consumer::with_registry(registry.clone(), client_config, WAIT);
+            wait_for(&consumer, 1).await;
+            let shop = ShopClient::new(&consumer);
+            let item = shop
+                .make(3, "three".into(), tags.clone())
+                .await
+                .unwrap_or_else(|e| panic!("{c:?} {kind:?}: {e}"));
+            assert_eq!(item.tags, tags, "{c:?} {kind:?}");
+            assert_eq!(
+                shop.find(9).await.unwrap(),
+                Err(ShopError::NotFound(9)),
+                "{c:?} {kind:?}"
+            );
+        }
+    }
+    p.stop().await;
+}
+
+/// `client.compression`, its threshold and the per-service override reach
+/// the wire: a listener posing as the provider records the serializer
+/// byte of each request it reads.
+#[tokio::test]
+async fn the_compression_setting_reaches_the_wire() {
+    use rpc_core::Registry;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::channel::<u8>(8);
+    // Each consumer dials its own connection: serve every one.
+    let fake = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let seen_tx = seen_tx.clone();
+            conns.spawn(async move {
+                let mut buf = bytes::BytesMut::new();
+                loop {
+                    while buf.len() >= 18 {
+                        let len = u32::from_be_bytes([buf[14], buf[15], buf[16], buf[17]]);
+                        if buf.len() < 18 + len as usize {
+                            break;
+                        }
+                        let frame = buf.split_to(18 + len as usize);
+                        if frame[4] != 1 {
+                            continue; // heartbeats and the like
+                        }
+                        let _ = seen_tx.send(frame[3]).await;
+                        let id = u64::from_be_bytes(frame[6..14].try_into().unwrap());
+                        let reply =
+                            rpc_codec::encode_error(id, frame[3], StatusCode::BadRequest, "seen");
+                        if sock.write_all(&reply).await.is_err() {
+                            return;
+                        }
+                    }
+                    if !matches!(sock.read_buf(&mut buf).await, Ok(n) if n > 0) {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let registry = AnyRegistry::from(MemoryRegistry::new());
+    let _registration = registry
+        .register(rpc::ServiceMetaInfo::new("Shop", "2.1", "127.0.0.1", port))
+        .await
+        .unwrap();
+    let tags: Vec<String> = (0..300).map(|i| format!("tag-{}", i % 7)).collect();
+    let postcard = 2u8;
+    // (compression, threshold, per-service override, expected byte)
+    for (c, threshold, service, want) in [
+        (rpc::Compression::Zstd, 64, None, 0x80 | postcard),
+        (rpc::Compression::Lz4, 64, None, 0x40 | postcard),
+        (rpc::Compression::Zstd, 1 << 20, None, postcard),
+        (rpc::Compression::None, 0, None, postcard),
+        (
+            rpc::Compression::None,
+            64,
+            Some(rpc::Compression::Lz4),
+            0x40 | postcard,
+        ),
+    ] {
+        let mut client = rpc::ClientConfig {
+            compression: c,
+            compression_threshold: threshold,
+            ..Default::default()
+        };
+        if let Some(o) = service {
+            client.services.insert(
+                "Shop:2.1".into(),
+                rpc::ServiceOverrides {
+                    compression: Some(o),
+                    ..Default::default()
+                },
+            );
+        }
+        let consumer = Consumer::with_registry(registry.clone(), client, WAIT);
+        wait_for(&consumer, 1).await;
+        let err = ShopClient::new(&consumer)
+            .make(3, "three".into(), tags.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(StatusCode::BadRequest), "{err}");
+        let byte = tokio::time::timeout(WAIT, seen.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            byte, want,
+            "{c:?} over {threshold} bytes, override {service:?}: byte {byte:#04x}"
+        );
+    }
+    fake.abort();
 }

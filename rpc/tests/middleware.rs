@@ -298,6 +298,8 @@ async fn an_auth_layer_refuses_calls_without_a_valid_token_and_a_client_layer_ad
         serializer: rpc::SerializerKind::Bincode,
         timeout: WAIT,
         metadata: rpc::Metadata::empty(),
+        compression: rpc::Compression::None,
+        compression_threshold: 0,
     };
     let err = direct.call::<_, u32>(&opts, &()).await.unwrap_err();
     assert!(err.is_unauthenticated(), "{err}");

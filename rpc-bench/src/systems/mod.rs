@@ -22,6 +22,10 @@ pub enum System {
     RpcPostcard,
     /// `Rpc` with the MessagePack serializer.
     RpcMsgPack,
+    /// `Rpc` with every body compressed by lz4 (threshold 0 both ways).
+    RpcLz4,
+    /// `Rpc` with every body compressed by zstd (threshold 0 both ways).
+    RpcZstd,
     /// tarpc 0.38, serde transport + bincode over TCP.
     Tarpc,
     /// A bare length-delimited echo with the same serialization.
@@ -44,6 +48,8 @@ impl System {
             System::RpcBincode => "rpc-bincode",
             System::RpcPostcard => "rpc-postcard",
             System::RpcMsgPack => "rpc-msgpack",
+            System::RpcLz4 => "rpc-lz4",
+            System::RpcZstd => "rpc-zstd",
             System::Tarpc => "tarpc",
             System::Echo => "echo",
             System::Baseline => "rpc@base",
@@ -61,6 +67,8 @@ impl System {
                 | System::RpcBincode
                 | System::RpcPostcard
                 | System::RpcMsgPack
+                | System::RpcLz4
+                | System::RpcZstd
                 | System::Baseline
         )
     }
@@ -73,6 +81,16 @@ impl System {
             System::RpcPostcard => rpc::SerializerKind::Postcard,
             System::RpcMsgPack => rpc::SerializerKind::MsgPack,
             _ => rpc::SerializerKind::default(),
+        }
+    }
+
+    /// The body compression of a framework system: none unless the system
+    /// names one.
+    pub fn compression(self) -> rpc::Compression {
+        match self {
+            System::RpcLz4 => rpc::Compression::Lz4,
+            System::RpcZstd => rpc::Compression::Zstd,
+            _ => rpc::Compression::None,
         }
     }
 }
@@ -92,10 +110,12 @@ impl FromStr for System {
             "rpc-bincode" => Ok(System::RpcBincode),
             "rpc-postcard" => Ok(System::RpcPostcard),
             "rpc-msgpack" => Ok(System::RpcMsgPack),
+            "rpc-lz4" => Ok(System::RpcLz4),
+            "rpc-zstd" => Ok(System::RpcZstd),
             "tarpc" => Ok(System::Tarpc),
             "echo" => Ok(System::Echo),
             other => Err(format!(
-                "unknown system `{other}` (expected rpc, rpc-layered, rpc-bincode, rpc-postcard, rpc-msgpack, tarpc or echo)"
+                "unknown system `{other}` (expected rpc, rpc-layered, rpc-bincode, rpc-postcard, rpc-msgpack, rpc-lz4, rpc-zstd, tarpc or echo)"
             )),
         }
     }

@@ -44,6 +44,9 @@ fn config(registry_dir: &Path) -> RpcConfig {
     cfg.registry.kind = RegistryKind::Local;
     cfg.registry.address = Addresses(vec![registry_dir.display().to_string()]);
     cfg.client.connections_per_endpoint = 1;
+    // Replies are compressed only for a compressed request (`rpc-lz4`,
+    // `rpc-zstd`), and then all of them, to show what compression costs.
+    cfg.server.compression_threshold = 0;
     cfg
 }
 
@@ -138,6 +141,8 @@ pub async fn client(
     let layered = system == super::System::RpcLayered;
     let mut cfg = config(registry_dir);
     cfg.client.serializer = system.serializer();
+    cfg.client.compression = system.compression();
+    cfg.client.compression_threshold = 0;
     let consumer = rpc::Consumer::from_config(&cfg)
         .await
         .map_err(|e| format!("consumer setup failed: {}", chain(&e)))?;

@@ -21,8 +21,8 @@ use std::sync::atomic::AtomicU64;
 
 use arc_swap::ArcSwapOption;
 use bytes::{Bytes, BytesMut};
-use rpc_codec::{RequestHead, encode_request_raw, serializer};
-use rpc_core::{ClientConfig, RpcError, SerializerKind, StatusCode};
+use rpc_codec::{RequestHead, compression, encode_request_raw, serializer};
+use rpc_core::{ClientConfig, Compression, RpcError, SerializerKind, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpStream;
@@ -88,6 +88,11 @@ pub struct CallOptions<'a> {
     pub timeout: Duration,
     /// Metadata sent with the call ([`rpc_core::Metadata::empty`] for none).
     pub metadata: &'a rpc_core::Metadata,
+    /// Compression of the request body ([`Compression::None`] for none);
+    /// the provider answers with the same.
+    pub compression: Compression,
+    /// Request bodies smaller than this many bytes are sent uncompressed.
+    pub compression_threshold: usize,
 }
 
 #[derive(Default)]
@@ -307,12 +312,17 @@ impl Endpoint {
             method: opts.method,
             metadata: opts.metadata,
         };
-        let frame = encode_request_raw(&head, args, self.config.max_frame_len).map_err(|e| {
-            RpcError::Serialization {
-                context: format!("request for `{}.{}`", opts.service, opts.method),
-                source: Box::new(e),
-            }
-        })?;
+        let mut frame =
+            encode_request_raw(&head, args, self.config.max_frame_len).map_err(|e| {
+                RpcError::Serialization {
+                    context: format!("request for `{}.{}`", opts.service, opts.method),
+                    source: Box::new(e),
+                }
+            })?;
+        if opts.compression != Compression::None {
+            frame =
+                compression::compress_frame(frame, opts.compression, opts.compression_threshold);
+        }
         let (tx, rx) = oneshot::channel();
         let out = Outgoing {
             frame,
@@ -348,15 +358,22 @@ impl Endpoint {
                 message: String::from_utf8_lossy(&frame.body).into_owned(),
             });
         }
-        let serializer =
-            serializer::from_id(h.serializer).map_err(|e| RpcError::Serialization {
-                context: format!("reply of `{}.{}`", opts.service, opts.method),
-                source: Box::new(e),
-            })?;
-        Ok(RawReply {
-            serializer,
-            body: frame.body,
-        })
+        let bad_reply = |e| RpcError::Serialization {
+            context: format!("reply of `{}.{}`", opts.service, opts.method),
+            source: Box::new(e),
+        };
+        // The common case reads the byte as a plain serializer id; a
+        // compressed reply (flag bits set) is opened within the frame limit.
+        let (serializer, body) = match serializer::from_id(h.serializer) {
+            Ok(s) => (s, frame.body),
+            Err(_) => {
+                let (id, body) =
+                    compression::open_body(h.serializer, frame.body, self.config.max_frame_len)
+                        .map_err(bad_reply)?;
+                (serializer::from_id(id).map_err(bad_reply)?, body)
+            }
+        };
+        Ok(RawReply { serializer, body })
     }
 
     /// The pause before dialling again after `failures` failed dials (or

@@ -8,8 +8,10 @@ use bytes::{Buf, BytesMut};
 use futures_util::{FutureExt, StreamExt};
 
 use crate::ids::IdMap;
-use rpc_codec::{Frame, MessageType, RequestEnvelope, encode_empty, encode_error, serializer};
-use rpc_core::{Context, Metadata, StatusCode};
+use rpc_codec::{
+    Frame, MessageType, RequestEnvelope, compression, encode_empty, encode_error, serializer,
+};
+use rpc_core::{Compression, Context, Metadata, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
@@ -253,14 +255,29 @@ fn dispatch(
     let fail = |wbuf: &mut BytesMut, status: StatusCode, msg: &str| {
         wbuf.extend_from_slice(&encode_error(id, h.serializer, failure(status), msg));
     };
-    let ser = match serializer::from_id(h.serializer) {
+    let (ser, compressed) = match compression::split(h.serializer)
+        .and_then(|(id, c)| Ok((serializer::from_id(id)?, c)))
+    {
         Ok(s) => s,
         Err(e) => {
             fail(wbuf, StatusCode::BadRequest, &e.to_string());
             return Ok(());
         }
     };
-    let env = match RequestEnvelope::parse(&frame.body) {
+    let body = if compressed == Compression::None {
+        frame.body
+    } else {
+        // Bounded by the frame limit: a bomb is refused, not inflated.
+        match compression::decompress(compressed, &frame.body, shared.max_frame_len) {
+            Ok(plain) => bytes::Bytes::from(plain),
+            Err(e) => {
+                debug!(%peer, "refused a compressed request: {}", error_chain(&e));
+                fail(wbuf, StatusCode::BadRequest, &error_chain(&e));
+                return Ok(());
+            }
+        }
+    };
+    let env = match RequestEnvelope::parse(&body) {
         Ok(env) => env,
         Err(e) => {
             fail(wbuf, StatusCode::BadRequest, &e.to_string());
@@ -282,7 +299,7 @@ fn dispatch(
     };
     // Shares the frame's buffer: the names are slices of it.
     let cx = Context::from_request(
-        frame.body.clone(),
+        body.clone(),
         env.service,
         env.method,
         metadata,
@@ -327,7 +344,9 @@ fn dispatch(
         );
         return Ok(());
     };
-    let replier = Replier::new(id, ser, shared.max_frame_len).with_size_hint(env.args.len());
+    let replier = Replier::new(id, ser, shared.max_frame_len)
+        .with_size_hint(env.args.len())
+        .with_compression(compressed, shared.compression_threshold);
     let call = Call {
         method: env.method,
         args: env.args,

@@ -7,7 +7,7 @@ use std::pin::Pin;
 
 use bytes::BytesMut;
 use rpc_codec::{CodecError, serializer};
-use rpc_core::{Context, SerializerKind, StatusCode};
+use rpc_core::{Compression, Context, SerializerKind, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -77,6 +77,10 @@ pub struct Replier {
     /// Expected reply size: the request's argument size, a fair guess for
     /// most services, so the reply buffer is allocated once.
     pub(crate) size_hint: usize,
+    /// The request's compression, used for a reply body of at least
+    /// `compression_threshold` bytes.
+    pub(crate) compression: Compression,
+    pub(crate) compression_threshold: usize,
 }
 
 impl Replier {
@@ -87,7 +91,18 @@ impl Replier {
             serializer,
             max_frame_len,
             size_hint: 128,
+            compression: Compression::None,
+            compression_threshold: usize::MAX,
         }
+    }
+
+    /// The same replier, compressing a reply body of at least `threshold`
+    /// bytes with `c` (the server passes the request's algorithm, so a
+    /// consumer that did not compress never receives a compressed reply).
+    pub fn with_compression(mut self, c: Compression, threshold: usize) -> Self {
+        self.compression = c;
+        self.compression_threshold = threshold;
+        self
     }
 
     /// The same replier, expecting a reply of about `bytes`.
@@ -98,6 +113,18 @@ impl Replier {
 
     /// Encodes `value` as the successful response frame.
     pub fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Result<BytesMut, CallError> {
+        let frame = self.encode_plain(value)?;
+        if self.compression == Compression::None {
+            return Ok(frame);
+        }
+        Ok(rpc_codec::compression::compress_frame(
+            frame,
+            self.compression,
+            self.compression_threshold,
+        ))
+    }
+
+    fn encode_plain<T: Serialize + ?Sized>(&self, value: &T) -> Result<BytesMut, CallError> {
         rpc_codec::encode_response_sized(
             self.request_id,
             self.serializer,

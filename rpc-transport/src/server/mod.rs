@@ -42,6 +42,8 @@ pub(crate) struct Shared {
     pub(crate) limits: liveness::Limits,
     /// Layers around every call, outermost first.
     pub(crate) layers: Box<[Arc<dyn ServerLayer>]>,
+    /// Smallest reply body, in bytes, compressed for a compressed request.
+    pub(crate) compression_threshold: usize,
 }
 
 /// Connections being refused at once (a go-away, then a short linger) when
@@ -129,6 +131,7 @@ impl ServerBuilder {
                 in_flight: Arc::new(Semaphore::new(self.config.max_in_flight)),
                 limits: liveness::Limits::from_config(&self.config),
                 layers: self.layers.into_boxed_slice(),
+                compression_threshold: self.config.compression_threshold,
             }),
             max_connections: self.config.max_connections,
             shutdown_timeout: self.config.shutdown_timeout(),

@@ -235,10 +235,9 @@ where
             c.retry_budget_ratio,
             c.retry_budget_min_per_sec,
         ));
-        let attempt = self.attempt.layer(Outlier::new(
-            Transport::new(policy.serializer),
-            inner.outlier,
-        ));
+        let attempt = self
+            .attempt
+            .layer(Outlier::new(Transport::for_policy(&policy), inner.outlier));
         let balanced = LoadBalance::new(attempt, balancer, inner.outlier.cooldown);
         let retried = Retry::new(balanced, policy.clone(), budget.clone());
         let discovered = Discover::new(retried, route.clone());

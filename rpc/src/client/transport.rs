@@ -1,6 +1,6 @@
 //! The transport layer: the picked instance's pooled, multiplexed connection.
 
-use rpc_core::{RpcError, SerializerKind};
+use rpc_core::{CallPolicy, Compression, RpcError, SerializerKind};
 use rpc_transport::RawReply;
 
 use super::{Call, ClientContext};
@@ -10,12 +10,29 @@ use super::{Call, ClientContext};
 #[derive(Debug, Clone, Copy)]
 pub struct Transport {
     serializer: SerializerKind,
+    compression: Compression,
+    compression_threshold: usize,
 }
 
 impl Transport {
-    /// Sends with `serializer` (the arguments are encoded with it).
+    /// Sends with `serializer` (the arguments are encoded with it),
+    /// uncompressed.
     pub fn new(serializer: SerializerKind) -> Self {
-        Self { serializer }
+        Self {
+            serializer,
+            compression: Compression::None,
+            compression_threshold: usize::MAX,
+        }
+    }
+
+    /// Sends as `policy` says: its serializer, and its compression for
+    /// request bodies of at least `policy.compression_threshold` bytes.
+    pub fn for_policy(policy: &CallPolicy) -> Self {
+        Self {
+            serializer: policy.serializer,
+            compression: policy.compression,
+            compression_threshold: policy.compression_threshold,
+        }
     }
 }
 
@@ -32,6 +49,8 @@ impl Call for Transport {
             serializer: self.serializer,
             timeout: cx.remaining,
             metadata: &cx.metadata,
+            compression: self.compression,
+            compression_threshold: self.compression_threshold,
         };
         // From the attempt's start: the transport's latency sample and the
         // time sent to the server need no clock read of their own.
