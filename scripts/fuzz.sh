@@ -6,7 +6,7 @@
 #
 #   scripts/fuzz.sh [SECONDS per target, default 30] [TARGET ...]
 #
-# Targets (fuzz/fuzz_targets/): frames, envelope, args. Seeds, derived from
+# Targets (fuzz/fuzz_targets/): frames, envelope, args, compressed. Seeds, derived from
 # the golden frames, are in fuzz/seeds/<target>; the growing corpus goes to
 # fuzz/corpus/<target> (not kept), crashes to fuzz/artifacts/<target>.
 set -euo pipefail
@@ -15,7 +15,7 @@ secs="${1:-30}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(frames envelope args)
+  targets=(frames envelope args compressed)
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "[fuzz] installing cargo-fuzz"

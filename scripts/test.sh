@@ -59,3 +59,11 @@ scripts/zookeeper-cluster-test.sh
 
 echo "== examples on a three-server Consul cluster"
 scripts/consul-cluster-test.sh
+
+# Coverage-guided fuzzing of the wire decoders, briefly, so the targets
+# keep building and a regression that crashes early is caught (the long
+# runs, 10 min per target, are reported in docs/fuzzing.md). Servers are
+# not needed: stop them first to give the fuzzer the CPU.
+scripts/registry-servers.sh down "${SERVERS[@]}"
+echo "== fuzzing (30 s per target)"
+scripts/fuzz.sh 30

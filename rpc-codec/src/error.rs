@@ -33,6 +33,15 @@ pub enum CodecError {
     /// The compression bits of the serializer byte hold the reserved value.
     #[error("unknown compression flag {0}")]
     UnknownCompression(u8),
+    /// A body could not be compressed (libzstd could not allocate).
+    #[error("{algorithm} compression failed")]
+    Compress {
+        /// `zstd`.
+        algorithm: &'static str,
+        /// What was wrong.
+        #[source]
+        source: BoxError,
+    },
     /// A compressed body could not be decompressed.
     #[error("{algorithm} decompression failed")]
     Decompress {

@@ -1,7 +1,9 @@
 //! A compression bomb is refused within the frame limit: the test counts
-//! every byte the process allocates while the decoder works on a 32 KiB
-//! zstd frame that expands to 1 GiB, and on an lz4 body that announces
-//! 4 GiB. Its own binary, because the counting allocator is global.
+//! every byte Rust allocates while the decoder works on a 32 KiB zstd frame
+//! that expands to 1 GiB, on zstd frames that lie about their size, and on
+//! an lz4 body that announces 4 GiB. Its own binary, because the counting
+//! allocator is global. (libzstd's own context is allocated by C and not
+//! counted; its window is capped by the decoder.)
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -87,6 +89,36 @@ fn an_lz4_body_announcing_4_gib_allocates_nothing_large() {
     let mut lie = u32::MAX.to_le_bytes().to_vec();
     lie.extend_from_slice(&[0x1F, 0x00, 0x01, 0x00]);
     let (outcome, peak) = peak_while(|| decompress(Compression::Lz4, &lie, usize::MAX));
+    assert!(outcome.is_err());
+    assert!(peak < 64 * 1024, "allocated {peak} bytes at peak");
+}
+
+/// A zstd frame whose header announces a content size: one RLE block of
+/// 128 KiB behind a single-segment header claiming `claimed` bytes.
+fn zstd_sized(claimed: u32) -> Vec<u8> {
+    let mut f = vec![0x28, 0xB5, 0x2F, 0xFD];
+    f.push(0b1010_0000); // 4-byte content size, single segment
+    f.extend_from_slice(&claimed.to_le_bytes());
+    let header = 1u32 | (1 << 1) | ((128 * 1024) << 3); // last, RLE, 128 KiB
+    f.extend_from_slice(&header.to_le_bytes()[..3]);
+    f.push(7);
+    f
+}
+
+#[test]
+fn zstd_content_sizes_that_lie_are_refused() {
+    // Honest: 128 KiB of sevens.
+    let out = decompress(Compression::Zstd, &zstd_sized(128 * 1024), 1 << 20).unwrap();
+    assert_eq!(out.len(), 128 * 1024);
+    assert!(out.iter().all(|&b| b == 7));
+    // Claims 4 GiB - 1: refused from the header, nothing allocated.
+    let (outcome, peak) =
+        peak_while(|| decompress(Compression::Zstd, &zstd_sized(u32::MAX), 8 << 20));
+    let e = outcome.unwrap_err();
+    assert!(matches!(e, CodecError::DecompressedTooLarge { .. }), "{e}");
+    assert!(peak < 64 * 1024, "allocated {peak} bytes at peak");
+    // Claims 10 bytes, holds 128 KiB: libzstd stops at the buffer's end.
+    let (outcome, peak) = peak_while(|| decompress(Compression::Zstd, &zstd_sized(10), 8 << 20));
     assert!(outcome.is_err());
     assert!(peak < 64 * 1024, "allocated {peak} bytes at peak");
 }

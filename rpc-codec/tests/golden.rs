@@ -152,7 +152,7 @@ fn golden_request_parses_back() {
 
 /// A request and a response with a repetitive body, compressed with each
 /// algorithm (threshold 0). These pin our encoders' output too: a new
-/// lz4_flex or ruzstd that compresses differently makes them fail, and is
+/// lz4_flex or libzstd that compresses differently makes them fail, and is
 /// then regenerated deliberately (every earlier frame must still decode).
 #[test]
 fn compressed_requests_and_responses() {
@@ -209,4 +209,25 @@ fn error_replies_to_compressed_requests_stay_plain() {
     let f = encode_error(7, 0x42, StatusCode::BadRequest, "nope");
     assert_eq!(f[3], 2, "only the serializer id is echoed");
     assert_eq!(&f[HEADER_LEN..], b"nope");
+}
+
+/// A zstd frame from another encoder (the pure-Rust ruzstd, which writes
+/// no content size and a 128 KiB window) still opens: the streamed path.
+#[test]
+fn a_zstd_frame_without_a_content_size_opens() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/request_postcard_zstd_streamed.bin");
+    let f = std::fs::read(path).unwrap();
+    let (id, body) = rpc_codec::compression::open_body(
+        f[3],
+        bytes::Bytes::copy_from_slice(&f[HEADER_LEN..]),
+        1 << 20,
+    )
+    .unwrap();
+    assert_eq!(id, 2);
+    let env = RequestEnvelope::parse(&body).unwrap();
+    let (names,): (Vec<String>,) =
+        rpc_codec::serializer::decode(SerializerKind::Postcard, env.args).unwrap();
+    assert_eq!(names.len(), 24);
+    assert_eq!(names[4], "user-1");
 }
