@@ -97,6 +97,41 @@ pub struct ServerConfig {
     /// Smallest reply body, in bytes, that is compressed, when the
     /// request was (with the request's algorithm). Default 1024.
     pub compression_threshold: usize,
+    /// `[server.tls]`: serve TLS (and, with `client_ca_file`, mutual TLS)
+    /// instead of plain TCP. Needs the `tls` cargo feature.
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// `[server.tls]`: the provider's certificate, and optionally the CA its
+/// consumers' certificates must be signed by. Files are PEM.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    /// The certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// With it, mutual TLS: a consumer without a certificate signed by one
+    /// of these CAs is refused during the handshake.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// `[client.tls]`: how a consumer checks providers, and optionally its own
+/// certificate for mutual TLS. Files are PEM.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientTlsConfig {
+    /// CAs that sign providers' certificates. Without it, the Mozilla root
+    /// CAs compiled into the binary (webpki-roots); the platform's store
+    /// is not read.
+    pub ca_file: Option<PathBuf>,
+    /// This consumer's certificate chain, for providers that require one.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key; set with `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// The name a provider's certificate must carry, instead of the host
+    /// of the address it is dialled at.
+    pub server_name: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -116,6 +151,7 @@ impl Default for ServerConfig {
             shutdown_grace_ms: 500,
             weight: crate::meta::DEFAULT_WEIGHT,
             compression_threshold: DEFAULT_COMPRESSION_THRESHOLD,
+            tls: None,
         }
     }
 }
@@ -544,6 +580,10 @@ pub struct ClientConfig {
     pub compression: Compression,
     /// Smallest request body, in bytes, that is compressed. Default 1024.
     pub compression_threshold: usize,
+    /// `[client.tls]`: dial providers over TLS. Needs the `tls` cargo
+    /// feature. A consumer with it calls only providers that publish
+    /// `tls = true`, and one without it only those that do not.
+    pub tls: Option<ClientTlsConfig>,
     /// `round_robin` (default), `random`, `weighted`, `consistent_hash`, `p2c`.
     pub load_balancer: LoadBalancerKind,
     /// `fail_over` (default), `fail_fast`, `fail_safe`.
@@ -604,6 +644,7 @@ impl Default for ClientConfig {
             serializer: SerializerKind::Postcard,
             compression: Compression::None,
             compression_threshold: DEFAULT_COMPRESSION_THRESHOLD,
+            tls: None,
             load_balancer: LoadBalancerKind::RoundRobin,
             fault_tolerance: FaultTolerance::FailOver,
             retries: 2,

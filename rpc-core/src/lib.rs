@@ -38,8 +38,9 @@ pub mod registry;
 pub mod status;
 
 pub use config::{
-    CallPolicy, ClientConfig, Compression, FaultTolerance, LoadBalancerKind, RegistryConfig,
-    RegistryKind, RpcConfig, SerializerKind, ServerConfig, ServiceOverrides,
+    CallPolicy, ClientConfig, ClientTlsConfig, Compression, FaultTolerance, LoadBalancerKind,
+    RegistryConfig, RegistryKind, RpcConfig, SerializerKind, ServerConfig, ServerTlsConfig,
+    ServiceOverrides,
 };
 pub use context::{Context, MetaValue, Metadata};
 pub use discover::{Discover, Watch, WatchEvent};

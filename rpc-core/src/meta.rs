@@ -31,6 +31,9 @@ pub mod keys {
     /// (`lz4,zstd`); it compresses a reply with the request's. Absent from
     /// providers older than compression, which refuse compressed requests.
     pub const COMPRESSIONS: &str = "compressions";
+    /// `true` when the provider serves TLS (`[server.tls]`); absent
+    /// otherwise. A consumer calls an instance only when it agrees.
+    pub const TLS: &str = "tls";
     /// When the provider registered, in seconds since the Unix epoch (UTC).
     pub const SINCE: &str = "since";
 }

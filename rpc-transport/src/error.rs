@@ -14,6 +14,9 @@ pub enum TransportError {
         #[source]
         source: std::io::Error,
     },
+    /// The configuration is unusable (TLS files, mostly).
+    #[error(transparent)]
+    Config(#[from] rpc_core::ConfigError),
     /// Two handlers claim the same `name:version`.
     #[error("service `{0}` is added twice")]
     DuplicateService(String),

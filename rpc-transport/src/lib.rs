@@ -1,4 +1,4 @@
-//! Tokio TCP transport.
+//! Tokio transport over TCP or TLS.
 //!
 //! # Layout
 //!
@@ -9,6 +9,10 @@
 //! * [`client`] — [`Endpoint`]: per-provider multiplexed connection(s)
 //!   keyed by request id, bounded in-flight calls, per-call deadline,
 //!   cancellation on drop, reconnect with backoff.
+//! * [`connect`] — [`Connector`] and [`Acceptor`]: plain TCP or TLS,
+//!   chosen once from the configuration; [`io`] — the stream seam the
+//!   connection tasks are generic over (TCP keeps its non-blocking
+//!   streamed write); [`tls`] (feature `tls`) — rustls set-up from PEM files.
 //! * [`error`] — [`TransportError`] (serving); calls report
 //!   [`rpc_core::RpcError`].
 
@@ -17,11 +21,16 @@
 #![warn(missing_debug_implementations, unreachable_pub)]
 
 pub mod client;
+pub mod connect;
 pub mod error;
 mod ids;
+pub mod io;
 pub mod server;
 mod stream_out;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use client::{CallOptions, Endpoint, EndpointConfig, RawReply, encode_args, encode_args_sized};
+pub use connect::{Acceptor, Connector};
 pub use error::TransportError;
 pub use server::{Server, ServerBuilder, ServiceHandler};

@@ -10,7 +10,8 @@
 use std::io;
 
 use bytes::{Buf, BytesMut};
-use tokio::net::tcp::OwnedWriteHalf;
+
+use crate::io::IoWrite;
 
 /// Buffered bytes past which a write is attempted without waiting for the
 /// loop to run out of other work.
@@ -19,12 +20,13 @@ pub(crate) const STREAM_AT: usize = 8 * 1024;
 /// Writes what the socket takes now if `wbuf` holds at least [`STREAM_AT`]
 /// bytes. A full socket is not an error: the loop's own write branch
 /// finishes the job once it becomes writable.
-/// Returns how many bytes went out.
-pub(crate) fn write_if_long(wr: &OwnedWriteHalf, wbuf: &mut BytesMut) -> io::Result<usize> {
-    if wbuf.len() < STREAM_AT {
+/// Returns how many bytes went out. Streams that cannot write without
+/// waiting (TLS) never do: their loop's awaited write sends the batch.
+pub(crate) fn write_if_long<W: IoWrite>(wr: &W, wbuf: &mut BytesMut) -> io::Result<usize> {
+    if W::BUFFERED || wbuf.len() < STREAM_AT {
         return Ok(0);
     }
-    match wr.try_write(wbuf) {
+    match wr.try_write_now(wbuf) {
         Ok(0) => Err(io::ErrorKind::WriteZero.into()),
         Ok(n) => {
             wbuf.advance(n);

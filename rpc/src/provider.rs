@@ -133,6 +133,9 @@ impl Provider {
                 ] {
                     m.metadata.insert(k.to_owned(), v);
                 }
+                if self.server.is_tls() {
+                    m.metadata.insert(keys::TLS.to_owned(), "true".to_owned());
+                }
                 m
             })
             .collect()

@@ -17,14 +17,13 @@ use bytes::{Buf, BytesMut};
 use futures_util::StreamExt;
 use rpc_codec::{Frame, FrameCodec, MessageType, encode_empty};
 use rpc_core::BoxError;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 use tracing::debug;
 
 use crate::ids::IdMap;
+use crate::io::{Io, IoWrite, write_or_flush};
 use crate::stream_out::write_if_long;
 
 /// Frames queued beyond this stop the task from taking more calls until the
@@ -96,8 +95,8 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    pub(crate) fn spawn(
-        stream: TcpStream,
+    pub(crate) fn spawn<S: Io>(
+        stream: S,
         addr: Arc<str>,
         max_in_flight: usize,
         max_frame_len: usize,
@@ -140,8 +139,8 @@ impl Connection {
     }
 }
 
-async fn drive(
-    stream: TcpStream,
+async fn drive<S: Io>(
+    stream: S,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     addr: Arc<str>,
     closed: Arc<AtomicBool>,
@@ -149,8 +148,10 @@ async fn drive(
     max_frame_len: usize,
     liveness: Liveness,
 ) {
-    let (rd, mut wr) = stream.into_split();
+    let (rd, mut wr) = stream.split();
     let mut frames = FramedRead::with_capacity(rd, FrameCodec::new(max_frame_len), 16 * 1024);
+    // Bytes a buffering stream (TLS) accepted but may not have sent yet.
+    let mut unflushed = false;
     let mut pending: IdMap<Pending> = IdMap::default();
     let mut wbuf = BytesMut::with_capacity(16 * 1024);
     let mut batch: Vec<Outgoing> = Vec::with_capacity(64);
@@ -212,7 +213,10 @@ async fn drive(
                         other => break format!("protocol violation: server sent a {other:?} frame"),
                     }
                 }
-                Some(Err(e)) => break format!("bad frame from server: {e}"),
+                // A read error (a reset, a TLS alert such as a refused
+                // client certificate) is not a bad frame: say which.
+                Some(Err(rpc_codec::CodecError::Io(e))) => break format!("read failed: {e}"),
+                Some(Err(e)) => break format!("bad frame from server: {}", rpc_core::error::report(&e)),
                 None => break "closed by the server".into(),
             },
             n = rx.recv_many(&mut batch, 128), if accepting && wbuf.len() < WRITE_HIGH_WATER => {
@@ -254,12 +258,14 @@ async fn drive(
                     tokio::task::yield_now().await;
                 }
             }
-            written = wr.write(&wbuf), if !wbuf.is_empty() => match written {
-                Ok(0) => break "the server stopped reading".into(),
-                Ok(n) => {
+            written = write_or_flush(&mut wr, &wbuf), if !wbuf.is_empty() || unflushed => match written {
+                Ok(Some(0)) => break "the server stopped reading".into(),
+                Ok(Some(n)) => {
                     wbuf.advance(n);
                     yielded = false;
+                    unflushed = S::Write::BUFFERED;
                 }
+                Ok(None) => unflushed = false,
                 Err(e) => break format!("write failed: {e}"),
             },
             _ = sweep.tick() => {

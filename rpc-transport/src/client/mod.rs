@@ -30,6 +30,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use crate::connect::Connector;
 use connection::{Connection, Liveness, Outgoing};
 
 /// How an endpoint connects and bounds its calls.
@@ -52,6 +53,9 @@ pub struct EndpointConfig {
     pub backoff_initial: Duration,
     /// Reconnect backoff cap.
     pub backoff_max: Duration,
+    /// Plain TCP or TLS ([`Connector::from_config`]); the dial timeout
+    /// covers the TLS handshake too.
+    pub connector: Connector,
 }
 
 impl Default for EndpointConfig {
@@ -71,6 +75,7 @@ impl From<&ClientConfig> for EndpointConfig {
             dead_after: Duration::from_secs(5),
             backoff_initial: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),
+            connector: Connector::Tcp,
         }
     }
 }
@@ -376,6 +381,48 @@ impl Endpoint {
         Ok(RawReply { serializer, body })
     }
 
+    /// Connects (and, with TLS, shakes hands) and starts the connection's
+    /// task, compiled for the stream the connector gives.
+    async fn dial(&self) -> io::Result<Connection> {
+        if let Connector::Refuse(why) = &self.config.connector {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                why.to_string(),
+            ));
+        }
+        let stream = TcpStream::connect(&*self.addr).await?;
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(addr = %self.addr, error = %e, "set_nodelay failed");
+        }
+        match &self.config.connector {
+            Connector::Tcp | Connector::Refuse(_) => Ok(self.start(stream)),
+            #[cfg(feature = "tls")]
+            Connector::Tls(tls) => {
+                let name = tls.name_for(&self.addr)?;
+                let stream = tls.inner.connect(name, stream).await.map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("TLS handshake failed: {}", tls_reason(&e)),
+                    )
+                })?;
+                Ok(self.start(stream))
+            }
+        }
+    }
+
+    fn start<S: crate::io::Io>(&self, stream: S) -> Connection {
+        Connection::spawn(
+            stream,
+            self.addr.clone(),
+            self.config.max_in_flight_per_connection,
+            self.config.max_frame_len,
+            Liveness {
+                heartbeat_after: self.config.heartbeat_after,
+                dead_after: self.config.dead_after,
+            },
+        )
+    }
+
     /// The pause before dialling again after `failures` failed dials (or
     /// refusals): exponential from `backoff_initial` to `backoff_max`, with
     /// equal jitter (half fixed, half random), so that the consumers of a
@@ -432,34 +479,21 @@ impl Endpoint {
                 });
             }
         }
-        let dialled =
-            tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(&*self.addr))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("connect timed out after {:?}", self.config.connect_timeout),
-                    ))
-                });
+        let dialled = tokio::time::timeout(self.config.connect_timeout, self.dial())
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connect timed out after {:?}", self.config.connect_timeout),
+                ))
+            });
         match dialled {
-            Ok(stream) => {
-                if let Err(e) = stream.set_nodelay(true) {
-                    debug!(addr = %self.addr, error = %e, "set_nodelay failed");
-                }
+            Ok(conn) => {
                 if dial.failures > 0 {
                     info!(addr = %self.addr, after_failures = dial.failures, "reconnected");
                 }
                 *dial = DialState::default();
-                let conn = Arc::new(Connection::spawn(
-                    stream,
-                    self.addr.clone(),
-                    self.config.max_in_flight_per_connection,
-                    self.config.max_frame_len,
-                    Liveness {
-                        heartbeat_after: self.config.heartbeat_after,
-                        dead_after: self.config.dead_after,
-                    },
-                ));
+                let conn = Arc::new(conn);
                 slot.conn.store(Some(conn.clone()));
                 Ok((conn, true))
             }
@@ -475,5 +509,21 @@ impl Endpoint {
                 })
             }
         }
+    }
+}
+
+/// A handshake error in words a user can act on: rustls's own text, with
+/// the two mismatches a plain-TCP peer causes named as such.
+#[cfg(feature = "tls")]
+fn tls_reason(e: &io::Error) -> String {
+    let text = e.to_string();
+    if text.contains("InvalidContentType") || text.contains("corrupt message") {
+        format!("{text} (the provider does not speak TLS: is it plaintext?)")
+    } else if e.kind() == io::ErrorKind::UnexpectedEof {
+        format!(
+            "{text} (the provider closed the connection during the handshake: a plaintext provider, or one that refused this client's certificate)"
+        )
+    } else {
+        text
     }
 }

@@ -12,9 +12,8 @@ use rpc_codec::{
     Frame, MessageType, RequestEnvelope, compression, encode_empty, encode_error, serializer,
 };
 use rpc_core::{Compression, Context, Metadata, StatusCode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +22,7 @@ use tracing::{debug, warn};
 use super::Shared;
 use super::handler::{Call, Replier, error_chain};
 use super::liveness::{Progress, Reading, TimedCodec};
+use crate::io::{Io, IoWrite, write_or_flush};
 use crate::stream_out::write_if_long;
 
 /// Replies buffered beyond this stop the connection from reading more
@@ -32,14 +32,16 @@ const WRITE_HIGH_WATER: usize = 256 * 1024;
 /// Serves one connection until it ends. Returns the read half when the
 /// peer is owed a [`linger`] (after a go-away): the caller frees the
 /// connection's slot first, since the linger serves only the peer.
-pub(crate) async fn serve(
-    stream: TcpStream,
+pub(crate) async fn serve<S: Io>(
+    stream: S,
     peer: SocketAddr,
     shared: Arc<Shared>,
     stop: CancellationToken,
     force: CancellationToken,
-) -> Option<OwnedReadHalf> {
-    let (rd, mut wr) = stream.into_split();
+) -> Option<S::Read> {
+    let (rd, mut wr) = stream.split();
+    // Bytes a buffering stream (TLS) accepted but may not have sent yet.
+    let mut unflushed = false;
     let mut frames =
         FramedRead::with_capacity(rd, TimedCodec::new(shared.max_frame_len), 16 * 1024);
     let mut handlers: JoinSet<(u64, BytesMut)> = JoinSet::new();
@@ -113,13 +115,15 @@ pub(crate) async fn serve(
                     }
                 }
             }
-            written = wr.write(&wbuf), if !wbuf.is_empty() => {
+            written = write_or_flush(&mut wr, &wbuf), if !wbuf.is_empty() || unflushed => {
                 match written {
-                    Ok(0) => break "the peer stopped reading".into(),
-                    Ok(n) => {
+                    Ok(Some(0)) => break "the peer stopped reading".into(),
+                    Ok(Some(n)) => {
                         wbuf.advance(n);
                         progress.written += n as u64;
+                        unflushed = S::Write::BUFFERED;
                     }
+                    Ok(None) => unflushed = false,
                     Err(e) => break format!("write failed: {e}"),
                 }
             }
@@ -167,7 +171,7 @@ pub(crate) async fn serve(
 /// Closing with unread input would reset the connection, and a reset can
 /// destroy replies the peer has not read yet: after a go-away, read until
 /// the peer closes too, bounded in time and bytes.
-pub(crate) async fn linger(rd: OwnedReadHalf) {
+pub(crate) async fn linger<R: AsyncRead + Unpin>(rd: R) {
     let _ = tokio::time::timeout(CLOSE_LINGER, discard(rd, CLOSE_LINGER_BYTES)).await;
 }
 
@@ -215,7 +219,7 @@ const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 /// Most bytes read and dropped meanwhile.
 const CLOSE_LINGER_BYTES: usize = 1 << 20;
 
-async fn discard(mut rd: OwnedReadHalf, mut left: usize) {
+async fn discard<R: AsyncRead + Unpin>(mut rd: R, mut left: usize) {
     let mut buf = [0u8; 4096];
     while left > 0 {
         match rd.read(&mut buf).await {

@@ -29,7 +29,9 @@ use tracing::{debug, info, warn};
 pub use handler::{Call, CallError, HandlerFuture, Replier, ServiceHandler};
 pub use layer::ServerLayer;
 
+use crate::connect::Acceptor;
 use crate::error::TransportError;
+use crate::io::Io;
 
 /// What every connection task shares.
 pub(crate) struct Shared {
@@ -108,6 +110,9 @@ impl ServerBuilder {
 
     /// Binds the listening socket (`host:port`; port 0 picks a free one).
     pub async fn bind(self) -> Result<Server, TransportError> {
+        // Certificates are read before the port is taken: a bad file
+        // fails startup, naming the key and the file.
+        let acceptor = Acceptor::from_config(&self.config)?;
         if let Some(key) = self.duplicate {
             return Err(TransportError::DuplicateService(key));
         }
@@ -124,6 +129,8 @@ impl ServerBuilder {
         Ok(Server {
             listener,
             local_addr,
+            acceptor,
+            handshake_timeout: Duration::from_millis(self.config.first_frame_timeout_ms.max(1)),
             shared: Arc::new(Shared {
                 services: self.services,
                 max_frame_len: self.config.max_frame_len,
@@ -143,6 +150,10 @@ impl ServerBuilder {
 pub struct Server {
     listener: TcpListener,
     local_addr: SocketAddr,
+    acceptor: Acceptor,
+    /// Longest TLS handshake (`server.first_frame_timeout_ms`: the
+    /// handshake comes before the first frame).
+    handshake_timeout: Duration,
     shared: Arc<Shared>,
     max_connections: usize,
     shutdown_timeout: Duration,
@@ -168,6 +179,11 @@ impl Server {
         self.local_addr
     }
 
+    /// Whether the server speaks TLS (published as `tls = true`).
+    pub fn is_tls(&self) -> bool {
+        self.acceptor.is_tls()
+    }
+
     /// `name:version` of every service served.
     pub fn service_keys(&self) -> Vec<String> {
         self.shared.services.keys().cloned().collect()
@@ -186,10 +202,14 @@ impl Server {
         let Server {
             listener,
             local_addr,
+            acceptor,
+            handshake_timeout,
             shared,
             max_connections,
             shutdown_timeout,
         } = self;
+        #[cfg(not(feature = "tls"))]
+        let _ = handshake_timeout;
         let stop = CancellationToken::new();
         let force = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -213,6 +233,13 @@ impl Server {
                     // instance now.
                     let Ok(permit) = limit.clone().try_acquire_owned() else {
                         debug!(%peer, max_connections, "refusing a connection: at the connection limit (go-away)");
+                        if acceptor.is_tls() {
+                            // A plaintext go-away would reach a TLS client
+                            // as a corrupt handshake; the close fails its
+                            // dial at once all the same.
+                            drop(stream);
+                            continue;
+                        }
                         match refusing.clone().try_acquire_owned() {
                             Ok(slot) => {
                                 tracker.spawn(async move {
@@ -233,13 +260,32 @@ impl Server {
                     let shared = shared.clone();
                     let stop = stop.clone();
                     let force = force.clone();
-                    tracker.spawn(async move {
-                        let linger = connection::serve(stream, peer, shared, stop, force).await;
-                        drop(permit);
-                        if let Some(rd) = linger {
-                            connection::linger(rd).await;
+                    match &acceptor {
+                        Acceptor::Tcp => {
+                            tracker
+                                .spawn(serve_and_linger(stream, peer, shared, stop, force, permit));
                         }
-                    });
+                        #[cfg(feature = "tls")]
+                        Acceptor::Tls(tls) => {
+                            let tls = tls.inner.clone();
+                            tracker.spawn(async move {
+                                // In the connection's own task: a slow or
+                                // silent handshake holds only its own slot,
+                                // for at most the handshake timeout.
+                                let handshake = tokio::select! {
+                                    r = tokio::time::timeout(handshake_timeout, tls.accept(stream)) => r,
+                                    _ = force.cancelled() => return,
+                                };
+                                match handshake {
+                                    Ok(Ok(stream)) => {
+                                        serve_and_linger(stream, peer, shared, stop, force, permit).await;
+                                    }
+                                    Ok(Err(e)) => warn!(%peer, error = %e, "TLS handshake failed: closing the connection"),
+                                    Err(_) => warn!(%peer, ?handshake_timeout, "TLS handshake did not complete in time: closing the connection"),
+                                }
+                            });
+                        }
+                    }
                 }
                 Err(e) => {
                     // Out of file descriptors and similar: back off instead of spinning.
@@ -269,5 +315,21 @@ impl Server {
         }
         info!(%local_addr, "stopped");
         Ok(())
+    }
+}
+
+/// Serves one connection, frees its slot, then lingers if the peer is owed it.
+async fn serve_and_linger<S: Io>(
+    stream: S,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    force: CancellationToken,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let linger = connection::serve(stream, peer, shared, stop, force).await;
+    drop(permit);
+    if let Some(rd) = linger {
+        connection::linger(rd).await;
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rpc_core::{CallPolicy, ClientConfig, RpcConfig, RpcError};
 use rpc_registry::{AnyRegistry, CacheOptions, ServiceCache};
-use rpc_transport::{Endpoint, EndpointConfig};
+use rpc_transport::{Connector, Endpoint, EndpointConfig};
 
 use super::balance::{self, LoadBalance, LoadBalancer};
 use super::discover::{Discover, Route};
@@ -42,6 +42,31 @@ pub(crate) struct ConsumerInner {
     /// service's set is rebuilt, so it never holds more than the instances
     /// some service still lists.
     pub(crate) pool: Mutex<HashMap<String, Pooled>>,
+}
+
+impl ConsumerInner {
+    /// How to reach the instance at `addr`, which serves TLS or not
+    /// (`tls` from its registry record): this consumer's connector when
+    /// they agree, else one that fails every call naming the mismatch.
+    pub(crate) fn endpoint_config_for(&self, addr: &str, tls: bool) -> EndpointConfig {
+        let ours = self.endpoint_config.connector.is_tls();
+        if tls == ours || matches!(self.endpoint_config.connector, Connector::Refuse(_)) {
+            return self.endpoint_config.clone();
+        }
+        let why = if tls {
+            format!(
+                "{addr} serves TLS (its registry record says tls = true) and this consumer has no [client.tls]"
+            )
+        } else {
+            format!(
+                "{addr} serves plain TCP (its registry record has no tls = true) and this consumer dials TLS ([client.tls])"
+            )
+        };
+        EndpointConfig {
+            connector: Connector::Refuse(why.into()),
+            ..self.endpoint_config.clone()
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -99,6 +124,8 @@ impl Consumer {
     /// Builds a consumer from configuration: connects the configured
     /// registry and applies `[client]`.
     pub async fn from_config(config: &RpcConfig) -> Result<Self, RpcError> {
+        // Certificates first: a bad file fails startup, naming key and file.
+        Connector::from_config(&config.client).map_err(RpcError::Config)?;
         let registry = AnyRegistry::from_config(&config.registry).await?;
         Ok(Self::with_registry(
             registry,
@@ -124,9 +151,22 @@ impl Consumer {
                 ..CacheOptions::default()
             },
         );
+        let mut endpoint_config = EndpointConfig::from(&config);
+        endpoint_config.connector = match Connector::from_config(&config) {
+            Ok(c) => c,
+            // `from_config` has already refused to start with this; here
+            // (an embedding that skipped it) every call fails with the
+            // reason rather than going out in plaintext.
+            Err(e) => {
+                tracing::error!(error = %rpc_core::error::report(&e), "[client.tls] is unusable: every call will fail");
+                Connector::Refuse(
+                    format!("[client.tls] is unusable: {}", rpc_core::error::report(&e)).into(),
+                )
+            }
+        };
         Self {
             inner: Arc::new(ConsumerInner {
-                endpoint_config: EndpointConfig::from(&config),
+                endpoint_config,
                 outlier: OutlierPolicy {
                     failures: config.outlier_failures,
                     cooldown: rpc_core::config::ms(config.outlier_cooldown_ms),

@@ -93,10 +93,24 @@ impl Route {
             .iter()
             .map(|m| {
                 let addr = m.address();
+                let tls = m
+                    .metadata
+                    .get(rpc_core::meta::keys::TLS)
+                    .is_some_and(|v| v == "true");
+                // Keyed by what the provider speaks too: one restarted with
+                // TLS at the same address gets a new endpoint.
+                let key = if tls {
+                    format!("{addr}#tls")
+                } else {
+                    addr.clone()
+                };
                 let pooled = pool
-                    .entry(addr.clone())
+                    .entry(key)
                     .or_insert_with(|| Pooled {
-                        endpoint: Arc::new(Endpoint::new(addr, inner.endpoint_config.clone())),
+                        endpoint: Arc::new(Endpoint::new(
+                            addr.clone(),
+                            inner.endpoint_config_for(&addr, tls),
+                        )),
                         health: Arc::new(Health::default()),
                     })
                     .clone();

@@ -1,0 +1,90 @@
+//! The seams where a connection's stream is chosen: [`Connector`] turns an
+//! address into a connected stream on the client, [`Acceptor`] turns an
+//! accepted TCP stream into the stream a server connection runs over.
+//! Both are chosen once, from the configuration; each connection task is
+//! then compiled for its concrete stream ([`crate::io::Io`]).
+
+use rpc_core::{ClientConfig, ConfigError, ServerConfig};
+
+/// How a client dials a provider.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub enum Connector {
+    /// Plain TCP. The default, and the fastest path.
+    #[default]
+    Tcp,
+    /// TLS over TCP (`[client.tls]`).
+    #[cfg(feature = "tls")]
+    Tls(crate::tls::TlsConnector),
+    /// Dials nothing: every dial fails at once with this reason. For an
+    /// instance this consumer cannot talk to (TLS on one side only), or a
+    /// consumer whose `[client.tls]` could not be loaded, so its calls
+    /// fail with the reason instead of going out in plaintext.
+    Refuse(std::sync::Arc<str>),
+}
+
+impl Connector {
+    /// The connector `[client]` asks for: TLS when `[client.tls]` is set.
+    ///
+    /// Errors: the TLS files (see [`crate::tls`]), or `[client.tls]` in a
+    /// build without the `tls` feature.
+    pub fn from_config(c: &ClientConfig) -> Result<Self, ConfigError> {
+        match &c.tls {
+            None => Ok(Self::Tcp),
+            #[cfg(feature = "tls")]
+            Some(tls) => Ok(Self::Tls(crate::tls::TlsConnector::from_config(tls)?)),
+            #[cfg(not(feature = "tls"))]
+            Some(_) => Err(ConfigError::new(
+                "rpc.toml",
+                "client.tls",
+                "TLS needs the `tls` cargo feature of rpc (the examples enable it)",
+            )),
+        }
+    }
+
+    /// Whether this connector speaks TLS.
+    pub fn is_tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        if let Self::Tls(_) = self {
+            return true;
+        }
+        false
+    }
+}
+
+/// How a server turns an accepted TCP connection into its stream.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub enum Acceptor {
+    /// Plain TCP. The default.
+    #[default]
+    Tcp,
+    /// TLS over TCP (`[server.tls]`), mutual when it has a client CA.
+    #[cfg(feature = "tls")]
+    Tls(crate::tls::TlsAcceptor),
+}
+
+impl Acceptor {
+    /// The acceptor `[server]` asks for: TLS when `[server.tls]` is set.
+    ///
+    /// Errors: the TLS files (see [`crate::tls`]), or `[server.tls]` in a
+    /// build without the `tls` feature.
+    pub fn from_config(c: &ServerConfig) -> Result<Self, ConfigError> {
+        match &c.tls {
+            None => Ok(Self::Tcp),
+            #[cfg(feature = "tls")]
+            Some(tls) => Ok(Self::Tls(crate::tls::TlsAcceptor::from_config(tls)?)),
+            #[cfg(not(feature = "tls"))]
+            Some(_) => Err(ConfigError::new(
+                "rpc.toml",
+                "server.tls",
+                "TLS needs the `tls` cargo feature of rpc (the examples enable it)",
+            )),
+        }
+    }
+
+    /// Whether this acceptor speaks TLS.
+    pub fn is_tls(&self) -> bool {
+        !matches!(self, Self::Tcp)
+    }
+}
