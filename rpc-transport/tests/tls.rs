@@ -201,7 +201,9 @@ async fn one_way_tls_carries_calls_large_and_concurrent() {
     // reply never completes).
     let huge: String = "fedcba9876543210".repeat(384 * 1024);
     for _ in 0..3 {
-        let back = tokio::time::timeout(WAIT, echo(&ep, &huge)).await.expect("reply stuck");
+        let back = tokio::time::timeout(WAIT, echo(&ep, &huge))
+            .await
+            .expect("reply stuck");
         assert!(back.unwrap() == huge);
     }
     let calls: Vec<_> = (0..200)
