@@ -16,6 +16,10 @@ pub enum Connector {
     /// TLS over TCP (`[client.tls]`).
     #[cfg(feature = "tls")]
     Tls(crate::tls::TlsConnector),
+    /// In-process pipes to servers bound with
+    /// [`ServerBuilder::bind_memory`](crate::ServerBuilder::bind_memory)
+    /// on this network: no sockets, so tests can run on the paused clock.
+    Memory(crate::memory::MemoryNetwork),
     /// Dials nothing: every dial fails at once with this reason. For an
     /// instance this consumer cannot talk to (TLS on one side only), or a
     /// consumer whose `[client.tls]` could not be loaded, so its calls

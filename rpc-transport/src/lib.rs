@@ -12,7 +12,8 @@
 //! * [`connect`] — [`Connector`] and [`Acceptor`]: plain TCP or TLS,
 //!   chosen once from the configuration; [`io`] — the stream seam the
 //!   connection tasks are generic over (TCP keeps its non-blocking
-//!   streamed write); [`tls`] (feature `tls`) — rustls set-up from PEM files.
+//!   streamed write); [`tls`] (feature `tls`) — rustls set-up from PEM
+//!   files; [`memory`] — in-process pipes for tests on the paused clock.
 //! * [`error`] — [`TransportError`] (serving); calls report
 //!   [`rpc_core::RpcError`].
 
@@ -25,6 +26,7 @@ pub mod connect;
 pub mod error;
 mod ids;
 pub mod io;
+pub mod memory;
 pub mod server;
 mod stream_out;
 #[cfg(feature = "tls")]
@@ -33,4 +35,5 @@ pub mod tls;
 pub use client::{CallOptions, Endpoint, EndpointConfig, RawReply, encode_args, encode_args_sized};
 pub use connect::{Acceptor, Connector};
 pub use error::TransportError;
+pub use memory::MemoryNetwork;
 pub use server::{Server, ServerBuilder, ServiceHandler};

@@ -1,8 +1,11 @@
-//! Client policies end to end over loopback TCP: fail-over, fail-fast,
-//! fail-safe, idempotent retries, outlier ejection, the retry budget, p2c
-//! and consistent hashing. Where timing is the subject (deadlines across
-//! retries, timeout precedence), `paused_policies.rs` runs the same layers
-//! on tokio's paused clock instead.
+//! Client policies end to end: fail-over, fail-fast, fail-safe,
+//! idempotent retries, outlier ejection, the retry budget, p2c and
+//! consistent hashing, through the real consumer stack, connections and
+//! servers, joined by in-memory pipes (`rpc::transport::MemoryNetwork`)
+//! instead of sockets, so every test runs on tokio's paused clock: the
+//! timeouts, backoffs and latencies they depend on are virtual time, and
+//! the outcome does not depend on the machine's load. (`end_to_end.rs` and
+//! the chaos tests cover the same stack over real TCP.)
 //!
 //! Providers here are bare servers registered in a memory registry by
 //! hand, so a test can kill a server while its registration stays: the
@@ -14,7 +17,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use rpc::registry::{AnyRegistry, MemoryRegistry};
-use rpc::transport::Server;
+use rpc::transport::{Connector, MemoryNetwork, Server};
 use rpc::{
     ClientConfig, Consumer, FaultTolerance, LoadBalancerKind, RpcError, ServerConfig,
     ServiceMetaInfo,
@@ -23,6 +26,14 @@ use rpc_core::{Registration, Registry};
 use tokio::sync::oneshot;
 
 const WAIT: Duration = Duration::from_secs(10);
+
+/// Where instances run and register: a memory registry, and the
+/// in-memory network their servers listen on.
+#[derive(Clone, Default)]
+struct Fleet {
+    registry: MemoryRegistry,
+    net: MemoryNetwork,
+}
 
 /// A service whose instances can be told apart and slowed down.
 #[rpc::service(version = "1.0")]
@@ -79,11 +90,11 @@ struct Instance {
 }
 
 impl Instance {
-    async fn start(registry: &MemoryRegistry, id: u32) -> Self {
+    async fn start(registry: &Fleet, id: u32) -> Self {
         Self::start_with_delay(registry, id, Duration::ZERO).await
     }
 
-    async fn start_with_delay(registry: &MemoryRegistry, id: u32, delay: Duration) -> Self {
+    async fn start_with_delay(registry: &Fleet, id: u32, delay: Duration) -> Self {
         let served = Arc::new(AtomicU32::new(0));
         let hanging = Arc::new(tokio::sync::Notify::new());
         let server = Server::builder(ServerConfig {
@@ -96,8 +107,7 @@ impl Instance {
             hanging: hanging.clone(),
             delay,
         }))
-        .bind()
-        .await
+        .bind_memory(&registry.net)
         .unwrap();
         let port = server.local_addr().port();
         let (stop, rx) = oneshot::channel::<()>();
@@ -109,6 +119,7 @@ impl Instance {
                 .await;
         });
         let registration = registry
+            .registry
             .register(ServiceMetaInfo::new("Probe", "1.0", "127.0.0.1", port))
             .await
             .unwrap();
@@ -136,12 +147,13 @@ impl Instance {
     }
 }
 
-async fn consumer(
-    registry: &MemoryRegistry,
-    config: ClientConfig,
-    instances: usize,
-) -> ProbeClient {
-    let consumer = Consumer::with_registry(AnyRegistry::from(registry.clone()), config, WAIT);
+async fn consumer(registry: &Fleet, config: ClientConfig, instances: usize) -> ProbeClient {
+    let consumer = Consumer::with_connector(
+        AnyRegistry::from(registry.registry.clone()),
+        config,
+        WAIT,
+        Connector::Memory(registry.net.clone()),
+    );
     let handle = consumer.cache().service("Probe:1.0").await.unwrap();
     tokio::time::timeout(WAIT, handle.wait_until(|l, _| l.len() == instances))
         .await
@@ -158,9 +170,9 @@ fn config(f: impl FnOnce(&mut ClientConfig)) -> ClientConfig {
     c
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn fail_over_hides_a_dead_instance_and_the_outlier_detector_ejects_it() {
-    let registry = MemoryRegistry::new();
+    let registry = Fleet::default();
     let a = Instance::start(&registry, 1).await;
     let mut b = Instance::start(&registry, 2).await;
     let client = consumer(&registry, config(|_| {}), 2).await;
@@ -181,9 +193,9 @@ async fn fail_over_hides_a_dead_instance_and_the_outlier_detector_ejects_it() {
     assert_eq!(b.id, 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn fail_fast_surfaces_the_dead_instance() {
-    let registry = MemoryRegistry::new();
+    let registry = Fleet::default();
     let _a = Instance::start(&registry, 1).await;
     let mut b = Instance::start(&registry, 2).await;
     let client = consumer(
@@ -213,9 +225,9 @@ async fn futures_count(client: &ProbeClient, calls: usize) -> usize {
     failed
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn fail_safe_returns_the_configured_default() {
-    let registry = MemoryRegistry::new();
+    let registry = Fleet::default();
     let mut a = Instance::start(&registry, 1).await;
     let client = consumer(
         &registry,
@@ -234,14 +246,14 @@ async fn fail_safe_returns_the_configured_default() {
     assert!(err.is_safe_to_retry(), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_call_lost_mid_flight_is_retried_only_when_idempotent() {
     // One instance; its server dies while a call is in flight. The first
     // attempt then fails as "closed after the request was written" (it may
     // have run). Only an idempotent method is retried; with the instance
     // gone, the retry fails differently: refused, not closed.
     for idempotent in [false, true] {
-        let registry = MemoryRegistry::new();
+        let registry = Fleet::default();
         let mut a = Instance::start(&registry, 1).await;
         let client = consumer(
             &registry,
@@ -281,9 +293,9 @@ async fn a_call_lost_mid_flight_is_retried_only_when_idempotent() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn an_instance_that_never_answers_is_ejected_and_calls_go_elsewhere() {
-    let registry = MemoryRegistry::new();
+    let registry = Fleet::default();
     let a = Instance::start(&registry, 1).await;
     let b = Instance::start(&registry, 2).await;
     let client = consumer(
@@ -313,9 +325,9 @@ async fn an_instance_that_never_answers_is_ejected_and_calls_go_elsewhere() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn an_exhausted_retry_budget_stops_retries() {
-    let registry = MemoryRegistry::new();
+    let registry = Fleet::default();
     let _a = Instance::start(&registry, 1).await;
     let mut b = Instance::start(&registry, 2).await;
     let client = consumer(
@@ -333,9 +345,9 @@ async fn an_exhausted_retry_budget_stops_retries() {
     assert_eq!(failed, 10, "no budget, no retries");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn p2c_steers_load_away_from_a_slow_instance() {
-    let registry = MemoryRegistry::new();
+    let registry = Fleet::default();
     let fast = Instance::start(&registry, 1).await;
     let slow = Instance::start_with_delay(&registry, 2, Duration::from_millis(20)).await;
     let client = consumer(
@@ -367,9 +379,9 @@ async fn p2c_steers_load_away_from_a_slow_instance() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn consistent_hashing_keeps_a_key_on_one_instance() {
-    let registry = MemoryRegistry::new();
+    let registry = Fleet::default();
     let _a = Instance::start(&registry, 1).await;
     let _b = Instance::start(&registry, 2).await;
     let _c = Instance::start(&registry, 3).await;

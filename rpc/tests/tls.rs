@@ -138,13 +138,14 @@ async fn unreadable_tls_files_fail_startup_naming_the_key() {
     let cfg = config(
         "[server.tls]\ncert_file = \"/nonexistent/s.pem\"\nkey_file = \"/nonexistent/s.key\"\n",
     );
-    let err = Provider::builder(&cfg)
+    let Err(err) = Provider::builder(&cfg)
         .registry(AnyRegistry::from(MemoryRegistry::new()))
         .service(GreeterServer::new(Hello))
         .bind()
         .await
-        .err()
-        .expect("bound with an unreadable certificate");
+    else {
+        panic!("bound with an unreadable certificate");
+    };
     let text = err.to_string() + &format!("{err:?}");
     assert!(text.contains("server.tls.cert_file"), "{text}");
 }

@@ -384,18 +384,23 @@ impl Endpoint {
     /// Connects (and, with TLS, shakes hands) and starts the connection's
     /// task, compiled for the stream the connector gives.
     async fn dial(&self) -> io::Result<Connection> {
-        if let Connector::Refuse(why) = &self.config.connector {
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionRefused,
-                why.to_string(),
-            ));
+        match &self.config.connector {
+            Connector::Refuse(why) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    why.to_string(),
+                ));
+            }
+            Connector::Memory(net) => return Ok(self.start(net.connect(&self.addr)?)),
+            _ => {}
         }
         let stream = TcpStream::connect(&*self.addr).await?;
         if let Err(e) = stream.set_nodelay(true) {
             debug!(addr = %self.addr, error = %e, "set_nodelay failed");
         }
         match &self.config.connector {
-            Connector::Tcp | Connector::Refuse(_) => Ok(self.start(stream)),
+            // Refuse and Memory returned above.
+            Connector::Tcp | Connector::Refuse(_) | Connector::Memory(_) => Ok(self.start(stream)),
             #[cfg(feature = "tls")]
             Connector::Tls(tls) => {
                 let name = tls.name_for(&self.addr)?;

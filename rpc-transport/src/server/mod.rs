@@ -126,7 +126,26 @@ impl ServerBuilder {
                 source,
             })?;
         let local_addr = listener.local_addr()?;
-        Ok(Server {
+        Ok(self.finish(Listener::Tcp(listener), local_addr, acceptor))
+    }
+
+    /// Listens on `network` instead of a socket (tests): the server gets
+    /// an address of its own there, which clients with
+    /// [`Connector::Memory`](crate::Connector::Memory) dial. `[server.tls]`
+    /// and `host`/`port` do not apply.
+    pub fn bind_memory(
+        self,
+        network: &crate::memory::MemoryNetwork,
+    ) -> Result<Server, TransportError> {
+        if let Some(key) = self.duplicate {
+            return Err(TransportError::DuplicateService(key));
+        }
+        let (local_addr, incoming) = network.listen();
+        Ok(self.finish(Listener::Memory(incoming), local_addr, Acceptor::Tcp))
+    }
+
+    fn finish(self, listener: Listener, local_addr: SocketAddr, acceptor: Acceptor) -> Server {
+        Server {
             listener,
             local_addr,
             acceptor,
@@ -142,13 +161,38 @@ impl ServerBuilder {
             }),
             max_connections: self.config.max_connections,
             shutdown_timeout: self.config.shutdown_timeout(),
-        })
+        }
+    }
+}
+
+/// Where a server's connections come from.
+enum Listener {
+    Tcp(TcpListener),
+    Memory(crate::memory::Incoming),
+}
+
+/// One accepted connection.
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Memory(tokio::io::DuplexStream),
+}
+
+impl Listener {
+    async fn accept(&mut self) -> std::io::Result<(Accepted, SocketAddr)> {
+        match self {
+            Listener::Tcp(l) => l.accept().await.map(|(s, peer)| (Accepted::Tcp(s), peer)),
+            Listener::Memory(rx) => match rx.recv().await {
+                Some((s, peer)) => Ok((Accepted::Memory(s), peer)),
+                // The network holds the sender while the server exists.
+                None => std::future::pending().await,
+            },
+        }
     }
 }
 
 /// A bound server, ready to [`run`](Server::run).
 pub struct Server {
-    listener: TcpListener,
+    listener: Listener,
     local_addr: SocketAddr,
     acceptor: Acceptor,
     /// Longest TLS handshake (`server.first_frame_timeout_ms`: the
@@ -200,7 +244,7 @@ impl Server {
     /// answered, aborts the rest, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), TransportError> {
         let Server {
-            listener,
+            mut listener,
             local_addr,
             acceptor,
             handshake_timeout,
@@ -225,7 +269,22 @@ impl Server {
                 a = listener.accept() => a,
             };
             match accepted {
-                Ok((stream, peer)) => {
+                Ok((Accepted::Memory(stream), peer)) => {
+                    // No refusal dance in memory: a full server just
+                    // closes the pipe.
+                    let Ok(permit) = limit.clone().try_acquire_owned() else {
+                        continue;
+                    };
+                    tracker.spawn(serve_and_linger(
+                        stream,
+                        peer,
+                        shared.clone(),
+                        stop.clone(),
+                        force.clone(),
+                        permit,
+                    ));
+                }
+                Ok((Accepted::Tcp(stream), peer)) => {
                     accept_failures = 0;
                     // A full server accepts and refuses at once: a caller
                     // left in the kernel's accept queue would wait out its

@@ -136,10 +136,35 @@ impl Consumer {
 
     /// A consumer over an already built registry (tests, embedding).
     /// `ready_timeout` bounds the wait for a service's first instance list.
+    /// If `[client.tls]` cannot be loaded, calls fail with the reason (see
+    /// [`Consumer::from_config`], which refuses to start instead).
     pub fn with_registry(
         registry: AnyRegistry,
         config: ClientConfig,
         ready_timeout: Duration,
+    ) -> Self {
+        let connector = match Connector::from_config(&config) {
+            Ok(c) => c,
+            // Never a plaintext fallback: every call fails with the reason.
+            Err(e) => {
+                let why = rpc_core::error::report(&e);
+                tracing::error!(error = %why, "[client.tls] is unusable: every call will fail");
+                Connector::Refuse(format!("[client.tls] is unusable: {why}").into())
+            }
+        };
+        Self::with_connector(registry, config, ready_timeout, connector)
+    }
+
+    /// [`Consumer::with_registry`] dialling through `connector` instead of
+    /// the one `[client]` configures: for example
+    /// [`Connector::Memory`](rpc_transport::Connector::Memory), so that
+    /// tests of the client policies run with no sockets, on the paused
+    /// clock.
+    pub fn with_connector(
+        registry: AnyRegistry,
+        config: ClientConfig,
+        ready_timeout: Duration,
+        connector: Connector,
     ) -> Self {
         let cache = ServiceCache::with_options(
             registry,
@@ -152,18 +177,7 @@ impl Consumer {
             },
         );
         let mut endpoint_config = EndpointConfig::from(&config);
-        endpoint_config.connector = match Connector::from_config(&config) {
-            Ok(c) => c,
-            // `from_config` has already refused to start with this; here
-            // (an embedding that skipped it) every call fails with the
-            // reason rather than going out in plaintext.
-            Err(e) => {
-                tracing::error!(error = %rpc_core::error::report(&e), "[client.tls] is unusable: every call will fail");
-                Connector::Refuse(
-                    format!("[client.tls] is unusable: {}", rpc_core::error::report(&e)).into(),
-                )
-            }
-        };
+        endpoint_config.connector = connector;
         Self {
             inner: Arc::new(ConsumerInner {
                 endpoint_config,
