@@ -353,17 +353,20 @@ fn split_address(addr: &str) -> Result<(String, u16), CliError> {
     Ok((host.to_owned(), port))
 }
 
-/// `rpc ping HOST:PORT`.
+/// `rpc ping HOST:PORT`, over TLS when the configuration has
+/// `[client.tls]` (the provider's certificate is checked as a consumer
+/// would).
 pub async fn ping(
     address: &str,
     timeout_ms: u64,
     count: u32,
+    connector: &rpc::transport::Connector,
     out: Output,
 ) -> Result<i32, CliError> {
     let limit = Duration::from_millis(timeout_ms);
     split_address(address)?;
     for _ in 0..count {
-        let pong = rpc::transport::client::ping(address, limit)
+        let pong = rpc::transport::client::ping_with(address, limit, connector)
             .await
             .map_err(|e| CliError::CallFailed(one_line(&e)))?;
         let ms = |d: Duration| d.as_secs_f64() * 1e3;

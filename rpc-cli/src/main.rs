@@ -205,7 +205,10 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
         count,
     } = &cli.command
     {
-        return commands::ping(address, *timeout, *count, out).await;
+        // No registry is needed, only [client.tls] if the file has it.
+        let config = rpc::RpcConfig::load(cli.config.as_deref())?;
+        let connector = rpc::transport::Connector::from_config(&config.client)?;
+        return commands::ping(address, *timeout, *count, &connector, out).await;
     }
     let config = target::load(cli.config.as_deref(), cli.registry.as_deref())?;
     match cli.command {

@@ -10,7 +10,7 @@
 mod connection;
 mod ping;
 
-pub use ping::{Pong, ping};
+pub use ping::{Pong, ping, ping_with};
 
 use std::io;
 use std::sync::Arc;

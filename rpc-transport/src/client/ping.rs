@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rpc_codec::{HEADER_LEN, Header, MessageType, encode_empty};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 
-use crate::TransportError;
+use crate::{Connector, TransportError};
 
 /// The request id of a ping's heartbeat; the server echoes it.
 const PING_ID: u64 = 0x7069_6e67;
@@ -34,29 +34,90 @@ pub struct Pong {
 /// no reply came within `limit`, or the reply was not a heartbeat of this
 /// protocol (another server on that port).
 pub async fn ping(addr: &str, limit: Duration) -> Result<Pong, TransportError> {
+    ping_with(addr, limit, &Connector::Tcp).await
+}
+
+/// [`ping`] through `connector`: with TLS, `connect` includes the
+/// handshake, and a handshake failure is the error.
+pub async fn ping_with(
+    addr: &str,
+    limit: Duration,
+    connector: &Connector,
+) -> Result<Pong, TransportError> {
     let fail = |reason: String, source: Option<io::Error>| TransportError::Ping {
         addr: addr.to_owned(),
         reason,
         source,
     };
     let started = Instant::now();
-    let mut stream = match timeout(limit, TcpStream::connect(addr)).await {
+    let dial = async {
+        match connector {
+            Connector::Refuse(why) => Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                why.to_string(),
+            )),
+            Connector::Memory(net) => net.connect(addr).map(Dialed::Memory),
+            Connector::Tcp => {
+                let stream = TcpStream::connect(addr).await?;
+                // Best effort: a heartbeat is one small frame either way.
+                let _ = stream.set_nodelay(true);
+                Ok(Dialed::Tcp(stream))
+            }
+            #[cfg(feature = "tls")]
+            Connector::Tls(tls) => {
+                let stream = TcpStream::connect(addr).await?;
+                let _ = stream.set_nodelay(true);
+                let name = tls.name_for(addr)?;
+                let stream =
+                    tls.inner.connect(name, stream).await.map_err(|e| {
+                        io::Error::new(e.kind(), format!("TLS handshake failed: {e}"))
+                    })?;
+                Ok(Dialed::Tls(Box::new(stream)))
+            }
+        }
+    };
+    let stream = match timeout(limit, dial).await {
         Err(_) => return Err(fail(format!("cannot connect within {limit:?}"), None)),
         Ok(Err(e)) => return Err(fail("cannot connect".into(), Some(e))),
         Ok(Ok(stream)) => stream,
     };
+    match stream {
+        Dialed::Tcp(s) => exchange(s, addr, started, limit).await,
+        Dialed::Memory(s) => exchange(s, addr, started, limit).await,
+        #[cfg(feature = "tls")]
+        Dialed::Tls(s) => exchange(*s, addr, started, limit).await,
+    }
+}
+
+enum Dialed {
+    Tcp(TcpStream),
+    Memory(tokio::io::DuplexStream),
+    #[cfg(feature = "tls")]
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    addr: &str,
+    started: Instant,
+    limit: Duration,
+) -> Result<Pong, TransportError> {
+    let fail = |reason: String, source: Option<io::Error>| TransportError::Ping {
+        addr: addr.to_owned(),
+        reason,
+        source,
+    };
     let connect = started.elapsed();
-    // Best effort: a heartbeat is one small frame either way.
-    let _ = stream.set_nodelay(true);
     let mut frame = BytesMut::with_capacity(HEADER_LEN);
     encode_empty(&mut frame, MessageType::Heartbeat, PING_ID);
     let sent = Instant::now();
     let mut head = [0u8; HEADER_LEN];
-    let exchange = async {
+    let round = async {
         stream.write_all(&frame).await?;
+        stream.flush().await?;
         stream.read_exact(&mut head).await
     };
-    match timeout(limit.saturating_sub(connect), exchange).await {
+    match timeout(limit.saturating_sub(connect), round).await {
         Err(_) => return Err(fail(format!("no reply within {limit:?}"), None)),
         Ok(Err(e)) => return Err(fail("the connection failed".into(), Some(e))),
         Ok(Ok(_)) => {}
