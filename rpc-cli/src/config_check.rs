@@ -19,6 +19,10 @@ pub fn run(file: Option<&Path>, registry: Option<&str>, out: Output) -> Result<i
     if let Some(url) = registry {
         config.registry = crate::target::from_url(url)?.registry;
     }
+    // The certificate files are read as at startup: a provider or consumer
+    // with this file would fail on them, so the check does too.
+    rpc::transport::Acceptor::from_config(&config.server)?;
+    rpc::transport::Connector::from_config(&config.client)?;
     // The file `load` read, by the same rule.
     let path: Option<PathBuf> = file.map(Path::to_path_buf).or_else(|| {
         env.iter()

@@ -612,6 +612,20 @@ async fn usage_config_and_unreachable_registries_have_their_exit_codes() {
         "{err}"
     );
 
+    // Certificate files are read as at startup.
+    let tls = dir.path().join("tls.toml");
+    std::fs::write(
+        &tls,
+        "[server.tls]\ncert_file = \"/nonexistent/server.pem\"\nkey_file = \"/nonexistent/server.key\"\n",
+    )
+    .unwrap();
+    let o = run(&["config", "check", &tls.display().to_string()], &[]).await;
+    let (_, err) = expect(&o, 1, "config check of a missing certificate");
+    assert!(
+        err.contains("server.tls.cert_file") && err.contains("/nonexistent/server.pem"),
+        "{err}"
+    );
+
     let o = run(&["--registry", "memory://", "services"], &[]).await;
     let (_, err) = expect(&o, 1, "a memory registry URL");
     assert!(err.contains("inside one process"), "{err}");
