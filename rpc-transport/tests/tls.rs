@@ -458,3 +458,37 @@ async fn ping_speaks_tls_when_configured() {
     assert!(matches!(e, TransportError::Ping { .. }), "{e}");
     s.shutdown().await;
 }
+
+/// A TLS client at a port that accepts and then says nothing: the dial
+/// (handshake included) is bounded by the connect timeout.
+#[tokio::test]
+async fn a_server_that_never_answers_the_handshake_fails_the_dial_in_time() {
+    let pki = Pki::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        // Accept and hold the connection open, silent.
+        let (conn, _) = listener.accept().await.unwrap();
+        std::future::pending::<()>().await;
+        drop(conn);
+    });
+    let connector = Connector::Tls(
+        rpc_transport::tls::TlsConnector::from_config(&pki.client("ca.pem", false)).unwrap(),
+    );
+    let ep = Endpoint::new(
+        addr.to_string(),
+        EndpointConfig {
+            connector,
+            connect_timeout: Duration::from_millis(300),
+            ..EndpointConfig::default()
+        },
+    );
+    let e = tokio::time::timeout(WAIT, echo(&ep, "x"))
+        .await
+        .expect("the dial is bounded")
+        .unwrap_err();
+    let t = text_of(&e);
+    assert!(matches!(e, RpcError::Connect { .. }), "{e:?}");
+    assert!(t.contains("connect timed out"), "{t}");
+    held.abort();
+}
