@@ -53,7 +53,8 @@ prints a Markdown table.
   --warmup SECS     unmeasured time before it (default 1)
   --inflight LIST   comma-separated calls in flight (default 1,32,256)
   --systems LIST    comma-separated: rpc, rpc-layered, rpc-bincode, rpc-postcard, rpc-msgpack,
-                    rpc-lz4, rpc-zstd (every body compressed), tarpc, echo (default rpc, tarpc, echo)
+                    rpc-lz4, rpc-zstd (every body compressed), rpc-tls (TLS 1.3), tarpc, echo
+                    (default rpc, tarpc, echo)
   --runtime R       current: tokio current_thread runtimes (default);
                     multi: tokio multi_thread runtimes with 1 worker thread
   --repeat N        runs per cell; the table shows median (min-max) (default 1)
@@ -158,8 +159,7 @@ fn server(a: &ServerArgs) -> Result<(), String> {
                     .registry_dir
                     .as_deref()
                     .ok_or("--system rpc needs --registry-dir")?;
-                let layered = a.system == System::RpcLayered;
-                systems::rpc_fw::serve(dir, layered, ready, shutdown).await
+                systems::rpc_fw::serve(dir, a.system, ready, shutdown).await
             }
         }
     })

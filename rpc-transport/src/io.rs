@@ -34,11 +34,19 @@ pub trait IoWrite: AsyncWrite + Unpin + Send + 'static {
     /// yet). The connection loops flush after each batch when it is set.
     const BUFFERED: bool;
 
-    /// Writes what the stream takes at once, without waiting. Streams that
-    /// cannot tell return `WouldBlock`, and the loop's own awaited write
-    /// sends the batch.
-    fn try_write_now(&self, _buf: &[u8]) -> io::Result<usize> {
-        Err(io::ErrorKind::WouldBlock.into())
+    /// Writes what the stream takes at once, without waiting
+    /// (`WouldBlock` when it takes nothing now). The default polls one
+    /// `write` with a no-op waker: if the stream is not ready, the waker is
+    /// dropped, and the loop's own awaited write registers the real one
+    /// when it runs. (For TLS: rustls encrypts, and writes what the socket
+    /// takes; what it holds back is sent by the next write or the flush.)
+    fn try_write_now(&mut self, buf: &[u8]) -> io::Result<usize> {
+        use futures_util::FutureExt;
+        use tokio::io::AsyncWriteExt;
+        match self.write(buf).now_or_never() {
+            Some(result) => result,
+            None => Err(io::ErrorKind::WouldBlock.into()),
+        }
     }
 }
 
@@ -52,7 +60,7 @@ impl Io for TcpStream {
 
 impl IoWrite for OwnedWriteHalf {
     const BUFFERED: bool = false;
-    fn try_write_now(&self, buf: &[u8]) -> io::Result<usize> {
+    fn try_write_now(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.try_write(buf)
     }
 }

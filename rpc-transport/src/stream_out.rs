@@ -20,10 +20,10 @@ pub(crate) const STREAM_AT: usize = 8 * 1024;
 /// Writes what the socket takes now if `wbuf` holds at least [`STREAM_AT`]
 /// bytes. A full socket is not an error: the loop's own write branch
 /// finishes the job once it becomes writable.
-/// Returns how many bytes went out. Streams that cannot write without
-/// waiting (TLS) never do: their loop's awaited write sends the batch.
-pub(crate) fn write_if_long<W: IoWrite>(wr: &W, wbuf: &mut BytesMut) -> io::Result<usize> {
-    if W::BUFFERED || wbuf.len() < STREAM_AT {
+/// Returns how many bytes went out (for a buffering stream such as TLS:
+/// were accepted, and need a flush once the batch is done).
+pub(crate) fn write_if_long<W: IoWrite>(wr: &mut W, wbuf: &mut BytesMut) -> io::Result<usize> {
+    if wbuf.len() < STREAM_AT {
         return Ok(0);
     }
     match wr.try_write_now(wbuf) {

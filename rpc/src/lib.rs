@@ -63,9 +63,9 @@ pub use provider::{Provider, ProviderBuilder, shutdown_signal};
 pub use rpc_core::config::Addresses;
 pub use rpc_core::context::{self, Context, MetaValue, Metadata};
 pub use rpc_core::{
-    CallPolicy, ClientConfig, Compression, FaultTolerance, LoadBalancerKind, RegistryConfig,
-    RegistryError, RegistryKind, RpcConfig, RpcError, SerializerKind, ServerConfig,
-    ServiceMetaInfo, ServiceOverrides, StatusCode,
+    CallPolicy, ClientConfig, ClientTlsConfig, Compression, FaultTolerance, LoadBalancerKind,
+    RegistryConfig, RegistryError, RegistryKind, RpcConfig, RpcError, SerializerKind, ServerConfig,
+    ServerTlsConfig, ServiceMetaInfo, ServiceOverrides, StatusCode,
 };
 pub use rpc_macros::service;
 

@@ -26,6 +26,8 @@ pub enum System {
     RpcLz4,
     /// `Rpc` with every body compressed by zstd (threshold 0 both ways).
     RpcZstd,
+    /// `Rpc` over TLS 1.3 (rustls, a certificate made for the run).
+    RpcTls,
     /// tarpc 0.38, serde transport + bincode over TCP.
     Tarpc,
     /// A bare length-delimited echo with the same serialization.
@@ -50,6 +52,7 @@ impl System {
             System::RpcMsgPack => "rpc-msgpack",
             System::RpcLz4 => "rpc-lz4",
             System::RpcZstd => "rpc-zstd",
+            System::RpcTls => "rpc-tls",
             System::Tarpc => "tarpc",
             System::Echo => "echo",
             System::Baseline => "rpc@base",
@@ -69,6 +72,7 @@ impl System {
                 | System::RpcMsgPack
                 | System::RpcLz4
                 | System::RpcZstd
+                | System::RpcTls
                 | System::Baseline
         )
     }
@@ -112,10 +116,11 @@ impl FromStr for System {
             "rpc-msgpack" => Ok(System::RpcMsgPack),
             "rpc-lz4" => Ok(System::RpcLz4),
             "rpc-zstd" => Ok(System::RpcZstd),
+            "rpc-tls" => Ok(System::RpcTls),
             "tarpc" => Ok(System::Tarpc),
             "echo" => Ok(System::Echo),
             other => Err(format!(
-                "unknown system `{other}` (expected rpc, rpc-layered, rpc-bincode, rpc-postcard, rpc-msgpack, rpc-lz4, rpc-zstd, tarpc or echo)"
+                "unknown system `{other}` (expected rpc, rpc-layered, rpc-bincode, rpc-postcard, rpc-msgpack, rpc-lz4, rpc-zstd, rpc-tls, tarpc or echo)"
             )),
         }
     }

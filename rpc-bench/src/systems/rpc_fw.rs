@@ -54,11 +54,15 @@ fn config(registry_dir: &Path) -> RpcConfig {
 /// deregisters and drains on the way out.
 pub async fn serve(
     registry_dir: &Path,
-    layered: bool,
+    system: super::System,
     ready: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
-    let cfg = config(registry_dir);
+    let layered = system == super::System::RpcLayered;
+    let mut cfg = config(registry_dir);
+    if system == super::System::RpcTls {
+        cfg.server.tls = Some(make_certificates(registry_dir)?);
+    }
     let mut builder = rpc::Provider::builder(&cfg).service(BenchServer::new(EchoImpl));
     if layered {
         builder = builder.layer(CountingServerLayer::default());
@@ -142,6 +146,13 @@ pub async fn client(
     let mut cfg = config(registry_dir);
     cfg.client.serializer = system.serializer();
     cfg.client.compression = system.compression();
+    if system == super::System::RpcTls {
+        // The server wrote them before it registered.
+        cfg.client.tls = Some(rpc::ClientTlsConfig {
+            ca_file: Some(registry_dir.join("tls/ca.pem")),
+            ..Default::default()
+        });
+    }
     cfg.client.compression_threshold = 0;
     let consumer = rpc::Consumer::from_config(&cfg)
         .await
@@ -191,4 +202,33 @@ async fn measure<C: Caller>(
     driver::check_round_trip(&caller, setup_timeout).await?;
     let timeline = Timeline::starting_now(warmup, duration);
     Ok(driver::closed_loop(caller, inflight, timeline).await)
+}
+
+/// A CA and a server certificate for 127.0.0.1, written under
+/// `dir/tls/` for the client process to find; EC P-256 (rcgen's default),
+/// as a production certificate would commonly be.
+fn make_certificates(dir: &Path) -> Result<rpc::ServerTlsConfig, String> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let err = |e: rcgen::Error| format!("making test certificates: {e}");
+    let tls = dir.join("tls");
+    std::fs::create_dir_all(&tls).map_err(|e| format!("{}: {e}", tls.display()))?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().map_err(err)?).map_err(err)?;
+    let key = KeyPair::generate().map_err(err)?;
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .map_err(err)?
+        .signed_by(&key, &ca)
+        .map_err(err)?;
+    let write = |name: &str, text: String| {
+        let path = tls.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok::<_, String>(path)
+    };
+    write("ca.pem", ca.pem())?;
+    Ok(rpc::ServerTlsConfig {
+        cert_file: write("server.pem", cert.pem())?,
+        key_file: write("server.key", key.serialize_pem())?,
+        client_ca_file: None,
+    })
 }

@@ -238,7 +238,10 @@ async fn drive<S: Io>(
                     wbuf.extend_from_slice(&out.frame);
                     pending.insert(next_id, Pending { reply: out.reply, _permit: out.permit });
                     if write_failed.is_none() {
-                        write_failed = write_if_long(&wr, &mut wbuf).err();
+                        match write_if_long(&mut wr, &mut wbuf) {
+                            Ok(n) => unflushed |= n > 0 && S::Write::BUFFERED,
+                            Err(e) => write_failed = Some(e),
+                        }
                     }
                 }
                 if let Some(e) = write_failed {

@@ -75,8 +75,11 @@ pub(crate) async fn serve<S: Io>(
                 if let Ok((id, reply)) = done {
                     running.remove(&id);
                     wbuf.extend_from_slice(&reply);
-                    match write_if_long(&wr, &mut wbuf) {
-                        Ok(n) => progress.written += n as u64,
+                    match write_if_long(&mut wr, &mut wbuf) {
+                        Ok(n) => {
+                            progress.written += n as u64;
+                            unflushed |= n > 0 && S::Write::BUFFERED;
+                        }
                         Err(e) => break format!("write failed: {e}"),
                     }
                 }
@@ -94,8 +97,11 @@ pub(crate) async fn serve<S: Io>(
                             reading = false;
                             graceful = true;
                         }
-                        match write_if_long(&wr, &mut wbuf) {
-                            Ok(n) => progress.written += n as u64,
+                        match write_if_long(&mut wr, &mut wbuf) {
+                            Ok(n) => {
+                                progress.written += n as u64;
+                                unflushed |= n > 0 && S::Write::BUFFERED;
+                            }
                             Err(e) => break format!("write failed: {e}"),
                         }
                     }
