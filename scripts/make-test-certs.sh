@@ -20,7 +20,9 @@ trap 'rm -rf "$work"' EXIT
 key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
 
 key "$work/ca.key"
-openssl req -x509 -new -key "$work/ca.key" -sha256 -days 30 -subj "/CN=rpc test CA" \
+# A name of its own per run: two sets made by this script are two CAs to a
+# verifier (same-named CAs would fail as a bad signature, not an unknown issuer).
+openssl req -x509 -new -key "$work/ca.key" -sha256 -days 30 -subj "/CN=rpc test CA $(date +%s)-$$" \
   -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
   -out "$dir/ca.pem" 2>/dev/null
 

@@ -308,7 +308,13 @@ pub async fn call(config: &RpcConfig, a: CallArgs<'_>, out: Output) -> Result<i3
         Some(addr) => {
             let (host, port) = split_address(addr)?;
             let registry = MemoryRegistry::new();
-            let meta = ServiceMetaInfo::new(key.name(), key.version(), host, port);
+            let mut meta = ServiceMetaInfo::new(key.name(), key.version(), host, port);
+            // An address given by hand is called the way this
+            // configuration dials: over TLS when it has [client.tls].
+            if config.client.tls.is_some() {
+                meta.metadata
+                    .insert(keys::TLS.to_owned(), "true".to_owned());
+            }
             _direct = Some(registry.register(meta).await?);
             Consumer::with_registry(registry.into(), config.client.clone(), wait)
         }

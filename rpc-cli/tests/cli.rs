@@ -649,3 +649,69 @@ async fn usage_config_and_unreachable_registries_have_their_exit_codes() {
     let (_, err) = expect(&o, 4, "a ping nobody answers");
     assert!(err.contains("ping 127.0.0.1:1: cannot connect"), "{err}");
 }
+
+/// `rpc call --address` and `rpc ping` reach a TLS provider when the
+/// configuration has `[client.tls]`, and a plain ping says what is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_and_ping_by_address_speak_tls_when_configured() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    std::fs::write(d.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(d.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(d.join("server.key"), key.serialize_pem()).unwrap();
+    let provider_config = RpcConfig::from_toml_str(
+        &format!(
+            "[registry]\ntype = \"local\"\naddress = \"{r}/reg\"\n[server.tls]\ncert_file = \"{r}/server.pem\"\nkey_file = \"{r}/server.key\"\n",
+            r = d.display()
+        ),
+        "provider.toml",
+    )
+    .unwrap();
+    let p = shop_provider(&provider_config).await;
+    let client = d.join("client.toml");
+    std::fs::write(
+        &client,
+        format!("[client.tls]\nca_file = \"{}/ca.pem\"\n", d.display()),
+    )
+    .unwrap();
+    let client = client.display().to_string();
+    let run = async |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(RPC);
+        cmd.args(args)
+            .env_remove("RPC_CONFIG")
+            .current_dir(d)
+            .kill_on_drop(true);
+        tokio::time::timeout(WAIT, cmd.output())
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let o = run(&[
+        "--config",
+        &client,
+        "call",
+        "Cli.Shop",
+        "count",
+        "--address",
+        &p.addr,
+    ])
+    .await;
+    let (out, _) = expect(&o, 0, "a direct call over TLS");
+    assert_eq!(out.trim(), "7");
+    let o = run(&["--config", &client, "ping", &p.addr]).await;
+    let (out, _) = expect(&o, 0, "ping over TLS");
+    assert!(out.starts_with(&format!("pong from {}", p.addr)), "{out}");
+    let o = run(&["ping", &p.addr, "--timeout", "5000"]).await;
+    let (_, err) = expect(&o, 4, "a plain ping at a TLS port");
+    assert!(err.contains("a TLS provider?"), "{err}");
+    p.stop().await;
+}

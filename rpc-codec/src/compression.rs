@@ -223,6 +223,12 @@ fn zstd_decompress(body: &[u8], max_len: usize) -> Result<Vec<u8>, CodecError> {
             if out.len() > max_len {
                 return Err(too_large(out.len() as u64, max_len));
             }
+            // One frame per body, as on the sized path (where libzstd
+            // refuses what follows): bytes after it are not ours to ignore.
+            let rest = decoder.finish();
+            if !rest.is_empty() {
+                return Err(zstd_error(format!("{} bytes after the frame", rest.len())));
+            }
             Ok(out)
         }
         Err(_) => Err(zstd_error("not a zstd frame, or a truncated one")),

@@ -230,4 +230,12 @@ fn a_zstd_frame_without_a_content_size_opens() {
         rpc_codec::serializer::decode(SerializerKind::Postcard, env.args).unwrap();
     assert_eq!(names.len(), 24);
     assert_eq!(names[4], "user-1");
+    // The same frame with bytes behind it, or twice, is refused.
+    for tail in [&b"junk"[..], &f[HEADER_LEN..]] {
+        let mut body = f[HEADER_LEN..].to_vec();
+        body.extend_from_slice(tail);
+        let e =
+            rpc_codec::compression::open_body(f[3], bytes::Bytes::from(body), 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("zstd"), "{e}");
+    }
 }

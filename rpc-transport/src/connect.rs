@@ -39,7 +39,7 @@ impl Connector {
             Some(tls) => Ok(Self::Tls(crate::tls::TlsConnector::from_config(tls)?)),
             #[cfg(not(feature = "tls"))]
             Some(_) => Err(ConfigError::new(
-                "rpc.toml",
+                "[client.tls]",
                 "client.tls",
                 "TLS needs the `tls` cargo feature of rpc (the examples enable it)",
             )),
@@ -80,7 +80,7 @@ impl Acceptor {
             Some(tls) => Ok(Self::Tls(crate::tls::TlsAcceptor::from_config(tls)?)),
             #[cfg(not(feature = "tls"))]
             Some(_) => Err(ConfigError::new(
-                "rpc.toml",
+                "[server.tls]",
                 "server.tls",
                 "TLS needs the `tls` cargo feature of rpc (the examples enable it)",
             )),
@@ -90,5 +90,16 @@ impl Acceptor {
     /// Whether this acceptor speaks TLS.
     pub fn is_tls(&self) -> bool {
         !matches!(self, Self::Tcp)
+    }
+
+    /// `tcp`, `tls` or `mutual tls`, for logs.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            #[cfg(feature = "tls")]
+            Self::Tls(t) if t.is_mutual() => "mutual tls",
+            #[cfg(feature = "tls")]
+            Self::Tls(_) => "tls",
+        }
     }
 }

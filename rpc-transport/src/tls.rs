@@ -55,11 +55,32 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// An error about the file `key` names: the file is in the message, and
+/// the origin is the section (the configuration file itself is not known
+/// here; startup names it when it reports the error).
 fn bad(file: &Path, key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::new(file.display().to_string(), key, message)
+    let section = key.rsplit_once('.').map_or(key, |(s, _)| s);
+    ConfigError::new(
+        format!("[{section}]"),
+        key,
+        format!("{}: {}", file.display(), message.into()),
+    )
+}
+
+fn required(file: &Path, key: &str) -> Result<(), ConfigError> {
+    if file.as_os_str().is_empty() {
+        let section = key.rsplit_once('.').map_or(key, |(s, _)| s);
+        return Err(ConfigError::new(
+            format!("[{section}]"),
+            key,
+            "is required (a PEM file)",
+        ));
+    }
+    Ok(())
 }
 
 fn certs(file: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    required(file, key)?;
     let pem = std::fs::read(file)
         .map_err(|e| bad(file, key, format!("cannot read the certificate file: {e}")))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
@@ -72,6 +93,7 @@ fn certs(file: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, ConfigE
 }
 
 fn private_key(file: &Path, key: &str) -> Result<PrivateKeyDer<'static>, ConfigError> {
+    required(file, key)?;
     let pem = std::fs::read(file)
         .map_err(|e| bad(file, key, format!("cannot read the key file: {e}")))?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
@@ -168,14 +190,14 @@ impl TlsConnector {
             (None, None) => builder.with_no_client_auth(),
             (Some(_), None) => {
                 return Err(ConfigError::new(
-                    "rpc.toml",
+                    "[client.tls]",
                     "client.tls.key_file",
                     "client.tls.cert_file is set without its key_file",
                 ));
             }
             (None, Some(_)) => {
                 return Err(ConfigError::new(
-                    "rpc.toml",
+                    "[client.tls]",
                     "client.tls.cert_file",
                     "client.tls.key_file is set without its cert_file",
                 ));
@@ -184,7 +206,7 @@ impl TlsConnector {
         let server_name = match &c.server_name {
             Some(name) => Some(ServerName::try_from(name.clone()).map_err(|e| {
                 ConfigError::new(
-                    "rpc.toml",
+                    "[client.tls]",
                     "client.tls.server_name",
                     format!("`{name}` is not a DNS name or an IP address: {e}"),
                 )
@@ -195,6 +217,20 @@ impl TlsConnector {
             inner: tokio_rustls::TlsConnector::from(Arc::new(config)),
             server_name,
         })
+    }
+
+    /// Shakes hands over `stream`, dialled at `addr` (`host:port`), as an
+    /// endpoint does: for tools and tests that speak the protocol by hand.
+    ///
+    /// # Errors
+    /// The handshake's, as an I/O error with rustls's reason.
+    pub async fn connect(
+        &self,
+        addr: &str,
+        stream: tokio::net::TcpStream,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let name = self.name_for(addr)?;
+        self.inner.connect(name, stream).await
     }
 
     /// The name to check `addr`'s certificate against: the configured

@@ -376,7 +376,14 @@ async fn unusable_certificate_files_fail_startup_naming_key_and_file() {
     missing.cert_file = pki.path("nope.pem");
     let e = config_error(bind(missing).await);
     assert_eq!(e.key, "server.tls.cert_file");
-    assert!(e.origin.ends_with("nope.pem"), "{}", e.origin);
+    assert!(e.message.contains("nope.pem"), "{}", e.message);
+    assert_eq!(e.origin, "[server.tls]");
+
+    let mut unset = pki.server("server", false);
+    unset.cert_file = PathBuf::new();
+    let e = config_error(bind(unset).await);
+    assert_eq!(e.key, "server.tls.cert_file");
+    assert!(e.message.contains("is required"), "{}", e.message);
 
     let mut garbage = pki.server("server", false);
     garbage.cert_file = pki.path("garbage.pem");
@@ -455,7 +462,8 @@ async fn ping_speaks_tls_when_configured() {
     assert!(pong.connect <= WAIT);
     // Plain ping at a TLS port: refused by the server, not a hang.
     let e = ping(&s.addr.to_string(), WAIT).await.unwrap_err();
-    assert!(matches!(e, TransportError::Ping { .. }), "{e}");
+    let t = rpc_core::error::report(&e);
+    assert!(t.contains("a TLS provider?"), "{t}");
     s.shutdown().await;
 }
 
@@ -491,4 +499,80 @@ async fn a_server_that_never_answers_the_handshake_fails_the_dial_in_time() {
     assert!(matches!(e, RpcError::Connect { .. }), "{e:?}");
     assert!(t.contains("connect timed out"), "{t}");
     held.abort();
+}
+
+/// A TLS peer that pipelines requests and never reads a reply: its
+/// connection is closed at the idle bound, and the server's shutdown ends
+/// within its drain deadline (a TLS close_notify that the peer never takes
+/// must not hold either).
+#[tokio::test]
+async fn a_tls_peer_that_never_reads_does_not_hold_the_server() {
+    use tokio::io::AsyncWriteExt;
+    let pki = Pki::new();
+    let server = Server::builder(ServerConfig {
+        tls: Some(pki.server("server", false)),
+        idle_timeout_ms: 300,
+        shutdown_timeout_ms: 300,
+        // The silent peer holds the only slot until it is closed.
+        max_connections: 1,
+        ..ServerConfig::default()
+    })
+    .service(Echo)
+    .bind()
+    .await
+    .unwrap();
+    let addr = server.local_addr();
+    let (stop, rx) = oneshot::channel::<()>();
+    let done = tokio::spawn(server.run(async {
+        let _ = rx.await;
+    }));
+    let connector =
+        rpc_transport::tls::TlsConnector::from_config(&pki.client("ca.pem", false)).unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tls = connector.connect(&addr.to_string(), tcp).await.unwrap();
+    // 200 echo requests of 64 KiB: far more replies than the socket
+    // buffers hold, and this peer reads none of them.
+    let payload = "z".repeat(64 * 1024);
+    let writer = tokio::spawn(async move {
+        for id in 1..=200u64 {
+            let head = rpc_codec::RequestHead {
+                request_id: id,
+                serializer: SerializerKind::Postcard,
+                deadline: Some(Duration::from_secs(60)),
+                service: "Test:1.0",
+                method: "echo",
+                metadata: rpc_core::Metadata::empty(),
+            };
+            let frame = rpc_codec::encode_request(&head, &(&payload,), 1 << 20).unwrap();
+            if tls.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+        // Hold the stream (unread) until the test ends.
+        std::future::pending::<()>().await;
+        drop(tls);
+    });
+    // The idle bound closes the silent peer's connection and frees its
+    // slot: a good client gets in (each attempt a fresh endpoint; a slot
+    // still held refuses it).
+    let good = async {
+        loop {
+            let ep = endpoint(addr, Some(pki.client("ca.pem", false)));
+            if echo(&ep, "in").await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, good)
+        .await
+        .expect("the silent peer's connection was never released");
+    // Stop: the drain ends at its deadline.
+    let _ = stop.send(());
+    tokio::time::timeout(WAIT, done)
+        .await
+        .expect("the server's shutdown hung on a peer that does not read")
+        .unwrap()
+        .unwrap();
+    writer.abort();
 }

@@ -130,7 +130,7 @@ async fn unreadable_tls_files_fail_startup_naming_the_key() {
     match Consumer::from_config(&cfg).await {
         Err(RpcError::Config(e)) => {
             assert_eq!(e.key, "client.tls.ca_file");
-            assert!(e.origin.contains("/nonexistent/ca.pem"), "{}", e.origin);
+            assert!(e.message.contains("/nonexistent/ca.pem"), "{}", e.message);
         }
         Err(other) => panic!("not a config error: {other}"),
         Ok(_) => panic!("started with an unreadable CA file"),

@@ -520,7 +520,7 @@ impl Endpoint {
 /// A handshake error in words a user can act on: rustls's own text, with
 /// the two mismatches a plain-TCP peer causes named as such.
 #[cfg(feature = "tls")]
-fn tls_reason(e: &io::Error) -> String {
+pub(crate) fn tls_reason(e: &io::Error) -> String {
     let text = e.to_string();
     if text.contains("InvalidContentType") || text.contains("corrupt message") {
         format!("{text} (the provider does not speak TLS: is it plaintext?)")

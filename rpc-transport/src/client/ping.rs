@@ -68,10 +68,12 @@ pub async fn ping_with(
                 let stream = TcpStream::connect(addr).await?;
                 let _ = stream.set_nodelay(true);
                 let name = tls.name_for(addr)?;
-                let stream =
-                    tls.inner.connect(name, stream).await.map_err(|e| {
-                        io::Error::new(e.kind(), format!("TLS handshake failed: {e}"))
-                    })?;
+                let stream = tls.inner.connect(name, stream).await.map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("TLS handshake failed: {}", super::tls_reason(&e)),
+                    )
+                })?;
                 Ok(Dialed::Tls(Box::new(stream)))
             }
         }
@@ -82,7 +84,21 @@ pub async fn ping_with(
         Ok(Ok(stream)) => stream,
     };
     match stream {
-        Dialed::Tcp(s) => exchange(s, addr, started, limit).await,
+        Dialed::Tcp(s) => exchange(s, addr, started, limit).await.map_err(|e| match e {
+            // A TLS server closes a plaintext peer during its handshake.
+            TransportError::Ping {
+                addr,
+                reason,
+                source: Some(io),
+            } if io.kind() == io::ErrorKind::UnexpectedEof => TransportError::Ping {
+                addr,
+                reason: format!(
+                    "{reason}: closed without a reply (a TLS provider? set [client.tls] to ping it over TLS)"
+                ),
+                source: Some(io),
+            },
+            other => other,
+        }),
         Dialed::Memory(s) => exchange(s, addr, started, limit).await,
         #[cfg(feature = "tls")]
         Dialed::Tls(s) => exchange(*s, addr, started, limit).await,

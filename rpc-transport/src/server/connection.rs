@@ -105,6 +105,13 @@ pub(crate) async fn serve<S: Io>(
                             Err(e) => break format!("write failed: {e}"),
                         }
                     }
+                    // A TLS peer that closes without close_notify (most
+                    // clients, when a process exits) ends its stream this
+                    // way: a close, not a bad frame.
+                    Some(Err(rpc_codec::CodecError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        debug!(%peer, error = %e, "peer closed its side");
+                        reading = false;
+                    }
                     Some(Err(e)) => {
                         // The stream cannot be followed past a bad frame, but
                         // the calls read before it are good: answer them, and
@@ -169,7 +176,13 @@ pub(crate) async fn serve<S: Io>(
     };
     // Dropping the JoinSet aborts handlers still running (peer gone or forced).
     handlers.abort_all();
-    let _ = wr.shutdown().await;
+    // A TLS shutdown writes close_notify, which a peer that stopped reading
+    // never takes: bounded, and cut short by a forced shutdown. (TCP's is
+    // a FIN and returns at once.)
+    tokio::select! {
+        _ = tokio::time::timeout(CLOSE_LINGER, wr.shutdown()) => {}
+        _ = force.cancelled() => {}
+    }
     debug!(%peer, reason, "connection closed");
     graceful.then(|| frames.into_inner())
 }

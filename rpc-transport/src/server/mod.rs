@@ -258,7 +258,7 @@ impl Server {
         let force = CancellationToken::new();
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(max_connections));
-        info!(%local_addr, "serving");
+        info!(%local_addr, transport = acceptor.describe(), "serving");
 
         tokio::pin!(shutdown);
         let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
