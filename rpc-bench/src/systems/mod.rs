@@ -16,6 +16,9 @@ pub enum System {
     /// `Rpc` with one user layer on each side (a client layer and a server
     /// layer, each counting calls): what the open call path costs.
     RpcLayered,
+    /// `RpcLayered` with bincode 2: comparable with builds from before
+    /// postcard became the default (issue 13's A/B against `bb27f43`).
+    RpcLayeredBincode,
     /// `Rpc` with the bincode 2 serializer (the default before postcard).
     RpcBincode,
     /// `Rpc` with the postcard serializer (issue 17: choosing the default).
@@ -47,6 +50,7 @@ impl System {
         match self {
             System::Rpc => "rpc",
             System::RpcLayered => "rpc-layered",
+            System::RpcLayeredBincode => "rpc-layered-bincode",
             System::RpcBincode => "rpc-bincode",
             System::RpcPostcard => "rpc-postcard",
             System::RpcMsgPack => "rpc-msgpack",
@@ -67,6 +71,7 @@ impl System {
             self,
             System::Rpc
                 | System::RpcLayered
+                | System::RpcLayeredBincode
                 | System::RpcBincode
                 | System::RpcPostcard
                 | System::RpcMsgPack
@@ -81,11 +86,16 @@ impl System {
     /// (postcard) unless the system names one.
     pub fn serializer(self) -> rpc::SerializerKind {
         match self {
-            System::RpcBincode => rpc::SerializerKind::Bincode,
+            System::RpcBincode | System::RpcLayeredBincode => rpc::SerializerKind::Bincode,
             System::RpcPostcard => rpc::SerializerKind::Postcard,
             System::RpcMsgPack => rpc::SerializerKind::MsgPack,
             _ => rpc::SerializerKind::default(),
         }
+    }
+
+    /// Whether the system adds one counting layer on each side.
+    pub fn is_layered(self) -> bool {
+        matches!(self, System::RpcLayered | System::RpcLayeredBincode)
     }
 
     /// The body compression of a framework system: none unless the system
@@ -111,6 +121,7 @@ impl FromStr for System {
         match s.trim() {
             "rpc" => Ok(System::Rpc),
             "rpc-layered" => Ok(System::RpcLayered),
+            "rpc-layered-bincode" => Ok(System::RpcLayeredBincode),
             "rpc-bincode" => Ok(System::RpcBincode),
             "rpc-postcard" => Ok(System::RpcPostcard),
             "rpc-msgpack" => Ok(System::RpcMsgPack),
@@ -120,7 +131,7 @@ impl FromStr for System {
             "tarpc" => Ok(System::Tarpc),
             "echo" => Ok(System::Echo),
             other => Err(format!(
-                "unknown system `{other}` (expected rpc, rpc-layered, rpc-bincode, rpc-postcard, rpc-msgpack, rpc-lz4, rpc-zstd, rpc-tls, tarpc or echo)"
+                "unknown system `{other}` (expected rpc, rpc-layered, rpc-layered-bincode, rpc-bincode, rpc-postcard, rpc-msgpack, rpc-lz4, rpc-zstd, rpc-tls, tarpc or echo)"
             )),
         }
     }

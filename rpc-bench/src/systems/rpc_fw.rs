@@ -58,7 +58,7 @@ pub async fn serve(
     ready: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
-    let layered = system == super::System::RpcLayered;
+    let layered = system.is_layered();
     let mut cfg = config(registry_dir);
     if system == super::System::RpcTls {
         cfg.server.tls = Some(make_certificates(registry_dir)?);
@@ -142,7 +142,7 @@ pub async fn client(
     duration: Duration,
     setup_timeout: Duration,
 ) -> Result<Outcome, String> {
-    let layered = system == super::System::RpcLayered;
+    let layered = system.is_layered();
     let mut cfg = config(registry_dir);
     cfg.client.serializer = system.serializer();
     cfg.client.compression = system.compression();
