@@ -4,7 +4,21 @@
 //! Both are chosen once, from the configuration; each connection task is
 //! then compiled for its concrete stream ([`crate::io::Io`]).
 
+use std::io;
+
 use rpc_core::{ClientConfig, ConfigError, ServerConfig};
+use tokio::io::DuplexStream;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+/// A connected stream, of the kind its [`Connector`] makes.
+pub(crate) enum Dialed {
+    Tcp(TcpStream),
+    Memory(DuplexStream),
+    /// Boxed: a TLS stream is far larger than the others.
+    #[cfg(feature = "tls")]
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
 
 /// How a client dials a provider.
 #[derive(Clone, Debug, Default)]
@@ -43,6 +57,40 @@ impl Connector {
                 "client.tls",
                 "TLS needs the `tls` cargo feature of rpc (the examples enable it)",
             )),
+        }
+    }
+
+    /// Connects to `addr` (`host:port`), shaking hands when this is TLS:
+    /// the one dial that endpoints and `ping` share.
+    ///
+    /// # Errors
+    /// The TCP dial's, the reason of a [`Connector::Refuse`], or the
+    /// handshake's, in words a user can act on.
+    pub(crate) async fn dial(&self, addr: &str) -> io::Result<Dialed> {
+        let tcp = async || {
+            let stream = TcpStream::connect(addr).await?;
+            if let Err(e) = stream.set_nodelay(true) {
+                debug!(%addr, error = %e, "set_nodelay failed");
+            }
+            Ok::<_, io::Error>(stream)
+        };
+        match self {
+            Self::Tcp => Ok(Dialed::Tcp(tcp().await?)),
+            Self::Memory(net) => Ok(Dialed::Memory(net.connect(addr)?)),
+            Self::Refuse(why) => Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                why.to_string(),
+            )),
+            #[cfg(feature = "tls")]
+            Self::Tls(tls) => {
+                let stream = tls.connect(addr, tcp().await?).await.map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("TLS handshake failed: {}", crate::tls::handshake_reason(&e)),
+                    )
+                })?;
+                Ok(Dialed::Tls(Box::new(stream)))
+            }
         }
     }
 

@@ -253,3 +253,18 @@ impl TlsConnector {
         })
     }
 }
+
+/// A handshake error in words a user can act on: rustls's own text, with
+/// the two mismatches a plain-TCP peer causes named as such.
+pub(crate) fn handshake_reason(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    if text.contains("InvalidContentType") || text.contains("corrupt message") {
+        format!("{text} (the provider does not speak TLS: is it plaintext?)")
+    } else if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        format!(
+            "{text} (the provider closed the connection during the handshake: a plaintext provider, or one that refused this client's certificate)"
+        )
+    } else {
+        text
+    }
+}

@@ -6,90 +6,43 @@
 //! sleeps on the wall clock. (Moved here from `loopback.rs`, where they
 //! slept on real sockets.)
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use rpc_codec::{FrameCodec, HEADER_LEN, MessageType, encode_empty};
+use rpc_codec::{HEADER_LEN, MessageType};
 use rpc_core::{SerializerKind, ServerConfig, StatusCode};
-use rpc_transport::server::{Call, CallError, HandlerFuture, ServiceHandler};
 use rpc_transport::{MemoryNetwork, Server};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tokio::sync::oneshot;
-use tokio_util::codec::Decoder;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-const WAIT: Duration = Duration::from_secs(10);
+mod common;
+use common::{Echo, frames_until_closed, heartbeat, read_frame};
 
-struct Echo;
-
-impl ServiceHandler for Echo {
-    fn service_name(&self) -> &str {
-        "Test"
-    }
-    fn service_version(&self) -> &str {
-        "1.0"
-    }
-    fn methods(&self) -> &'static [&'static str] {
-        &["echo"]
-    }
-    fn call(&self, call: Call<'_>) -> Result<HandlerFuture, CallError> {
-        let r = call.replier;
-        let (s,): (String,) = call.decode_args()?;
-        Ok(Box::pin(async move { r.encode(&s) }))
-    }
-}
-
-struct Running {
+/// The server on its own in-memory network, and the network to dial it.
+struct Memory {
     net: MemoryNetwork,
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<()>,
+    server: common::Running,
 }
 
-impl Running {
+impl Memory {
     fn connect(&self) -> DuplexStream {
-        self.net.connect(&self.addr.to_string()).unwrap()
+        self.net.connect(&self.server.addr.to_string()).unwrap()
     }
 
-    async fn shutdown(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        tokio::time::timeout(WAIT, self.done)
-            .await
-            .unwrap()
-            .unwrap();
+    async fn shutdown(self) {
+        self.server.shutdown().await;
     }
 }
 
-fn start_with(config: ServerConfig) -> Running {
+fn start_with(config: ServerConfig) -> Memory {
     let net = MemoryNetwork::new();
     let server = Server::builder(config)
         .service(Echo)
         .bind_memory(&net)
         .unwrap();
-    let addr = server.local_addr();
-    let (tx, rx) = oneshot::channel::<()>();
-    let done = tokio::spawn(async move {
-        server
-            .run(async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
-    Running {
+    Memory {
         net,
-        addr,
-        stop: Some(tx),
-        done,
+        server: common::Running::spawn(server),
     }
-}
-
-fn heartbeat(id: u64) -> BytesMut {
-    let mut hb = BytesMut::new();
-    encode_empty(&mut hb, MessageType::Heartbeat, id);
-    hb
 }
 
 fn echo_request(id: u64, payload: &str) -> BytesMut {
@@ -104,40 +57,6 @@ fn echo_request(id: u64, payload: &str) -> BytesMut {
     let args =
         rpc_transport::encode_args(SerializerKind::Bincode, &(payload,), "Test", "echo").unwrap();
     rpc_codec::encode_request_raw(&head, &args, 1 << 24).unwrap()
-}
-
-async fn read_frame(stream: &mut (impl AsyncRead + Unpin)) -> rpc_codec::Frame {
-    let mut codec = FrameCodec::default();
-    let mut buf = BytesMut::new();
-    loop {
-        if let Some(f) = codec.decode(&mut buf).unwrap() {
-            return f;
-        }
-        let n = tokio::time::timeout(WAIT, stream.read_buf(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "connection closed while waiting for a frame");
-    }
-}
-
-/// Every frame until the peer closes; `None` if it never does (`WAIT`).
-async fn frames_until_closed(
-    stream: &mut (impl AsyncRead + Unpin),
-) -> Option<Vec<rpc_codec::Frame>> {
-    let mut codec = FrameCodec::default();
-    let mut buf = BytesMut::new();
-    let mut frames = Vec::new();
-    loop {
-        while let Some(f) = codec.decode(&mut buf).unwrap() {
-            frames.push(f);
-        }
-        match tokio::time::timeout(WAIT, stream.read_buf(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Some(frames),
-            Ok(Ok(_)) => {}
-            Err(_) => return None,
-        }
-    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -178,7 +97,10 @@ async fn a_frame_trickling_in_a_byte_at_a_time_is_bounded_by_the_frame_timeout()
         sent < frame.len(),
         "the whole trickled frame was taken: no bound on a partial frame"
     );
-    tokio::time::timeout(WAIT, closed).await.unwrap().unwrap();
+    tokio::time::timeout(common::WAIT, closed)
+        .await
+        .unwrap()
+        .unwrap();
     // Virtual time: the bound held within its own period (500 ms, checked
     // on a tick), not after the whole 10 s trickle.
     assert!(
@@ -264,7 +186,7 @@ async fn a_peer_that_stops_reading_its_replies_is_closed() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut total = 0usize;
     let mut buf = vec![0u8; 1 << 16];
-    let ended = tokio::time::timeout(WAIT, async {
+    let ended = tokio::time::timeout(common::WAIT, async {
         loop {
             match rd.read(&mut buf).await {
                 Ok(0) | Err(_) => return,

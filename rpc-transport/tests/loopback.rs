@@ -7,16 +7,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use rpc_codec::{FrameCodec, HEADER_LEN, Header, MessageType, encode_empty};
+use rpc_codec::{HEADER_LEN, Header, MessageType, encode_empty};
 use rpc_core::{RpcError, SerializerKind, ServerConfig, StatusCode};
 use rpc_transport::server::{Call, CallError, HandlerFuture, ServiceHandler};
 use rpc_transport::{CallOptions, Endpoint, EndpointConfig, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, oneshot};
-use tokio_util::codec::Decoder;
+use tokio::sync::Notify;
 
-const WAIT: Duration = Duration::from_secs(10);
+mod common;
+use common::{WAIT, frames_until_closed, heartbeat, read_frame};
 
 /// Test service. `block(k)` waits until `release(k)`; `hang` never returns
 /// and reports its cancellation through `dropped`.
@@ -100,22 +100,16 @@ impl ServiceHandler for Handler {
     }
 }
 
+/// A server with its test service, running in a task.
 struct Running {
     addr: SocketAddr,
     svc: Arc<TestService>,
-    stop: Option<oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<()>,
+    server: common::Running,
 }
 
 impl Running {
-    async fn shutdown(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        tokio::time::timeout(WAIT, self.done)
-            .await
-            .unwrap()
-            .unwrap();
+    async fn shutdown(self) {
+        self.server.shutdown().await;
     }
 }
 
@@ -126,21 +120,11 @@ async fn start_with(config: ServerConfig) -> Running {
         .bind()
         .await
         .unwrap();
-    let addr = server.local_addr();
-    let (tx, rx) = oneshot::channel::<()>();
-    let done = tokio::spawn(async move {
-        server
-            .run(async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
+    let server = common::Running::spawn(server);
     Running {
-        addr,
+        addr: server.addr,
         svc,
-        stop: Some(tx),
-        done,
+        server,
     }
 }
 
@@ -425,21 +409,6 @@ async fn bad_frames_close_only_their_connection() {
     s.shutdown().await;
 }
 
-async fn read_frame(stream: &mut TcpStream) -> rpc_codec::Frame {
-    let mut codec = FrameCodec::default();
-    let mut buf = BytesMut::new();
-    loop {
-        if let Some(f) = codec.decode(&mut buf).unwrap() {
-            return f;
-        }
-        let n = tokio::time::timeout(WAIT, stream.read_buf(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "connection closed while waiting for a frame");
-    }
-}
-
 #[tokio::test]
 async fn reconnects_after_the_server_restarts() {
     let s = start().await;
@@ -501,7 +470,7 @@ async fn graceful_shutdown_drains_in_flight_calls() {
         .await
         .unwrap();
 
-    let _ = s.stop.take().unwrap().send(());
+    s.server.stop();
     // New connections are refused once the listener is gone.
     let refused = tokio::time::timeout(WAIT, async {
         loop {
@@ -513,7 +482,7 @@ async fn graceful_shutdown_drains_in_flight_calls() {
     })
     .await;
     assert!(refused.is_ok(), "listener still accepting after shutdown");
-    assert!(!s.done.is_finished(), "server stopped before draining");
+    assert!(!s.server.is_finished(), "server stopped before draining");
 
     // A call on the draining connection is not read; the server's go-away
     // tells the client so, and the error says it is safe to send elsewhere.
@@ -532,7 +501,7 @@ async fn graceful_shutdown_drains_in_flight_calls() {
         .unwrap()
         .unwrap();
     assert_eq!(v, 3);
-    tokio::time::timeout(WAIT, s.done).await.unwrap().unwrap();
+    s.shutdown().await;
 }
 
 #[tokio::test]
@@ -548,8 +517,8 @@ async fn shutdown_aborts_calls_that_outlive_the_drain_deadline() {
     tokio::time::timeout(WAIT, s.svc.started.notified())
         .await
         .unwrap();
-    let _ = s.stop.take().unwrap().send(());
-    tokio::time::timeout(WAIT, s.done).await.unwrap().unwrap();
+    s.server.stop();
+    s.shutdown().await;
     let err = tokio::time::timeout(WAIT, stuck)
         .await
         .unwrap()
@@ -586,29 +555,7 @@ async fn connection_refused_is_a_connect_error_and_backs_off() {
 // a provider off the air.
 
 /// A heartbeat frame, the cheapest complete frame a peer can send.
-fn heartbeat(id: u64) -> BytesMut {
-    let mut hb = BytesMut::new();
-    encode_empty(&mut hb, MessageType::Heartbeat, id);
-    hb
-}
-
 /// Reads frames until the server closes the connection; the frames read.
-async fn frames_until_closed(stream: &mut TcpStream) -> Option<Vec<rpc_codec::Frame>> {
-    let mut codec = FrameCodec::default();
-    let mut buf = BytesMut::new();
-    let mut frames = Vec::new();
-    loop {
-        while let Some(f) = codec.decode(&mut buf).unwrap() {
-            frames.push(f);
-        }
-        match tokio::time::timeout(WAIT, stream.read_buf(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Some(frames),
-            Ok(Ok(_)) => {}
-            Err(_) => return None,
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_silent_connection_holding_the_last_slot_is_closed_and_others_are_refused_meanwhile() {
     let s = start_with(ServerConfig {

@@ -10,47 +10,13 @@ use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rpc_core::{ClientTlsConfig, RpcError, SerializerKind, ServerConfig, ServerTlsConfig};
-use rpc_transport::server::{Call, CallError, HandlerFuture, ServiceHandler};
 use rpc_transport::{CallOptions, Connector, Endpoint, EndpointConfig, Server, TransportError};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-const WAIT: Duration = Duration::from_secs(10);
-
-struct Echo;
-
-/// Counts `slow_echo` calls that have started (one test uses them).
-static SLOW_STARTED: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(0);
-
-impl ServiceHandler for Echo {
-    fn service_name(&self) -> &str {
-        "Test"
-    }
-    fn service_version(&self) -> &str {
-        "1.0"
-    }
-    fn methods(&self) -> &'static [&'static str] {
-        &["echo", "slow_echo"]
-    }
-    fn call(&self, call: Call<'_>) -> Result<HandlerFuture, CallError> {
-        let r = call.replier;
-        match call.method {
-            "slow_echo" => {
-                let (s, ms): (String, u64) = call.decode_args()?;
-                SLOW_STARTED.add_permits(1);
-                Ok(Box::pin(async move {
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                    r.encode(&s)
-                }))
-            }
-            _ => {
-                let (s,): (String,) = call.decode_args()?;
-                Ok(Box::pin(async move { r.encode(&s) }))
-            }
-        }
-    }
-}
+mod common;
+use common::{Echo, Running, SLOW_STARTED, WAIT};
 
 /// Certificates in a temporary directory: a CA, a server certificate it
 /// signed for `localhost` and `127.0.0.1`, a client certificate, an
@@ -119,24 +85,6 @@ impl Pki {
     }
 }
 
-struct Running {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    async fn shutdown(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        tokio::time::timeout(WAIT, self.done)
-            .await
-            .unwrap()
-            .unwrap();
-    }
-}
-
 async fn start(tls: Option<ServerTlsConfig>) -> Running {
     let server = Server::builder(ServerConfig {
         tls,
@@ -147,21 +95,7 @@ async fn start(tls: Option<ServerTlsConfig>) -> Running {
     .bind()
     .await
     .unwrap();
-    let addr = server.local_addr();
-    let (tx, rx) = oneshot::channel::<()>();
-    let done = tokio::spawn(async move {
-        server
-            .run(async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
-    Running {
-        addr,
-        stop: Some(tx),
-        done,
-    }
+    Running::spawn(server)
 }
 
 fn endpoint(addr: SocketAddr, tls: Option<ClientTlsConfig>) -> Endpoint {
@@ -372,34 +306,55 @@ async fn unusable_certificate_files_fail_startup_naming_key_and_file() {
         Err(other) => panic!("not a config error: {other}"),
         Ok(_) => panic!("bound with a bad certificate"),
     };
-    let mut missing = pki.server("server", false);
-    missing.cert_file = pki.path("nope.pem");
-    let e = config_error(bind(missing).await);
-    assert_eq!(e.key, "server.tls.cert_file");
-    assert!(e.message.contains("nope.pem"), "{}", e.message);
-    assert_eq!(e.origin, "[server.tls]");
-
-    let mut unset = pki.server("server", false);
-    unset.cert_file = PathBuf::new();
-    let e = config_error(bind(unset).await);
-    assert_eq!(e.key, "server.tls.cert_file");
-    assert!(e.message.contains("is required"), "{}", e.message);
-
-    let mut garbage = pki.server("server", false);
-    garbage.cert_file = pki.path("garbage.pem");
-    let e = config_error(bind(garbage).await);
-    assert_eq!(e.key, "server.tls.cert_file");
-
-    let mut no_key = pki.server("server", false);
-    no_key.key_file = pki.path("server.pem");
-    let e = config_error(bind(no_key).await);
-    assert_eq!(e.key, "server.tls.key_file");
-    assert!(e.message.contains("no PEM private key"), "{}", e.message);
-
-    let mut mismatched = pki.server("server", false);
-    mismatched.key_file = pki.path("client.key");
-    let e = config_error(bind(mismatched).await);
-    assert_eq!(e.key, "server.tls.key_file");
+    // (what is wrong, the key named, a phrase of the message)
+    let cases: [(ServerTlsConfig, &str, &str); 5] = [
+        (
+            ServerTlsConfig {
+                cert_file: pki.path("nope.pem"),
+                ..pki.server("server", false)
+            },
+            "server.tls.cert_file",
+            "nope.pem",
+        ),
+        (
+            ServerTlsConfig {
+                cert_file: PathBuf::new(),
+                ..pki.server("server", false)
+            },
+            "server.tls.cert_file",
+            "is required",
+        ),
+        (
+            ServerTlsConfig {
+                cert_file: pki.path("garbage.pem"),
+                ..pki.server("server", false)
+            },
+            "server.tls.cert_file",
+            "garbage.pem",
+        ),
+        (
+            ServerTlsConfig {
+                key_file: pki.path("server.pem"),
+                ..pki.server("server", false)
+            },
+            "server.tls.key_file",
+            "no PEM private key",
+        ),
+        (
+            ServerTlsConfig {
+                key_file: pki.path("client.key"),
+                ..pki.server("server", false)
+            },
+            "server.tls.key_file",
+            "does not go with server.tls.cert_file",
+        ),
+    ];
+    for (tls, key, phrase) in cases {
+        let e = config_error(bind(tls).await);
+        assert_eq!(e.key, key);
+        assert_eq!(e.origin, "[server.tls]");
+        assert!(e.message.contains(phrase), "{key}: {}", e.message);
+    }
 
     let mut bad_ca = pki.client("garbage.pem", false);
     let e = rpc_transport::tls::TlsConnector::from_config(&bad_ca).unwrap_err();

@@ -25,12 +25,11 @@ use rpc_codec::{RequestHead, compression, encode_request_raw, serializer};
 use rpc_core::{ClientConfig, Compression, RpcError, SerializerKind, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use crate::connect::Connector;
+use crate::connect::{Connector, Dialed};
 use connection::{Connection, Liveness, Outgoing};
 
 /// How an endpoint connects and bounds its calls.
@@ -384,35 +383,12 @@ impl Endpoint {
     /// Connects (and, with TLS, shakes hands) and starts the connection's
     /// task, compiled for the stream the connector gives.
     async fn dial(&self) -> io::Result<Connection> {
-        match &self.config.connector {
-            Connector::Refuse(why) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::ConnectionRefused,
-                    why.to_string(),
-                ));
-            }
-            Connector::Memory(net) => return Ok(self.start(net.connect(&self.addr)?)),
-            _ => {}
-        }
-        let stream = TcpStream::connect(&*self.addr).await?;
-        if let Err(e) = stream.set_nodelay(true) {
-            debug!(addr = %self.addr, error = %e, "set_nodelay failed");
-        }
-        match &self.config.connector {
-            // Refuse and Memory returned above.
-            Connector::Tcp | Connector::Refuse(_) | Connector::Memory(_) => Ok(self.start(stream)),
+        Ok(match self.config.connector.dial(&self.addr).await? {
+            Dialed::Tcp(s) => self.start(s),
+            Dialed::Memory(s) => self.start(s),
             #[cfg(feature = "tls")]
-            Connector::Tls(tls) => {
-                let name = tls.name_for(&self.addr)?;
-                let stream = tls.inner.connect(name, stream).await.map_err(|e| {
-                    io::Error::new(
-                        e.kind(),
-                        format!("TLS handshake failed: {}", tls_reason(&e)),
-                    )
-                })?;
-                Ok(self.start(stream))
-            }
-        }
+            Dialed::Tls(s) => self.start(*s),
+        })
     }
 
     fn start<S: crate::io::Io>(&self, stream: S) -> Connection {
@@ -514,21 +490,5 @@ impl Endpoint {
                 })
             }
         }
-    }
-}
-
-/// A handshake error in words a user can act on: rustls's own text, with
-/// the two mismatches a plain-TCP peer causes named as such.
-#[cfg(feature = "tls")]
-pub(crate) fn tls_reason(e: &io::Error) -> String {
-    let text = e.to_string();
-    if text.contains("InvalidContentType") || text.contains("corrupt message") {
-        format!("{text} (the provider does not speak TLS: is it plaintext?)")
-    } else if e.kind() == io::ErrorKind::UnexpectedEof {
-        format!(
-            "{text} (the provider closed the connection during the handshake: a plaintext provider, or one that refused this client's certificate)"
-        )
-    } else {
-        text
     }
 }

@@ -8,10 +8,10 @@ use std::time::Duration;
 use bytes::BytesMut;
 use rpc_codec::{HEADER_LEN, Header, MessageType, encode_empty};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 
-use crate::{Connector, TransportError};
+use crate::TransportError;
+use crate::connect::{Connector, Dialed};
 
 /// The request id of a ping's heartbeat; the server echoes it.
 const PING_ID: u64 = 0x7069_6e67;
@@ -50,34 +50,7 @@ pub async fn ping_with(
         source,
     };
     let started = Instant::now();
-    let dial = async {
-        match connector {
-            Connector::Refuse(why) => Err(io::Error::new(
-                io::ErrorKind::ConnectionRefused,
-                why.to_string(),
-            )),
-            Connector::Memory(net) => net.connect(addr).map(Dialed::Memory),
-            Connector::Tcp => {
-                let stream = TcpStream::connect(addr).await?;
-                // Best effort: a heartbeat is one small frame either way.
-                let _ = stream.set_nodelay(true);
-                Ok(Dialed::Tcp(stream))
-            }
-            #[cfg(feature = "tls")]
-            Connector::Tls(tls) => {
-                let stream = TcpStream::connect(addr).await?;
-                let _ = stream.set_nodelay(true);
-                let name = tls.name_for(addr)?;
-                let stream = tls.inner.connect(name, stream).await.map_err(|e| {
-                    io::Error::new(
-                        e.kind(),
-                        format!("TLS handshake failed: {}", super::tls_reason(&e)),
-                    )
-                })?;
-                Ok(Dialed::Tls(Box::new(stream)))
-            }
-        }
-    };
+    let dial = connector.dial(addr);
     let stream = match timeout(limit, dial).await {
         Err(_) => return Err(fail(format!("cannot connect within {limit:?}"), None)),
         Ok(Err(e)) => return Err(fail("cannot connect".into(), Some(e))),
@@ -103,13 +76,6 @@ pub async fn ping_with(
         #[cfg(feature = "tls")]
         Dialed::Tls(s) => exchange(*s, addr, started, limit).await,
     }
-}
-
-enum Dialed {
-    Tcp(TcpStream),
-    Memory(tokio::io::DuplexStream),
-    #[cfg(feature = "tls")]
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
