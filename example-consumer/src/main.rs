@@ -103,6 +103,10 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<bool, String> {
     let config = RpcConfig::load(args.config.as_deref()).map_err(|e| e.to_string())?;
+    // `[metrics] listen`: a Prometheus endpoint for this process's metrics.
+    let _metrics = rpc::observe::MetricsEndpoint::start(&config.metrics)
+        .await
+        .map_err(|e| rpc::error::report(&e))?;
     let consumer = Consumer::from_config(&config)
         .await
         .map_err(|e| rpc::error::report(&e))?;

@@ -78,6 +78,14 @@ async fn main() -> ExitCode {
     if let Some(port) = args.port {
         config.server.port = port;
     }
+    // `[metrics] listen`: a Prometheus endpoint for this process's metrics.
+    let _metrics = match rpc::observe::MetricsEndpoint::start(&config.metrics).await {
+        Ok(m) => m,
+        Err(e) => {
+            error!("cannot start: {}", rpc::error::report(&e));
+            return ExitCode::FAILURE;
+        }
+    };
     let provider = match Provider::builder(&config)
         .service(UserServiceServer::new(InMemoryUsers::seeded()))
         .bind()

@@ -30,13 +30,22 @@ pub fn random_below(n: u64) -> u64 {
     if n <= 1 {
         return 0;
     }
+    random_u64() % n
+}
+
+/// A uniform 64-bit number from the thread's xorshift64* generator
+/// (seeded per thread from std's `RandomState`), not for cryptography:
+/// jitter, and trace and span ids (W3C Trace Context asks for random ids,
+/// not secret ones).
+#[inline]
+pub fn random_u64() -> u64 {
     RNG.with(|s| {
         let mut x = s.get();
         x ^= x >> 12;
         x ^= x << 25;
         x ^= x >> 27;
         s.set(x);
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     })
 }
 

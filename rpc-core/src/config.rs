@@ -37,7 +37,7 @@ pub fn ms(v: u64) -> Duration {
     Duration::from_millis(v.min(MAX_DURATION_MS))
 }
 
-const SECTIONS: [&str; 3] = ["server", "registry", "client"];
+const SECTIONS: [&str; 4] = ["server", "registry", "client", "metrics"];
 
 /// The whole configuration.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -49,6 +49,32 @@ pub struct RpcConfig {
     pub registry: RegistryConfig,
     /// `[client]`: how a consumer calls.
     pub client: ClientConfig,
+    /// `[metrics]`: whether consumers and providers record metrics, and
+    /// where a Prometheus endpoint listens.
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`. Off by default: nothing is recorded and no port is opened.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where the Prometheus text endpoint (`GET /metrics`) listens, for
+    /// example `"127.0.0.1:9464"` (9464 is the port OpenTelemetry's
+    /// Prometheus exporter uses). Setting it also turns recording on.
+    /// `RPC_METRICS_LISTEN` overrides it. Needs the `prometheus` cargo
+    /// feature of `rpc` (the examples and the `rpc` tool enable it).
+    pub listen: Option<std::net::SocketAddr>,
+    /// Record metrics through the `metrics` facade even without `listen`,
+    /// for a program that installs its own recorder (exporter).
+    pub enabled: bool,
+}
+
+impl MetricsConfig {
+    /// Whether consumers and providers record metrics: `enabled`, or a
+    /// `listen` address is set.
+    pub fn records(&self) -> bool {
+        self.enabled || self.listen.is_some()
+    }
 }
 
 /// `[server]`

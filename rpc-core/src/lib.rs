@@ -34,13 +34,14 @@ pub mod discover;
 pub mod error;
 pub mod host;
 pub mod meta;
+pub mod metric_names;
 pub mod registry;
 pub mod status;
 
 pub use config::{
     CallPolicy, ClientConfig, ClientTlsConfig, Compression, FaultTolerance, LoadBalancerKind,
-    RegistryConfig, RegistryKind, RpcConfig, SerializerKind, ServerConfig, ServerTlsConfig,
-    ServiceOverrides,
+    MetricsConfig, RegistryConfig, RegistryKind, RpcConfig, SerializerKind, ServerConfig,
+    ServerTlsConfig, ServiceOverrides,
 };
 pub use context::{Context, MetaValue, Metadata};
 pub use discover::{Discover, Watch, WatchEvent};

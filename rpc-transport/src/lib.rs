@@ -27,6 +27,7 @@ pub mod error;
 mod ids;
 pub mod io;
 pub mod memory;
+mod meter;
 pub mod server;
 mod stream_out;
 #[cfg(feature = "tls")]

@@ -3,7 +3,8 @@
 use rpc_core::{ConfigError, RegistryError};
 use rpc_transport::TransportError;
 
-/// A provider could not start or stop cleanly.
+/// A provider could not start or stop cleanly, or the metrics endpoint
+/// could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -16,6 +17,19 @@ pub enum Error {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The metrics endpoint (`[metrics] listen`) could not bind its address.
+    #[error("metrics endpoint: cannot listen on {addr} (metrics.listen)")]
+    MetricsBind {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// The bind error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A metrics recorder is already installed in this process (the
+    /// `metrics` facade has one global recorder).
+    #[error("metrics endpoint: {0}")]
+    MetricsRecorder(String),
 }
 
 /// Formats an error with its whole `source()` chain: `outer: cause: root`

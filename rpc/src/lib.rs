@@ -38,6 +38,10 @@
 //! * [`provider`] — [`Provider`]: bind, register, serve, shut down in order;
 //!   [`shutdown_signal`] (Ctrl-C / SIGTERM). `advertise` (private) decides
 //!   the host a provider publishes.
+//! * [`observe`] — tracing spans per call and attempt with W3C trace
+//!   context in the metadata, metrics through the `metrics` facade
+//!   (names in [`rpc_core::metric_names`]), and the Prometheus
+//!   [`observe::MetricsEndpoint`] (feature `prometheus`).
 //! * [`error`] — [`Error`], what starting or running a provider reports.
 //! * Re-exports: `rpc_core` types (config, [`Metadata`], [`Context`],
 //!   errors), the registry factory, the transport.
@@ -45,6 +49,8 @@
 //! # Features
 //!
 //! * `etcd`, `zookeeper`, `consul`, `nacos` — compile that registry backend in.
+//! * `tls` — TLS and mutual TLS between consumers and providers.
+//! * `prometheus` — [`observe::MetricsEndpoint`], serving `[metrics] listen`.
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -53,6 +59,7 @@
 mod advertise;
 pub mod client;
 pub mod error;
+pub mod observe;
 pub mod provider;
 
 pub use client::consumer::{self, Consumer};
@@ -64,8 +71,8 @@ pub use rpc_core::config::Addresses;
 pub use rpc_core::context::{self, Context, MetaValue, Metadata};
 pub use rpc_core::{
     CallPolicy, ClientConfig, ClientTlsConfig, Compression, FaultTolerance, LoadBalancerKind,
-    RegistryConfig, RegistryError, RegistryKind, RpcConfig, RpcError, SerializerKind, ServerConfig,
-    ServerTlsConfig, ServiceMetaInfo, ServiceOverrides, StatusCode,
+    MetricsConfig, RegistryConfig, RegistryError, RegistryKind, RpcConfig, RpcError,
+    SerializerKind, ServerConfig, ServerTlsConfig, ServiceMetaInfo, ServiceOverrides, StatusCode,
 };
 pub use rpc_macros::service;
 

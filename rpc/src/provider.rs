@@ -16,14 +16,17 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use rpc_core::meta::keys;
+use rpc_core::metric_names::{PROVIDER_REGISTRATION, PROVIDER_REREGISTRATIONS, REGISTRY, STATE};
 use rpc_core::{
-    Discover, Registration, Registry, RpcConfig, SerializerKind, ServiceMetaInfo, WatchEvent,
+    Discover, Registration, RegistrationState, Registry, RpcConfig, SerializerKind,
+    ServiceMetaInfo, WatchEvent,
 };
 use rpc_registry::AnyRegistry;
 use rpc_transport::{Server, ServerBuilder, ServiceHandler};
 use tracing::{info, warn};
 
 use crate::error::Error;
+use crate::observe::ServerObserve;
 
 /// Collects services; [`ProviderBuilder::bind`] makes a [`Provider`].
 #[derive(Debug)]
@@ -92,11 +95,14 @@ pub struct Provider {
 }
 
 impl Provider {
-    /// Starts a provider from configuration (`[server]`, `[registry]`).
+    /// Starts a provider from configuration (`[server]`, `[registry]`,
+    /// `[metrics]`). Its outermost layer is [`ServerObserve`]
+    /// (`crate::observe`): spans, and metrics when `[metrics]` records.
     pub fn builder(config: &RpcConfig) -> ProviderBuilder {
         ProviderBuilder {
             config: config.clone(),
-            server: Server::builder(config.server.clone()),
+            server: Server::builder(config.server.clone())
+                .layer(ServerObserve::new(config.metrics.records())),
             registry: None,
         }
     }
@@ -155,8 +161,15 @@ impl Provider {
         let registry = self.registry.clone();
         let nodes: Vec<ServiceMetaInfo> = registrations.iter().map(|r| r.meta().clone()).collect();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let states: Vec<_> = registrations.iter().map(Registration::state).collect();
+        let kind = self.registry.kind().as_str();
         let control = async move {
-            shutdown.await;
+            // The registrations' states feed their gauges until shutdown.
+            let mut shutdown = std::pin::pin!(shutdown);
+            tokio::select! {
+                () = &mut shutdown => {}
+                () = track_registrations(states, kind) => shutdown.await,
+            }
             info!("shutdown requested: deregistering");
             for reg in registrations {
                 let node = reg.meta().node_key();
@@ -195,6 +208,47 @@ impl Provider {
         served?;
         Ok(())
     }
+}
+
+/// Keeps `rpc_provider_registration_state` (registrations per state) and
+/// `rpc_provider_reregistrations_total` up to date from the registrations'
+/// state channels; ends when every channel has closed.
+async fn track_registrations(
+    states: Vec<tokio::sync::watch::Receiver<RegistrationState>>,
+    registry: &'static str,
+) {
+    fn label(s: RegistrationState) -> &'static str {
+        match s {
+            RegistrationState::Registered { .. } => "registered",
+            RegistrationState::Reregistering => "re_registering",
+            RegistrationState::Deregistered => "deregistered",
+        }
+    }
+    let gauge = |s: RegistrationState| metrics::gauge!(PROVIDER_REGISTRATION, REGISTRY => registry, STATE => label(s));
+    let follow = |mut rx: tokio::sync::watch::Receiver<RegistrationState>| async move {
+        let mut last = *rx.borrow_and_update();
+        gauge(last).increment(1.0);
+        while rx.changed().await.is_ok() {
+            let now = *rx.borrow_and_update();
+            if let RegistrationState::Registered { generation } = now {
+                let previous = match last {
+                    RegistrationState::Registered { generation } => generation,
+                    _ => generation.saturating_sub(1),
+                };
+                if generation > previous {
+                    metrics::counter!(PROVIDER_REREGISTRATIONS, REGISTRY => registry)
+                        .increment(generation - previous);
+                }
+            }
+            if label(now) != label(last) {
+                gauge(last).decrement(1.0);
+                gauge(now).increment(1.0);
+            }
+            last = now;
+        }
+        gauge(last).decrement(1.0);
+    };
+    futures_util::future::join_all(states.into_iter().map(follow)).await;
 }
 
 /// Waits until no service of `nodes` lists its node any more, following

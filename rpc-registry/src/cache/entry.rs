@@ -2,6 +2,8 @@
 //! empty-push protection's decisions are [`Protection`]'s; this file feeds
 //! it events and publishes what it decides.
 
+use rpc_core::metric_names::{CLIENT_INSTANCES, REGISTRY_WATCH_CONNECTED, SERVICE};
+
 use super::protection::{Protection, Step, View};
 use super::*;
 
@@ -170,11 +172,16 @@ impl Entry {
     ) {
         let mut changed = false;
         if let Some(next) = next {
+            metrics::gauge!(CLIENT_INSTANCES, SERVICE => self.key.clone()).set(next.len() as f64);
             self.list.store(Arc::new(next));
             changed = true;
         }
         if let Some(healthy) = health {
-            changed |= self.set_healthy(healthy);
+            if self.set_healthy(healthy) {
+                changed = true;
+                metrics::gauge!(REGISTRY_WATCH_CONNECTED, SERVICE => self.key.clone())
+                    .set(if healthy { 1.0 } else { 0.0 });
+            }
         }
         if first {
             self.ready.store(true, Ordering::Release);

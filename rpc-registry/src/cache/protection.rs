@@ -187,11 +187,13 @@ impl Protection {
                 .filter(|until| now < *until);
             if !healthy && !confirms {
                 tracing::warn!(%service, instances = current.len(), "holding back an update that would empty the list while the registry is unhealthy");
+                count_hold(service);
                 self.held = next.take().map(Held::Unconfirmed);
                 // A held snapshot does not vouch for the connection either.
                 health = None;
             } else if let Some(until) = grace_until {
                 tracing::warn!(%service, instances = current.len(), left = ?until.saturating_duration_since(now), "the registry lists no instance right after coming back; keeping the last list until its providers register again");
+                count_hold(service);
                 self.held = next.take().map(|truth| Held::Reset { truth, until });
             }
         }
@@ -231,6 +233,15 @@ impl Protection {
         tracing::warn!(%service, "the registry still lists no instance at the end of the grace: applying the empty list");
         Some(truth)
     }
+}
+
+/// Counts one update held back (`rpc_registry_empty_push_holds_total`).
+fn count_hold(service: &str) {
+    metrics::counter!(
+        rpc_core::metric_names::REGISTRY_EMPTY_HOLDS,
+        rpc_core::metric_names::SERVICE => service.to_owned()
+    )
+    .increment(1);
 }
 
 #[cfg(test)]

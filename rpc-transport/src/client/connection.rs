@@ -165,6 +165,8 @@ async fn drive<S: Io>(
     let mut yielded = false;
     // Whether any response arrived: a go-away before one is a refusal.
     let mut answered = false;
+    let mut meter = crate::meter::Meter::client();
+    let (mut sent, mut received) = (0u64, 0u64);
 
     let reason: String = loop {
         if !accepting && pending.is_empty() && wbuf.is_empty() {
@@ -174,6 +176,7 @@ async fn drive<S: Io>(
             biased;
             next = frames.next() => match next {
                 Some(Ok(frame)) => {
+                    received += (rpc_codec::frame::HEADER_LEN + frame.body.len()) as u64;
                     // The clock is read at the next sweep, not per frame.
                     heard = true;
                     heartbeat_sent = None;
@@ -239,7 +242,10 @@ async fn drive<S: Io>(
                     pending.insert(next_id, Pending { reply: out.reply, _permit: out.permit });
                     if write_failed.is_none() {
                         match write_if_long(&mut wr, &mut wbuf) {
-                            Ok(n) => unflushed |= n > 0 && S::Write::BUFFERED,
+                            Ok(n) => {
+                                sent += n as u64;
+                                unflushed |= n > 0 && S::Write::BUFFERED;
+                            }
                             Err(e) => write_failed = Some(e),
                         }
                     }
@@ -265,6 +271,7 @@ async fn drive<S: Io>(
                 Ok(Some(0)) => break "the server stopped reading".into(),
                 Ok(Some(n)) => {
                     wbuf.advance(n);
+                    sent += n as u64;
                     yielded = false;
                     unflushed = S::Write::BUFFERED;
                 }
@@ -272,6 +279,7 @@ async fn drive<S: Io>(
                 Err(e) => break format!("write failed: {e}"),
             },
             _ = sweep.tick() => {
+                meter.report(sent, received);
                 if std::mem::take(&mut heard) {
                     last_read = Instant::now();
                 }
@@ -305,6 +313,8 @@ async fn drive<S: Io>(
     };
 
     closed.store(true, Ordering::Release);
+    meter.report(sent, received);
+    drop(meter);
     debug!(%addr, reason, pending = pending.len(), "connection closed");
     let reason: Arc<str> = Arc::from(format!("{addr}: {reason}"));
     // Pending calls may have reached the server (partly written buffers

@@ -428,6 +428,9 @@ impl Endpoint {
         }
         // One dial per slot at a time; others wait for its outcome.
         let mut dial = slot.dial.lock().await;
+        // A dial after a connection closed, or after failed dials, is a
+        // reconnect (the first dial of a slot is not).
+        let reconnect = dial.failures > 0 || slot.conn.load().is_some();
         if let Some(c) = slot.conn.load_full() {
             if !c.is_closed() {
                 return Ok((c, true));
@@ -472,6 +475,9 @@ impl Endpoint {
             Ok(conn) => {
                 if dial.failures > 0 {
                     info!(addr = %self.addr, after_failures = dial.failures, "reconnected");
+                }
+                if reconnect {
+                    metrics::counter!(rpc_core::metric_names::CLIENT_RECONNECTS).increment(1);
                 }
                 *dial = DialState::default();
                 let conn = Arc::new(conn);

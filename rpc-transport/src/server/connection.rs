@@ -52,6 +52,8 @@ pub(crate) async fn serve<S: Io>(
     let mut last_read: u64 = 0;
     let limit = shared.max_in_flight_per_connection;
     let mut progress = Progress::new(shared.limits);
+    let mut meter = crate::meter::Meter::server();
+    let mut received = 0u64;
     let period = shared.limits.tick();
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -88,6 +90,7 @@ pub(crate) async fn serve<S: Io>(
                 match next {
                     Some(Ok(frame)) => {
                         progress.frames += 1;
+                        received += (rpc_codec::frame::HEADER_LEN + frame.body.len()) as u64;
                         if frame.header.message_type == MessageType::Request {
                             last_read = last_read.max(frame.header.request_id);
                         }
@@ -149,6 +152,7 @@ pub(crate) async fn serve<S: Io>(
                 encode_empty(&mut wbuf, MessageType::GoAway, last_read);
             }
             _ = tick.tick() => {
+                meter.report(progress.written, received);
                 let state = if !reading {
                     if wbuf.is_empty() { Reading::Stopped } else { Reading::HeldByPeer }
                 } else if handlers.len() >= limit {
@@ -174,6 +178,8 @@ pub(crate) async fn serve<S: Io>(
             }
         }
     };
+    meter.report(progress.written, received);
+    drop(meter);
     // Dropping the JoinSet aborts handlers still running (peer gone or forced).
     handlers.abort_all();
     // A TLS shutdown writes close_notify, which a peer that stopped reading

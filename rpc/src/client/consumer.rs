@@ -15,7 +15,9 @@ use super::discover::{Discover, Route};
 use super::outlier::{Health, Outlier, OutlierPolicy};
 use super::retry::{Retry, RetryBudget};
 use super::service::{ClientInner, ServiceClient};
-use super::{ClientStack, Deadline, Identity, Layer, MakeStack, Stack, Transport};
+use super::{
+    ClientStack, Deadline, Identity, Layer, MakeStack, Observe, ObserveAttempt, Stack, Transport,
+};
 
 /// Shared consumer state: registry cache and connection pool. One per
 /// process is typical; clients of several services share it.
@@ -29,6 +31,8 @@ pub struct Consumer<O = Identity, A = Identity> {
     outer: O,
     attempt: A,
     balancer: Option<Arc<dyn LoadBalancer>>,
+    /// Whether its calls record metrics (`[metrics]`).
+    metrics: bool,
 }
 
 pub(crate) struct ConsumerInner {
@@ -86,7 +90,7 @@ impl<A> AttemptLayer for A where A: Layer<Outlier<Transport>> + Clone + Send + S
 /// [`Layer`] around the stack from `Discover` down. Implemented for every
 /// such type.
 pub trait CallLayer<A: AttemptLayer>:
-    Layer<Discover<Retry<LoadBalance<<A as Layer<Outlier<Transport>>>::Service>>>>
+    Layer<Discover<Retry<LoadBalance<ObserveAttempt<<A as Layer<Outlier<Transport>>>::Service>>>>>
     + Clone
     + Send
     + Sync
@@ -97,8 +101,9 @@ pub trait CallLayer<A: AttemptLayer>:
 impl<A, O> CallLayer<A> for O
 where
     A: AttemptLayer,
-    O: Layer<Discover<Retry<LoadBalance<<A as Layer<Outlier<Transport>>>::Service>>>>
-        + Clone
+    O: Layer<
+            Discover<Retry<LoadBalance<ObserveAttempt<<A as Layer<Outlier<Transport>>>::Service>>>>,
+        > + Clone
         + Send
         + Sync
         + 'static,
@@ -127,11 +132,10 @@ impl Consumer {
         // Certificates first: a bad file fails startup, naming key and file.
         Connector::from_config(&config.client).map_err(RpcError::Config)?;
         let registry = AnyRegistry::from_config(&config.registry).await?;
-        Ok(Self::with_registry(
-            registry,
-            config.client.clone(),
-            config.registry.timeout(),
-        ))
+        Ok(
+            Self::with_registry(registry, config.client.clone(), config.registry.timeout())
+                .metrics(config.metrics.records()),
+        )
     }
 
     /// A consumer over an already built registry (tests, embedding).
@@ -194,6 +198,7 @@ impl Consumer {
             outer: Identity,
             attempt: Identity,
             balancer: None,
+            metrics: false,
         }
     }
 }
@@ -214,6 +219,7 @@ impl<O, A> Consumer<O, A> {
             outer: Stack::new(layer, self.outer),
             attempt: self.attempt,
             balancer: self.balancer,
+            metrics: self.metrics,
         }
     }
 
@@ -226,7 +232,17 @@ impl<O, A> Consumer<O, A> {
             outer: self.outer,
             attempt: Stack::new(layer, self.attempt),
             balancer: self.balancer,
+            metrics: self.metrics,
         }
+    }
+
+    /// This consumer with its calls' metrics (`rpc_client_*` in
+    /// [`rpc_core::metric_names`]) recorded through the `metrics` facade,
+    /// or not. [`Consumer::from_config`] turns them on when `[metrics]`
+    /// does; service clients made before the change keep theirs.
+    pub fn metrics(mut self, on: bool) -> Self {
+        self.metrics = on;
+        self
     }
 
     /// This consumer with `balancer` for every service, instead of the
@@ -292,11 +308,15 @@ where
         let attempt = self
             .attempt
             .layer(Outlier::new(Transport::for_policy(&policy), inner.outlier));
-        let balanced = LoadBalance::new(attempt, balancer, inner.outlier.cooldown);
+        let balanced = LoadBalance::new(
+            ObserveAttempt::new(attempt),
+            balancer,
+            inner.outlier.cooldown,
+        );
         let retried = Retry::new(balanced, policy.clone(), budget.clone());
         let discovered = Discover::new(retried, route.clone());
         let stack = Deadline::new(
-            self.outer.layer(discovered),
+            Observe::new(self.outer.layer(discovered), self.metrics),
             policy.timeout,
             policy.service_timeout,
             inner.propagate.clone(),

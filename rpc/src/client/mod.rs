@@ -7,10 +7,12 @@
 //! fail-safe (typed: ServiceClient::call)
 //!   -> Deadline          deadline.rs   timeout precedence, the incoming call's
 //!                                      deadline and propagated metadata
+//!   -> Observe           observe.rs    the call's span, traceparent, metrics
 //!   -> [Consumer::layer]               user layers around the whole call
 //!   -> Discover          discover.rs   the instance set (waits for one if empty)
 //!   -> Retry             retry.rs      fail-fast / fail-over, backoff, budget
 //!   -> LoadBalance       balance/      picks an instance (outlier admission)
+//!   -> ObserveAttempt    observe.rs    the attempt's span
 //!   -> [Consumer::attempt_layer]       user layers around each attempt
 //!   -> Outlier           outlier.rs    records the attempt against its instance
 //!   -> Transport         transport.rs  the instance's pooled connection
@@ -43,6 +45,7 @@ pub mod consumer;
 mod context;
 mod deadline;
 mod discover;
+mod observe;
 mod options;
 pub mod outlier;
 pub mod retry;
@@ -58,6 +61,7 @@ pub use balance::LoadBalance;
 pub use context::{ClientContext, MethodInfo};
 pub use deadline::Deadline;
 pub use discover::Discover;
+pub use observe::{Observe, ObserveAttempt};
 pub use options::CallOptions;
 pub use outlier::Outlier;
 pub use retry::Retry;
@@ -126,11 +130,16 @@ where
 /// The stack a consumer with user layers `O` (around the call) and `A`
 /// (around each attempt) builds; see the module docs for the order.
 pub type ClientStack<O, A> = Deadline<
-    <O as Layer<Discover<Retry<LoadBalance<<A as Layer<Outlier<Transport>>>::Service>>>>>::Service,
+    Observe<
+        <O as Layer<
+            Discover<Retry<LoadBalance<ObserveAttempt<<A as Layer<Outlier<Transport>>>::Service>>>>,
+        >>::Service,
+    >,
 >;
 
 /// The stack of a consumer without user layers.
-pub type DefaultStack = Deadline<Discover<Retry<LoadBalance<Outlier<Transport>>>>>;
+pub type DefaultStack =
+    Deadline<Observe<Discover<Retry<LoadBalance<ObserveAttempt<Outlier<Transport>>>>>>>;
 
 /// Something that builds service clients: a [`Consumer`](consumer::Consumer)
 /// with whatever layers it has. Generated clients' `new` takes any.

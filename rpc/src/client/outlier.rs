@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use rpc_core::RpcError;
+use rpc_core::metric_names::{CLIENT_EJECTIONS, CLIENT_PROBES, SERVICE};
 use tracing::{info, warn};
 
 const MAX_COOLDOWN: Duration = Duration::from_secs(60);
@@ -212,6 +213,9 @@ impl<S: super::Call> super::Call for Outlier<S> {
         cx: &mut super::ClientContext<'_>,
         args: &[u8],
     ) -> Result<rpc_transport::RawReply, RpcError> {
+        if cx.probe {
+            metrics::counter!(CLIENT_PROBES, SERVICE => cx.service.to_owned()).increment(1);
+        }
         let outcome = self.inner.call(cx, args).await;
         cx.recorded = true;
         let (Some(versioned), Some(idx)) = (cx.set.as_ref(), cx.picked) else {
@@ -229,7 +233,7 @@ impl<S: super::Call> super::Call for Outlier<S> {
                     .iter()
                     .filter(|i| i.health.is_ejected())
                     .count();
-                instance.health.failure(
+                let ejected_now = instance.health.failure(
                     e,
                     instance.endpoint.addr(),
                     &self.policy,
@@ -237,6 +241,10 @@ impl<S: super::Call> super::Call for Outlier<S> {
                     set.len(),
                     cx.probe,
                 );
+                if ejected_now {
+                    metrics::counter!(CLIENT_EJECTIONS, SERVICE => cx.service.to_owned())
+                        .increment(1);
+                }
             }
         }
         outcome

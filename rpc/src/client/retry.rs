@@ -13,6 +13,7 @@
 //! * fail-safe: no retry; on failure the typed client returns the method's
 //!   configured default (JSON), logging the error.
 
+use rpc_core::metric_names::{CLIENT_BUDGET_EXHAUSTED, CLIENT_RETRIES, SERVICE};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -103,8 +104,11 @@ impl<S: Call> Call for Retry<S> {
             }
             if !self.budget.try_retry() {
                 debug!(service = %cx.service, method = cx.method.name, "retry budget exhausted");
+                metrics::counter!(CLIENT_BUDGET_EXHAUSTED, SERVICE => cx.service.to_owned())
+                    .increment(1);
                 return Err(err);
             }
+            metrics::counter!(CLIENT_RETRIES, SERVICE => cx.service.to_owned()).increment(1);
             if let Some(idx) = cx.picked {
                 cx.tried.add(idx);
             }

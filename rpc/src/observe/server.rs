@@ -1,0 +1,146 @@
+//! The provider's observe layer: a span per handled call, with the
+//! caller's trace continued, and the per-call server metrics.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Instant;
+
+use bytes::BytesMut;
+use rpc_core::Context;
+use rpc_core::StatusCode;
+use rpc_core::metric_names::status_label;
+use rpc_transport::server::{CallError, HandlerFuture, ServerLayer};
+use tracing::field::Empty;
+
+use super::handles::{self, MethodHandles};
+use super::trace_context::{self, SpanIds, TRACEPARENT};
+
+/// A [`ServerLayer`] that opens an `rpc.server` span (INFO, target
+/// `rpc::server`) around each handled call and records the server's
+/// per-call metrics. Every [`Provider`](crate::Provider) adds it as its
+/// outermost layer; when no subscriber wants the span and metrics are
+/// off it hands the handler's future back untouched (no allocation).
+///
+/// The span is a child of the caller's `traceparent` (or a new root) and
+/// is the current span while the handler runs, so calls the handler makes
+/// continue the trace ([`trace_context::current`]). A call whose future is
+/// dropped before it finishes (its deadline passed on the server, or the
+/// provider shut down) is counted as `DEADLINE_EXCEEDED`.
+#[derive(Clone, Debug, Default)]
+pub struct ServerObserve {
+    metrics: bool,
+}
+
+impl ServerObserve {
+    /// The layer; `metrics` turns recording on.
+    pub fn new(metrics: bool) -> Self {
+        Self { metrics }
+    }
+}
+
+impl ServerLayer for ServerObserve {
+    fn around(&self, cx: &Context, next: HandlerFuture) -> HandlerFuture {
+        let span = tracing::info_span!(
+            target: "rpc::server",
+            "rpc.server",
+            otel.kind = "server",
+            otel.name = Empty,
+            rpc.system = super::SYSTEM,
+            rpc.service = cx.service(),
+            rpc.method = cx.method(),
+            client.address = %cx.peer().ip(),
+            client.port = cx.peer().port(),
+            rpc.response.status_code = Empty,
+            error = Empty,
+            trace_id = Empty,
+            span_id = Empty,
+            parent_id = Empty,
+        );
+        let traced = !span.is_disabled();
+        if !traced && !self.metrics {
+            return next;
+        }
+        let ids = traced.then(|| {
+            let parent = cx.metadata().get_str(TRACEPARENT).and_then(SpanIds::parse);
+            super::start_span(&span, parent, cx.service(), cx.method())
+        });
+        let handles = self
+            .metrics
+            .then(|| handles::server().get(cx.service(), cx.method()));
+        if let Some(h) = &handles {
+            h.in_flight.increment(1.0);
+        }
+        Box::pin(Observed {
+            inner: next,
+            span,
+            ids,
+            handles,
+            started: Instant::now(),
+            done: false,
+        })
+    }
+}
+
+struct Observed {
+    inner: HandlerFuture,
+    span: tracing::Span,
+    ids: Option<SpanIds>,
+    handles: Option<Arc<MethodHandles>>,
+    started: Instant,
+    done: bool,
+}
+
+impl Observed {
+    fn finish(&mut self, status: &'static str, error: Option<&str>) {
+        self.done = true;
+        if let Some(h) = &self.handles {
+            h.in_flight.decrement(1.0);
+            h.duration.record(self.started.elapsed().as_secs_f64());
+            h.finished(status);
+        }
+        if self.ids.is_some() {
+            self.span.record("rpc.response.status_code", status);
+            if let Some(e) = error {
+                self.span.record("error", e);
+            }
+        }
+    }
+}
+
+impl Future for Observed {
+    type Output = Result<BytesMut, CallError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let poll = match this.ids {
+            Some(ids) => {
+                let _entered = this.span.enter();
+                trace_context::with_current(ids, || this.inner.as_mut().poll(cx))
+            }
+            None => this.inner.as_mut().poll(cx),
+        };
+        if let Poll::Ready(out) = &poll {
+            match out {
+                Ok(_) => this.finish("OK", None),
+                Err(e) => {
+                    let status = status_label(e.status);
+                    this.finish(status, Some(e.message.as_str()));
+                }
+            }
+        }
+        poll
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        if !self.done {
+            self.finish(
+                status_label(StatusCode::Timeout),
+                Some("dropped before it finished"),
+            );
+        }
+    }
+}
