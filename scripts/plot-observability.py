@@ -43,11 +43,15 @@ def main():
 
     fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(9, 7.5), sharex=True)
     a1.plot(qx, [y / 1000 for y in qy], color="tab:blue", label="ok calls/s")
-    if ex:
+    if ex and max(ey) > 0:
         a1.plot(ex, [y / 1000 for y in ey], color="tab:red", label="failed calls/s")
+    else:
+        a1.plot([], [], " ", label="failed calls: none")
+    a1.set_ylim(bottom=0)
     a1.set_ylabel("thousand calls/s")
     a1.legend(loc="lower left")
     a2.plot(px, [y * 1000 for y in py], color="tab:orange")
+    a2.set_ylim(bottom=0)
     a2.set_ylabel("p99 (ms)")
     a3.step(ix, iy, where="post", color="tab:green")
     a3.set_ylabel("instances listed")

@@ -50,9 +50,12 @@ apt_install() {
 
 command -v prometheus >/dev/null || apt_install prometheus
 command -v curl >/dev/null || apt_install curl ca-certificates
-command -v python3 >/dev/null || apt_install python3-minimal
+# Debian's Python, not whatever `python3` a PATH finds first (pyenv shims
+# do not see Debian's python3-matplotlib).
+PY=/usr/bin/python3
+[ -x "$PY" ] || apt_install python3-minimal
 if [ -n "$PLOT" ]; then
-  python3 -c 'import matplotlib' 2>/dev/null || apt_install python3-matplotlib
+  "$PY" -c 'import matplotlib' 2>/dev/null || apt_install python3-matplotlib
 fi
 for port in $PROM_PORT $P1_METRICS $P2_METRICS $C_METRICS; do
   port_open "$port" && die "port $port is taken; stop what listens there"
@@ -73,10 +76,11 @@ export RPC_REGISTRY_ADDRESS="$DIR/registry"
 # A short TTL, so a killed provider leaves the registry within seconds.
 export RPC_REGISTRY_TTL_SECS=3
 
+STARTED="" # the pid start_provider started (not a $(...): PIDS must grow here)
 start_provider() { # metrics port, log name
   RPC_METRICS_LISTEN="127.0.0.1:$1" "$BIN/example-provider" >"$DIR/$2.log" 2>&1 &
-  PIDS+=($!)
-  echo $!
+  STARTED=$!
+  PIDS+=("$STARTED")
 }
 
 # Waits until "$@" succeeds, at most WAIT_SECS.
@@ -89,14 +93,15 @@ wait_for() {
   done
 }
 
-P1=$(start_provider $P1_METRICS provider1)
+start_provider $P1_METRICS provider1
 wait_for "provider 1's metrics endpoint" curl -fsS "http://127.0.0.1:$P1_METRICS/metrics"
 P2=""
 if [ -n "$PLOT" ]; then
-  P2=$(start_provider $P2_METRICS provider2)
+  start_provider $P2_METRICS provider2
+  P2=$STARTED
   wait_for "provider 2's metrics endpoint" curl -fsS "http://127.0.0.1:$P2_METRICS/metrics"
 fi
-LOAD_SECS=40
+LOAD_SECS=20
 [ -n "$PLOT" ] && LOAD_SECS=45
 RPC_METRICS_LISTEN="127.0.0.1:$C_METRICS" "$BIN/example-consumer" \
   --duration $LOAD_SECS --concurrency 4 >"$DIR/consumer.log" 2>&1 &
@@ -123,7 +128,7 @@ log "Prometheus $(prometheus --version 2>&1 | head -1 | awk '{print $3}') is scr
 # One instant query; prints the first sample's value (empty if none).
 query() {
   curl -fsS --get "http://127.0.0.1:$PROM_PORT/api/v1/query" --data-urlencode "query=$1" |
-    python3 -c 'import json,sys
+    "$PY" -c 'import json,sys
 r = json.load(sys.stdin)
 assert r["status"] == "success", r
 res = r["data"]["result"]
@@ -134,7 +139,7 @@ wait_above() {
   local q=$1 min=$2 deadline=$((SECONDS + WAIT_SECS)) v=""
   while [ $SECONDS -lt $deadline ]; do
     v=$(query "$q" || true)
-    if [ -n "$v" ] && python3 -c "import sys; sys.exit(0 if float('$v') > $min else 1)"; then
+    if [ -n "$v" ] && "$PY" -c "import sys; sys.exit(0 if float('$v') > $min else 1)"; then
       echo "$v"
       return 0
     fi
@@ -169,7 +174,8 @@ if [ -n "$PLOT" ]; then
   log "SIGKILLed provider 2 (pid $P2)"
   sleep 10
   RESTARTED=$(date +%s.%N)
-  P2=$(start_provider $P2_METRICS provider2-again)
+  start_provider $P2_METRICS provider2-again
+  P2=$STARTED
   log "started provider 2 again (pid $P2)"
 fi
 
@@ -188,7 +194,7 @@ if [ -n "$PLOT" ]; then
   range "sum(rate(rpc_client_calls_total{$SEL,rpc_response_status_code!=\"OK\"}[2s]))" >"$DIR/errors.json"
   range "histogram_quantile(0.99, sum by (le) (rate(rpc_client_call_duration_seconds_bucket{$SEL}[2s])))" >"$DIR/p99.json"
   range 'sum(rpc_client_instances{rpc_service="UserService:1.0"})' >"$DIR/instances.json"
-  python3 scripts/plot-observability.py "$DIR" "$START" "$KILLED" "$RESTARTED" "$PLOT"
+  "$PY" scripts/plot-observability.py "$DIR" "$START" "$KILLED" "$RESTARTED" "$PLOT"
   log "wrote $PLOT"
 fi
 log "ok"

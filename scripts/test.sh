@@ -5,8 +5,9 @@
 # servers on loopback, runs formatting, lints and every test with every
 # backend compiled in and real servers REQUIRED (RPC_REQUIRE_SERVERS=1: a
 # missing server fails instead of skipping), validates the docker compose
-# files, runs the quick start and the etcd and Consul cluster tests, and stops the
-# servers again, even when something fails.
+# files, runs the quick start, a real Prometheus scraping the examples, the
+# etcd, ZooKeeper and Consul cluster tests and a short fuzzing run, and
+# stops the servers again, even when something fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,6 +47,9 @@ fi
 
 echo "== quick start (embedded registry)"
 scripts/quickstart.sh --calls 200 --concurrency 8
+
+echo "== Prometheus (Debian's package) scraping the examples under load"
+scripts/prometheus-check.sh
 
 # One release build of the examples with every backend, shared by the
 # cluster scripts below.

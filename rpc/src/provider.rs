@@ -227,7 +227,9 @@ async fn track_registrations(
     let gauge = |s: RegistrationState| metrics::gauge!(PROVIDER_REGISTRATION, REGISTRY => registry, STATE => label(s));
     let follow = |mut rx: tokio::sync::watch::Receiver<RegistrationState>| async move {
         let mut last = *rx.borrow_and_update();
-        gauge(last).increment(1.0);
+        // Counted in its state until it changes, or until this future is
+        // dropped at shutdown.
+        let mut _held = InState::new(gauge(last));
         while rx.changed().await.is_ok() {
             let now = *rx.borrow_and_update();
             if let RegistrationState::Registered { generation } = now {
@@ -241,14 +243,28 @@ async fn track_registrations(
                 }
             }
             if label(now) != label(last) {
-                gauge(last).decrement(1.0);
-                gauge(now).increment(1.0);
+                _held = InState::new(gauge(now));
             }
             last = now;
         }
-        gauge(last).decrement(1.0);
     };
     futures_util::future::join_all(states.into_iter().map(follow)).await;
+}
+
+/// One registration counted in a state's gauge while it lives.
+struct InState(metrics::Gauge);
+
+impl InState {
+    fn new(gauge: metrics::Gauge) -> Self {
+        gauge.increment(1.0);
+        Self(gauge)
+    }
+}
+
+impl Drop for InState {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }
 
 /// Waits until no service of `nodes` lists its node any more, following
