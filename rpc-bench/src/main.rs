@@ -54,7 +54,8 @@ prints a Markdown table.
   --inflight LIST   comma-separated calls in flight (default 1,32,256)
   --systems LIST    comma-separated: rpc, rpc-layered, rpc-layered-bincode, rpc-bincode,
                     rpc-postcard, rpc-msgpack, rpc-lz4, rpc-zstd (every body compressed),
-                    rpc-tls (TLS 1.3), tarpc, echo (default rpc, tarpc, echo)
+                    rpc-tls (TLS 1.3), rpc-prom (metrics on, Prometheus recorder
+                    installed), tarpc, echo (default rpc, tarpc, echo)
   --runtime R       current: tokio current_thread runtimes (default);
                     multi: tokio multi_thread runtimes with 1 worker thread
   --repeat N        runs per cell; the table shows median (min-max) (default 1)

@@ -31,6 +31,10 @@ pub enum System {
     RpcZstd,
     /// `Rpc` over TLS 1.3 (rustls, a certificate made for the run).
     RpcTls,
+    /// `Rpc` with `[metrics]` on and the Prometheus recorder installed in
+    /// both processes (its endpoint listening, unscraped): what metrics
+    /// cost (issue 16).
+    RpcProm,
     /// tarpc 0.38, serde transport + bincode over TCP.
     Tarpc,
     /// A bare length-delimited echo with the same serialization.
@@ -57,6 +61,7 @@ impl System {
             System::RpcLz4 => "rpc-lz4",
             System::RpcZstd => "rpc-zstd",
             System::RpcTls => "rpc-tls",
+            System::RpcProm => "rpc-prom",
             System::Tarpc => "tarpc",
             System::Echo => "echo",
             System::Baseline => "rpc@base",
@@ -78,6 +83,7 @@ impl System {
                 | System::RpcLz4
                 | System::RpcZstd
                 | System::RpcTls
+                | System::RpcProm
                 | System::Baseline
         )
     }
@@ -128,10 +134,11 @@ impl FromStr for System {
             "rpc-lz4" => Ok(System::RpcLz4),
             "rpc-zstd" => Ok(System::RpcZstd),
             "rpc-tls" => Ok(System::RpcTls),
+            "rpc-prom" => Ok(System::RpcProm),
             "tarpc" => Ok(System::Tarpc),
             "echo" => Ok(System::Echo),
             other => Err(format!(
-                "unknown system `{other}` (expected rpc, rpc-layered, rpc-layered-bincode, rpc-bincode, rpc-postcard, rpc-msgpack, rpc-lz4, rpc-zstd, rpc-tls, tarpc or echo)"
+                "unknown system `{other}` (expected rpc, rpc-layered, rpc-layered-bincode, rpc-bincode, rpc-postcard, rpc-msgpack, rpc-lz4, rpc-zstd, rpc-tls, rpc-prom, tarpc or echo)"
             )),
         }
     }

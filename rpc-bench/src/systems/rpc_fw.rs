@@ -63,6 +63,7 @@ pub async fn serve(
     if system == super::System::RpcTls {
         cfg.server.tls = Some(make_certificates(registry_dir)?);
     }
+    let _metrics = prometheus(system, &mut cfg).await?;
     let mut builder = rpc::Provider::builder(&cfg).service(BenchServer::new(EchoImpl));
     if layered {
         builder = builder.layer(CountingServerLayer::default());
@@ -76,6 +77,22 @@ pub async fn serve(
         .run(shutdown)
         .await
         .map_err(|e| format!("provider failed: {}", chain(&e)))
+}
+
+/// For `rpc-prom`: turns `[metrics]` on and installs the Prometheus
+/// recorder with its endpoint on an ephemeral loopback port (which runs
+/// the recorder's upkeep, as in production); kept until the process ends.
+async fn prometheus(
+    system: super::System,
+    cfg: &mut RpcConfig,
+) -> Result<Option<rpc::observe::MetricsEndpoint>, String> {
+    if system != super::System::RpcProm {
+        return Ok(None);
+    }
+    cfg.metrics.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    rpc::observe::MetricsEndpoint::start(&cfg.metrics)
+        .await
+        .map_err(|e| format!("metrics endpoint: {}", chain(&e)))
 }
 
 struct RpcCaller<S = rpc::client::DefaultStack>(BenchClient<S>);
@@ -154,6 +171,7 @@ pub async fn client(
         });
     }
     cfg.client.compression_threshold = 0;
+    let _metrics = prometheus(system, &mut cfg).await?;
     let consumer = rpc::Consumer::from_config(&cfg)
         .await
         .map_err(|e| format!("consumer setup failed: {}", chain(&e)))?;
