@@ -79,18 +79,20 @@ async fn main() -> ExitCode {
         config.server.port = port;
     }
     // `[metrics] listen`: a Prometheus endpoint for this process's metrics.
-    let _metrics = match rpc::observe::MetricsEndpoint::start(&config.metrics).await {
+    let metrics = match rpc::observe::MetricsEndpoint::start(&config.metrics).await {
         Ok(m) => m,
         Err(e) => {
             error!("cannot start: {}", rpc::error::report(&e));
             return ExitCode::FAILURE;
         }
     };
-    let provider = match Provider::builder(&config)
-        .service(UserServiceServer::new(InMemoryUsers::seeded()))
-        .bind()
-        .await
-    {
+    let mut builder =
+        Provider::builder(&config).service(UserServiceServer::new(InMemoryUsers::seeded()));
+    if let Some(m) = &metrics {
+        // Published in the registry: the port really bound, also for port 0.
+        builder = builder.metrics_endpoint(m.local_addr());
+    }
+    let provider = match builder.bind().await {
         Ok(p) => p,
         Err(e) => {
             error!("cannot start: {}", rpc::error::report(&e));

@@ -36,6 +36,10 @@ pub mod keys {
     pub const TLS: &str = "tls";
     /// When the provider registered, in seconds since the Unix epoch (UTC).
     pub const SINCE: &str = "since";
+    /// `http://HOST:PORT/metrics`: the provider's Prometheus endpoint
+    /// (`[metrics] listen`), for consoles and scrapers that discover
+    /// through the registry; absent without one.
+    pub const METRICS: &str = "metrics";
 }
 
 /// One provider instance of one service.

@@ -11,10 +11,11 @@
 //!
 //! Labels are bounded: service keys and method names come from the
 //! program's own services (a generic caller such as `rpc call` may name
-//! others; at most [`MAX_LABELED_METHODS`] distinct methods per process
-//! get their own series, later ones share the method label
-//! [`OVERFLOW_METHOD`]); statuses are the fixed set of
-//! [`status_label`]/[`error_label`]; no label carries a request id,
+//! others; at most [`MAX_LABELED_METHODS`] distinct (service, method)
+//! pairs per process get their own series, later ones share one series
+//! labelled [`OVERFLOW_METHOD`] as both service and method); statuses are
+//! the fixed set of [`status_label`]/[`error_label`] plus `CANCELLED`; no
+//! label carries a request id,
 //! argument or instance address.
 
 use crate::error::RpcError;
@@ -33,9 +34,10 @@ pub const REGISTRY: &str = "rpc_registry";
 pub const STATE: &str = "state";
 
 /// Distinct (service, method) pairs per process that get their own series
-/// in the per-call metrics; more share [`OVERFLOW_METHOD`].
+/// in the per-call metrics; more share one series labelled
+/// [`OVERFLOW_METHOD`].
 pub const MAX_LABELED_METHODS: usize = 1024;
-/// The method label of calls past [`MAX_LABELED_METHODS`].
+/// The service and method label of calls past [`MAX_LABELED_METHODS`].
 pub const OVERFLOW_METHOD: &str = "_other";
 
 /// Counter: calls a consumer finished, by service, method, status.

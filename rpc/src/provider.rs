@@ -34,6 +34,7 @@ pub struct ProviderBuilder {
     config: RpcConfig,
     server: ServerBuilder,
     registry: Option<AnyRegistry>,
+    metrics: Option<SocketAddr>,
 }
 
 impl ProviderBuilder {
@@ -48,6 +49,15 @@ impl ProviderBuilder {
     /// The first layer added is the outermost.
     pub fn layer(mut self, layer: impl crate::server::ServerLayer) -> Self {
         self.server = self.server.layer(layer);
+        self
+    }
+
+    /// Publishes `addr` as this provider's metrics endpoint
+    /// ([`keys::METRICS`]) instead of `[metrics] listen` (which names no
+    /// usable port when it asks for port 0): pass
+    /// [`MetricsEndpoint::local_addr`](crate::observe::MetricsEndpoint::local_addr).
+    pub fn metrics_endpoint(mut self, addr: SocketAddr) -> Self {
+        self.metrics = Some(addr);
         self
     }
 
@@ -72,12 +82,27 @@ impl ProviderBuilder {
         let since = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        // A wildcard listen address is reachable at the advertised host.
+        let metrics = self.metrics.map(|a| {
+            let host = if a.ip().is_unspecified() {
+                advertise.clone()
+            } else {
+                a.ip().to_string()
+            };
+            let host = if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]")
+            } else {
+                host
+            };
+            format!("http://{host}:{}/metrics", a.port())
+        });
         Ok(Provider {
             config: self.config,
             server,
             registry,
             advertise,
             since,
+            metrics,
         })
     }
 }
@@ -92,6 +117,8 @@ pub struct Provider {
     advertise: String,
     /// When it was bound, in seconds since the Unix epoch ([`keys::SINCE`]).
     since: u64,
+    /// Its metrics endpoint's URL ([`keys::METRICS`]), if it has one.
+    metrics: Option<String>,
 }
 
 impl Provider {
@@ -104,6 +131,7 @@ impl Provider {
             server: Server::builder(config.server.clone())
                 .layer(ServerObserve::new(config.metrics.records())),
             registry: None,
+            metrics: config.metrics.listen.filter(|a| a.port() != 0),
         }
     }
 
@@ -141,6 +169,9 @@ impl Provider {
                 }
                 if self.server.is_tls() {
                     m.metadata.insert(keys::TLS.to_owned(), "true".to_owned());
+                }
+                if let Some(url) = &self.metrics {
+                    m.metadata.insert(keys::METRICS.to_owned(), url.clone());
                 }
                 m
             })
@@ -340,5 +371,63 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
             warn!(error = %e, "cannot listen for Ctrl-C");
             std::future::pending::<()>().await;
         }
+    }
+}
+
+#[cfg(all(test, feature = "prometheus"))]
+mod tests {
+    use super::*;
+
+    /// Drives the tracker until `render` shows `want` (every line of it),
+    /// yielding to it between looks: no timer, bounded by a count.
+    async fn until(handle: &crate::observe::PrometheusHandle, want: &[&str]) -> String {
+        for _ in 0..10_000 {
+            let text = handle.render();
+            if want.iter().all(|w| text.lines().any(|l| l == *w)) {
+                return text;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("never rendered {want:?}: {}", handle.render());
+    }
+
+    #[tokio::test]
+    async fn registration_states_and_reregistrations_are_counted() {
+        let recorder = crate::observe::PrometheusRecorder::new();
+        let handle = recorder.handle();
+        // A current-thread runtime: the thread's local recorder sees all.
+        let _guard = metrics::set_default_local_recorder(&recorder);
+        let (tx, rx) = tokio::sync::watch::channel(RegistrationState::Registered { generation: 0 });
+        let (other_tx, other_rx) =
+            tokio::sync::watch::channel(RegistrationState::Registered { generation: 0 });
+        let tracker = tokio::spawn(track_registrations(vec![rx, other_rx], "etcd"));
+        let g = |state: &str, v: u32| {
+            format!(r#"rpc_provider_registration_state{{rpc_registry="etcd",state="{state}"}} {v}"#)
+        };
+        until(&handle, &[&g("registered", 2)]).await;
+        tx.send(RegistrationState::Reregistering).unwrap();
+        until(&handle, &[&g("registered", 1), &g("re_registering", 1)]).await;
+        tx.send(RegistrationState::Registered { generation: 1 })
+            .unwrap();
+        let text = until(&handle, &[&g("registered", 2), &g("re_registering", 0)]).await;
+        assert!(
+            text.contains(r#"rpc_provider_reregistrations_total{rpc_registry="etcd"} 1"#),
+            "{text}"
+        );
+        // A backend that skips the intermediate state still counts each.
+        other_tx
+            .send(RegistrationState::Registered { generation: 3 })
+            .unwrap();
+        until(
+            &handle,
+            &[r#"rpc_provider_reregistrations_total{rpc_registry="etcd"} 4"#],
+        )
+        .await;
+        tx.send(RegistrationState::Deregistered).unwrap();
+        until(&handle, &[&g("registered", 1), &g("deregistered", 1)]).await;
+        // Channels closed: nothing is counted in any state any more.
+        drop((tx, other_tx));
+        until(&handle, &[&g("registered", 0), &g("deregistered", 0)]).await;
+        tracker.await.unwrap();
     }
 }

@@ -137,9 +137,18 @@ async fn calls_show_up_in_the_scraped_metrics() {
     let provider = Provider::builder(&cfg)
         .service(ProbeServer::new(ProbeImpl))
         .registry(AnyRegistry::from(registry.clone()))
+        .metrics_endpoint(addr)
         .bind()
         .await
         .unwrap();
+    // Consoles find the endpoint in the registry.
+    assert_eq!(
+        provider.instances()[0]
+            .metadata
+            .get("metrics")
+            .map(String::as_str),
+        Some(format!("http://{addr}/metrics").as_str())
+    );
     let (stop, stopped) = oneshot::channel::<()>();
     let running = tokio::spawn(provider.run(async {
         let _ = stopped.await;
@@ -171,6 +180,14 @@ async fn calls_show_up_in_the_scraped_metrics() {
         "{err}"
     );
 
+    // A call whose future the caller drops: cancelled on both sides (the
+    // client tells the provider, which drops the handler).
+    assert!(
+        tokio::time::timeout(Duration::from_millis(20), client.slow())
+            .await
+            .is_err()
+    );
+
     let ok = r#"rpc_service="Probe:1.0",rpc_method="ok""#;
     let slow = r#"rpc_service="Probe:1.0",rpc_method="slow""#;
     // The server counts the slow call when its deadline drops it: wait
@@ -178,10 +195,10 @@ async fn calls_show_up_in_the_scraped_metrics() {
     let deadline = tokio::time::Instant::now() + WAIT;
     let s = loop {
         let s = samples(body(&get(addr, "/metrics").await));
-        let key = format!(
-            "rpc_server_calls_total{{{slow},rpc_response_status_code=\"DEADLINE_EXCEEDED\"}}"
-        );
-        if s.contains_key(&key) {
+        let keys = ["DEADLINE_EXCEEDED", "CANCELLED"].map(|status| {
+            format!("rpc_server_calls_total{{{slow},rpc_response_status_code=\"{status}\"}}")
+        });
+        if keys.iter().all(|k| s.contains_key(k)) {
             break s;
         }
         assert!(
@@ -208,6 +225,18 @@ async fn calls_show_up_in_the_scraped_metrics() {
             ),
             1.0,
             "{side}"
+        );
+        assert_eq!(
+            value(
+                &s,
+                &format!("rpc_{side}_calls_total{{{slow},rpc_response_status_code=\"CANCELLED\"}}")
+            ),
+            1.0,
+            "{side}"
+        );
+        assert_eq!(
+            value(&s, &format!("rpc_{side}_calls_in_flight{{{slow}}}")),
+            0.0
         );
         assert_eq!(
             value(
@@ -291,7 +320,7 @@ async fn calls_show_up_in_the_scraped_metrics() {
 
 /// An endpoint with a recorder of its own (not the global one).
 async fn private_endpoint() -> MetricsEndpoint {
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let recorder = rpc::observe::PrometheusRecorder::new();
     let handle = recorder.handle();
     metrics::with_local_recorder(&recorder, || {
         metrics::counter!("probe_total").increment(3);

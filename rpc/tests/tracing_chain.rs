@@ -4,60 +4,18 @@
 //! call -> nested client call -> server call), both in the W3C ids the
 //! spans carry and in what travelled as `traceparent`.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+#[path = "common/chain.rs"]
+mod chain;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use rpc::CallOptions;
 use rpc::observe::SpanIds;
-use rpc::registry::{AnyRegistry, MemoryRegistry};
-use rpc::{CallOptions, ClientConfig, Consumer, Context, Provider, RpcConfig};
-use tokio::sync::oneshot;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
-
-const WAIT: Duration = Duration::from_secs(10);
-
-#[rpc::service(version = "1.0")]
-pub trait Front {
-    /// Calls `Back.report` and returns the `traceparent` B received.
-    async fn relay(&self) -> String;
-}
-
-#[rpc::service(version = "1.0")]
-pub trait Back {
-    /// The `traceparent` this call arrived with.
-    async fn report(&self) -> String;
-}
-
-fn incoming_traceparent() -> String {
-    Context::with_current(|cx| cx.metadata().get_str("traceparent").map(str::to_owned))
-        .flatten()
-        .unwrap_or_default()
-}
-
-struct FrontImpl {
-    back: BackClient,
-}
-
-impl Front for FrontImpl {
-    async fn relay(&self) -> String {
-        self.back
-            .report()
-            .await
-            .unwrap_or_else(|e| format!("error: {e}"))
-    }
-}
-
-struct BackImpl;
-
-impl Back for BackImpl {
-    async fn report(&self) -> String {
-        incoming_traceparent()
-    }
-}
 
 /// One closed span: its name and the fields recorded on it.
 #[derive(Clone, Debug, Default)]
@@ -115,73 +73,12 @@ impl<S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'
     }
 }
 
-struct Running {
-    stop: oneshot::Sender<()>,
-    done: tokio::task::JoinHandle<Result<(), rpc::Error>>,
-}
-
-async fn start(builder: rpc::ProviderBuilder, registry: &MemoryRegistry) -> (SocketAddr, Running) {
-    let p = builder
-        .registry(AnyRegistry::from(registry.clone()))
-        .bind()
-        .await
-        .unwrap();
-    let addr = p.local_addr();
-    let (stop, rx) = oneshot::channel::<()>();
-    let done = tokio::spawn(p.run(async {
-        let _ = rx.await;
-    }));
-    (addr, Running { stop, done })
-}
-
-fn cfg() -> RpcConfig {
-    let mut c = RpcConfig::default();
-    c.server.host = "127.0.0.1".into();
-    c.server.shutdown_grace_ms = 0;
-    c
-}
-
-async fn consumer(registry: &MemoryRegistry, key: &str) -> Consumer {
-    let consumer = Consumer::with_registry(
-        AnyRegistry::from(registry.clone()),
-        ClientConfig::default(),
-        WAIT,
-    );
-    let handle = consumer.cache().service(key).await.unwrap();
-    tokio::time::timeout(WAIT, handle.wait_until(|l, _| l.len() == 1))
-        .await
-        .unwrap();
-    consumer
-}
-
-/// Runs the chain once under a fresh recorder; returns the closed spans
-/// and what B received.
-async fn run_chain(first: CallOptions) -> (Vec<Recorded>, String) {
+/// Runs the chain under a fresh recorder; returns the closed spans and
+/// what B received.
+async fn run(first: CallOptions) -> (Vec<Recorded>, String) {
     let recorder = SpanRecorder::default();
-    let subscriber = tracing_subscriber::registry().with(recorder.clone());
-    // Everything runs on this one thread (current-thread runtime), so a
-    // thread-local default subscriber sees every span of the chain.
-    let _guard = tracing::subscriber::set_default(subscriber);
-    let registry = MemoryRegistry::new();
-    let (_, b) = start(
-        Provider::builder(&cfg()).service(BackServer::new(BackImpl)),
-        &registry,
-    )
-    .await;
-    let to_b = consumer(&registry, "Back:1.0").await;
-    let (_, a) = start(
-        Provider::builder(&cfg()).service(FrontServer::new(FrontImpl {
-            back: BackClient::new(&to_b),
-        })),
-        &registry,
-    )
-    .await;
-    let to_a = consumer(&registry, "Front:1.0").await;
-    let seen_by_b = FrontClient::new(&to_a).with(first).relay().await.unwrap();
-    for r in [a, b] {
-        let _ = r.stop.send(());
-        let _ = tokio::time::timeout(WAIT, r.done).await;
-    }
+    let seen_by_b =
+        chain::run_chain(tracing_subscriber::registry().with(recorder.clone()), first).await;
     let spans = recorder.closed.lock().unwrap().clone();
     (spans, seen_by_b)
 }
@@ -230,7 +127,7 @@ fn check_chain(spans: &[Recorded], seen_by_b: &str) -> (String, String) {
 
 #[tokio::test]
 async fn a_chain_of_calls_is_one_trace_with_each_span_the_child_of_its_cause() {
-    let (spans, seen_by_b) = run_chain(CallOptions::new()).await;
+    let (spans, seen_by_b) = run(CallOptions::new()).await;
     let (_, root_parent) = check_chain(&spans, &seen_by_b);
     assert_eq!(root_parent, "", "the first call starts the trace");
     // An attempt span per attempt, at DEBUG, with the instance's address.
@@ -245,7 +142,7 @@ async fn a_chain_of_calls_is_one_trace_with_each_span_the_child_of_its_cause() {
 #[tokio::test]
 async fn a_call_that_arrives_with_a_traceparent_continues_that_trace() {
     let upstream = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    let (spans, seen_by_b) = run_chain(CallOptions::new().metadata("traceparent", upstream)).await;
+    let (spans, seen_by_b) = run(CallOptions::new().metadata("traceparent", upstream)).await;
     let (trace, parent) = check_chain(&spans, &seen_by_b);
     assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_eq!(parent, "00f067aa0ba902b7");

@@ -2,11 +2,16 @@
 //! `traceparent` the call carries, and the per-call metrics.
 //!
 //! Both are built in (inside [`Deadline`](super::Deadline), around the
-//! user's call layers; and around the user's attempt layers) and cost
-//! nothing to speak of when not configured: a span whose callsite no
-//! subscriber wants is one cached check, and metrics are recorded only
-//! when `[metrics]` turns them on (the handles are then per method, see
-//! `crate::observe`).
+//! user's call layers; and around the user's attempt layers). When nothing
+//! is configured they cost a check each: no subscriber at all is one
+//! atomic load (`dispatcher::has_been_set`, which also keeps `tracing`'s
+//! `log` fallback from formatting span fields), a subscriber that does not
+//! want the span is its callsite's cached interest, and metrics are off
+//! unless `[metrics]` turns them on. The observed path runs the inner call
+//! as a boxed future, so the unobserved path's future is no bigger than
+//! the stack below it (measured: `README.md`, "What it costs").
+
+use std::future::Future;
 
 use rpc_core::RpcError;
 use rpc_core::metric_names::error_label;
@@ -15,10 +20,11 @@ use tracing::Instrument as _;
 use tracing::field::Empty;
 
 use super::{Call, ClientContext};
+use crate::observe::handles::MethodHandles;
 use crate::observe::trace_context::{self, SpanIds, TRACEPARENT};
-use crate::observe::{self, SYSTEM};
+use crate::observe::{self, Parent, SYSTEM};
 
-/// Around the whole call: its `rpc.client` span (INFO, target
+/// Around the whole call: its `rpc.client` span (DEBUG, target
 /// `rpc::client`), its `traceparent`, its metrics. The span carries the
 /// OpenTelemetry RPC attribute names: `rpc.system`, `rpc.service`,
 /// `rpc.method`, `rpc.response.status_code`, `error`, and the W3C ids
@@ -45,61 +51,130 @@ impl<S> Observe<S> {
 
 impl<S: Call> Call for Observe<S> {
     async fn call(&self, cx: &mut ClientContext<'_>, args: &[u8]) -> Result<RawReply, RpcError> {
-        let span = tracing::info_span!(
-            target: "rpc::client",
-            "rpc.client",
-            otel.kind = "client",
-            otel.name = Empty,
-            rpc.system = SYSTEM,
-            rpc.service = cx.service,
-            rpc.method = cx.method.name,
-            rpc.response.status_code = Empty,
-            error = Empty,
-            trace_id = Empty,
-            span_id = Empty,
-            parent_id = Empty,
-        );
+        let span = if tracing::dispatcher::has_been_set() {
+            tracing::debug_span!(
+                target: "rpc::client",
+                "rpc.client",
+                otel.kind = "client",
+                otel.name = Empty,
+                rpc.system = SYSTEM,
+                rpc.service = cx.service,
+                rpc.method = cx.method.name,
+                rpc.response.status_code = Empty,
+                otel.status_code = Empty,
+                error = Empty,
+                trace_id = Empty,
+                span_id = Empty,
+                parent_id = Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
+        if !span.is_disabled() {
+            return observed(&self.inner, self.metrics, span, cx, args).await;
+        }
+        // Not traced: metrics or nothing, inline, through one await point
+        // (a second one would grow every call's future).
+        let mut finish = if self.metrics {
+            Finish::start(cx)
+        } else {
+            Finish(None)
+        };
+        let result = self.inner.call(cx, args).await;
+        finish.done(&result, cx);
+        result
+    }
+}
+
+/// The observed call: boxed, so that its state (span, handles) does not
+/// grow the future of every call.
+fn observed<'a, 'b: 'a, S: Call>(
+    inner: &'a S,
+    metrics: bool,
+    span: tracing::Span,
+    cx: &'a mut ClientContext<'b>,
+    args: &'a [u8],
+) -> std::pin::Pin<Box<dyn Future<Output = Result<RawReply, RpcError>> + Send + 'a>> {
+    Box::pin(async move {
         let traced = !span.is_disabled();
         if traced {
-            let parent = trace_context::current()
-                .or_else(|| cx.metadata.get_str(TRACEPARENT).and_then(SpanIds::parse));
+            let parent = match trace_context::current() {
+                Some(handler) => Parent::Local(handler),
+                None => cx
+                    .metadata
+                    .get_str(TRACEPARENT)
+                    .and_then(SpanIds::parse)
+                    .map_or(Parent::Root, Parent::Remote),
+            };
             let ids = observe::start_span(&span, parent, cx.service, cx.method.name);
             cx.metadata_mut().insert(TRACEPARENT, ids.to_string());
         }
-        let handles = self
-            .metrics
-            .then(|| observe::handles::client().get(cx.service, cx.method.name));
-        if let Some(h) = &handles {
-            h.in_flight.increment(1.0);
-        }
-        let result = if traced {
-            self.inner.call(cx, args).instrument(span.clone()).await
+        let mut finish = if metrics {
+            Finish::start(cx)
         } else {
-            self.inner.call(cx, args).await
+            Finish(None)
         };
+        let result = if traced {
+            inner.call(cx, args).instrument(span.clone()).await
+        } else {
+            inner.call(cx, args).await
+        };
+        finish.done(&result, cx);
         let status = match &result {
             Ok(_) => "OK",
             Err(e) => error_label(e),
         };
-        if let Some(h) = handles {
-            h.in_flight.decrement(1.0);
-            h.duration.record(cx.started.elapsed().as_secs_f64());
-            h.finished(status);
-        }
         if traced {
             span.record("rpc.response.status_code", status);
             if let Err(e) = &result {
+                span.record("otel.status_code", "ERROR");
                 span.record("error", tracing::field::display(e));
                 tracing::debug!(parent: &span, error = %e, "call failed");
             }
         }
         result
+    })
+}
+
+/// The metrics of a call still running: if its future is dropped (the
+/// caller gave up on it, as in a `select!`), it leaves the in-flight gauge
+/// and is counted as `CANCELLED`.
+struct Finish(Option<&'static MethodHandles>);
+
+impl Finish {
+    /// Counts the call in flight.
+    fn start(cx: &ClientContext<'_>) -> Self {
+        let h = observe::handles::client().get(cx.service, cx.method.name);
+        h.in_flight.increment(1.0);
+        Self(Some(h))
+    }
+
+    /// Records the call's outcome and duration.
+    fn done(&mut self, result: &Result<RawReply, RpcError>, cx: &ClientContext<'_>) {
+        if let Some(h) = self.0.take() {
+            h.in_flight.decrement(1.0);
+            h.duration.record(cx.started.elapsed().as_secs_f64());
+            h.finished(match result {
+                Ok(_) => "OK",
+                Err(e) => error_label(e),
+            });
+        }
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.in_flight.decrement(1.0);
+            h.finished("CANCELLED");
+        }
     }
 }
 
 /// Around each attempt, after the instance is picked: its `rpc.attempt`
-/// span (DEBUG, target `rpc::client`) with `rpc.attempt` (0 for the first)
-/// and the OpenTelemetry `server.address` / `server.port` of the instance.
+/// span (TRACE, target `rpc::client`) with `rpc.attempt` (0 for the
+/// first) and the OpenTelemetry `server.address` / `server.port` of the
+/// instance.
 #[derive(Debug)]
 pub struct ObserveAttempt<S> {
     inner: S,
@@ -114,7 +189,10 @@ impl<S> ObserveAttempt<S> {
 
 impl<S: Call> Call for ObserveAttempt<S> {
     async fn call(&self, cx: &mut ClientContext<'_>, args: &[u8]) -> Result<RawReply, RpcError> {
-        let span = tracing::debug_span!(
+        if !tracing::dispatcher::has_been_set() {
+            return self.inner.call(cx, args).await;
+        }
+        let span = tracing::trace_span!(
             target: "rpc::client",
             "rpc.attempt",
             rpc.attempt = cx.attempt,
@@ -125,14 +203,25 @@ impl<S: Call> Call for ObserveAttempt<S> {
         if span.is_disabled() {
             return self.inner.call(cx, args).await;
         }
+        attempt(&self.inner, span, cx, args).await
+    }
+}
+
+fn attempt<'a, 'b: 'a, S: Call>(
+    inner: &'a S,
+    span: tracing::Span,
+    cx: &'a mut ClientContext<'b>,
+    args: &'a [u8],
+) -> std::pin::Pin<Box<dyn Future<Output = Result<RawReply, RpcError>> + Send + 'a>> {
+    Box::pin(async move {
         if let Some(i) = cx.instance() {
             span.record("server.address", i.meta.service_host.as_str());
             span.record("server.port", i.meta.service_port);
         }
-        let result = self.inner.call(cx, args).instrument(span.clone()).await;
+        let result = inner.call(cx, args).instrument(span.clone()).await;
         if let Err(e) = &result {
             span.record("error", tracing::field::display(e));
         }
         result
-    }
+    })
 }

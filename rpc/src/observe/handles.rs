@@ -2,16 +2,18 @@
 //!
 //! Registering a metric with labels through the `metrics` macros hashes
 //! the key and, with labels borrowed from the call, allocates them: per
-//! call, that is a few hundred ns. A call instead looks its (service,
-//! method) up here under a read lock and increments handles it already
-//! has. The map holds at most [`MAX_LABELED_METHODS`] pairs; calls of
-//! later pairs share the [`OVERFLOW_METHOD`] label of their service (the
-//! overflow handles are looked up per call: bounded memory over speed
-//! for what should never happen).
+//! call, that is a few hundred ns. A call instead finds its (service,
+//! method) in a small per-thread cache (string compares, no lock), else
+//! in the process's map under a read lock, and increments handles it
+//! already has. Handles live for the process (`&'static`, leaked once per
+//! pair): at most [`MAX_LABELED_METHODS`] pairs, after which calls of new
+//! pairs share one entry labelled [`OVERFLOW_METHOD`] for both service and
+//! method. Handles take the recorder installed when they are first used:
+//! install it before the first call.
 
+use std::cell::Cell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{OnceLock, RwLock};
 
 use metrics::{Counter, Gauge, Histogram, Label};
 use rpc_core::metric_names::{
@@ -20,7 +22,7 @@ use rpc_core::metric_names::{
 };
 
 /// Which side's names a [`Registry`] registers.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Side {
     Client,
     Server,
@@ -71,7 +73,7 @@ impl MethodHandles {
         if status == "OK" {
             self.ok.increment(1);
         } else {
-            // Failures are rare; registering per failure keeps the struct small.
+            // Failures are rare; registering per failure keeps this small.
             let (calls, _, _) = self.side.names();
             metrics::counter!(
                 calls,
@@ -82,54 +84,99 @@ impl MethodHandles {
             .increment(1);
         }
     }
+
+    fn is(&self, service: &str, method: &str) -> bool {
+        self.method == method && self.service == service
+    }
 }
 
-type Methods = HashMap<String, Arc<MethodHandles>>;
+type Methods = HashMap<String, &'static MethodHandles>;
 
 /// The handles of one side, by service then method.
 #[derive(Debug)]
 pub(crate) struct Registry {
     side: Side,
-    map: RwLock<HashMap<String, Methods>>,
-    len: AtomicUsize,
+    map: RwLock<(HashMap<String, Methods>, usize)>,
+    overflow: OnceLock<&'static MethodHandles>,
+}
+
+/// Entries of the per-thread cache, per side.
+const CACHED: usize = 4;
+
+thread_local! {
+    static CACHE: [Cell<[Option<&'static MethodHandles>; CACHED]>; 2] =
+        const { [Cell::new([None; CACHED]), Cell::new([None; CACHED])] };
 }
 
 impl Registry {
     fn new(side: Side) -> Self {
         Self {
             side,
-            map: RwLock::new(HashMap::new()),
-            len: AtomicUsize::new(0),
+            map: RwLock::new((HashMap::new(), 0)),
+            overflow: OnceLock::new(),
         }
     }
 
     /// The handles of `service`/`method`, registered on first use.
-    pub(crate) fn get(&self, service: &str, method: &str) -> Arc<MethodHandles> {
+    pub(crate) fn get(&self, service: &str, method: &str) -> &'static MethodHandles {
+        let slot = self.side as usize;
+        let hit = CACHE.with(|c| {
+            let entries = c[slot].get();
+            entries
+                .iter()
+                .flatten()
+                .find(|h| h.is(service, method))
+                .copied()
+        });
+        if let Some(h) = hit {
+            return h;
+        }
+        let h = self.lookup(service, method);
+        // Most recent first; the oldest falls out.
+        CACHE.with(|c| {
+            let mut entries = c[slot].get();
+            entries.rotate_right(1);
+            entries[0] = Some(h);
+            c[slot].set(entries);
+        });
+        h
+    }
+
+    fn lookup(&self, service: &str, method: &str) -> &'static MethodHandles {
         if let Ok(map) = self.map.read()
-            && let Some(h) = map.get(service).and_then(|m| m.get(method))
+            && let Some(h) = map.0.get(service).and_then(|m| m.get(method))
         {
-            return h.clone();
+            return h;
         }
         self.insert(service, method)
     }
 
     #[cold]
-    fn insert(&self, service: &str, method: &str) -> Arc<MethodHandles> {
-        let Ok(mut map) = self.map.write() else {
-            // A panic elsewhere poisoned the lock: record without caching.
-            return Arc::new(MethodHandles::new(self.side, service, method));
-        };
+    fn insert(&self, service: &str, method: &str) -> &'static MethodHandles {
+        // A poisoned lock (a panic elsewhere) still holds a usable map.
+        let mut guard = self
+            .map
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (map, len) = &mut *guard;
         if let Some(h) = map.get(service).and_then(|m| m.get(method)) {
-            return h.clone();
+            return h;
         }
-        if self.len.load(Ordering::Relaxed) >= MAX_LABELED_METHODS {
-            return Arc::new(MethodHandles::new(self.side, service, OVERFLOW_METHOD));
+        if *len >= MAX_LABELED_METHODS {
+            return self.overflow.get_or_init(|| {
+                Box::leak(Box::new(MethodHandles::new(
+                    self.side,
+                    OVERFLOW_METHOD,
+                    OVERFLOW_METHOD,
+                )))
+            });
         }
-        self.len.fetch_add(1, Ordering::Relaxed);
-        let h = Arc::new(MethodHandles::new(self.side, service, method));
+        *len += 1;
+        let h: &'static MethodHandles =
+            Box::leak(Box::new(MethodHandles::new(self.side, service, method)));
         map.entry(service.to_owned())
             .or_default()
-            .insert(method.to_owned(), h.clone());
+            .insert(method.to_owned(), h);
         h
     }
 }
@@ -145,4 +192,28 @@ pub(crate) fn client() -> &'static Registry {
 /// The providers' handles.
 pub(crate) fn server() -> &'static Registry {
     SERVER.get_or_init(|| Registry::new(Side::Server))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_past_the_limit_share_one_overflow_entry() {
+        let r = Registry::new(Side::Client);
+        let first = r.get("S:1", "m0");
+        assert!(std::ptr::eq(first, r.get("S:1", "m0")), "cached");
+        assert!(std::ptr::eq(first, r.lookup("S:1", "m0")), "registered");
+        for i in 1..MAX_LABELED_METHODS {
+            let h = r.get("S:1", &format!("m{i}"));
+            assert_eq!(h.method, format!("m{i}"));
+        }
+        let over = r.get("T:1", "x");
+        assert_eq!(
+            (over.service.as_str(), over.method.as_str()),
+            (OVERFLOW_METHOD, OVERFLOW_METHOD)
+        );
+        assert!(std::ptr::eq(over, r.get("U:1", "y")), "one overflow entry");
+        assert_eq!(r.map.read().unwrap().1, MAX_LABELED_METHODS);
+    }
 }

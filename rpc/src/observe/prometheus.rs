@@ -1,11 +1,13 @@
-//! The Prometheus endpoint: `metrics-exporter-prometheus`'s recorder, and
-//! our own small HTTP/1.1 server (hyper) for `GET /metrics`.
+//! The Prometheus endpoint: the [`PrometheusRecorder`](super::PrometheusRecorder)
+//! installed as the process's `metrics` recorder, and a small HTTP/1.1
+//! server (hyper) for `GET /metrics`.
 //!
-//! The exporter crate has an HTTP listener of its own, but it spawns tasks
-//! nobody owns (its histogram upkeep loop runs forever), accepts any number
-//! of connections, has no header timeout and answers every path and
-//! method with the metrics. This server is owned by [`MetricsEndpoint`]
-//! (dropping it stops the listener, its connections and the upkeep), holds
+//! Not `metrics-exporter-prometheus`'s listener: it spawns tasks nobody
+//! owns, accepts any number of connections, has no header timeout and
+//! answers every path and method with the metrics (and its recorder was
+//! too slow: see `recorder.rs`). This server is owned by
+//! [`MetricsEndpoint`] (dropping it stops the listener and its
+//! connections), holds
 //! at most [`MAX_CONNECTIONS`] connections, gives a client
 //! [`HEADER_TIMEOUT`] to send its request head and [`CONNECTION_TIMEOUT`]
 //! in all, and answers only `GET`/`HEAD /metrics`.
@@ -21,14 +23,13 @@ use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use rpc_core::MetricsConfig;
-use rpc_core::metric_names::{CLIENT_DURATION, DURATION_BUCKETS, SERVER_DURATION};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+use super::recorder::{PrometheusHandle, PrometheusRecorder};
 use crate::Error;
 
 /// Connections served at once; more are accepted and closed at once.
@@ -37,16 +38,14 @@ pub const MAX_CONNECTIONS: usize = 32;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a connection stays open (keep-alive included).
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
-/// How often histogram samples are folded into their buckets, so that
-/// memory does not grow with the number of calls between scrapes.
-pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// The text format's content type (Prometheus exposition format 0.0.4).
 pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The Prometheus recorder, installed as the process's `metrics`
 /// recorder, and the HTTP endpoint that serves it. Dropping it (or
 /// [`shutdown`](Self::shutdown)) stops the endpoint; the recorder stays
-/// installed (the facade cannot uninstall one).
+/// installed (the facade cannot uninstall one). Start it before the first
+/// call: metric handles take the recorder installed when first used.
 #[derive(Debug)]
 pub struct MetricsEndpoint {
     addr: SocketAddr,
@@ -119,22 +118,9 @@ impl Drop for MetricsEndpoint {
     }
 }
 
-/// A Prometheus recorder with the framework's duration buckets, installed
-/// as the global recorder.
+/// A [`PrometheusRecorder`], installed as the global recorder.
 fn install() -> Result<PrometheusHandle, Error> {
-    let builder = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Full(CLIENT_DURATION.into()),
-            DURATION_BUCKETS,
-        )
-        .and_then(|b| {
-            b.set_buckets_for_metric(
-                metrics_exporter_prometheus::Matcher::Full(SERVER_DURATION.into()),
-                DURATION_BUCKETS,
-            )
-        })
-        .map_err(|e| Error::MetricsRecorder(e.to_string()))?;
-    let recorder = builder.build_recorder();
+    let recorder = PrometheusRecorder::new();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|_| {
         Error::MetricsRecorder("a metrics recorder is already installed in this process".into())
@@ -145,12 +131,9 @@ fn install() -> Result<PrometheusHandle, Error> {
 async fn run(listener: TcpListener, handle: PrometheusHandle, mut stopped: oneshot::Receiver<()>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut connections = JoinSet::new();
-    let mut upkeep = tokio::time::interval(UPKEEP_INTERVAL);
-    upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = &mut stopped => break,
-            _ = upkeep.tick() => handle.run_upkeep(),
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {

@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
 
@@ -14,10 +13,11 @@ use rpc_core::metric_names::status_label;
 use rpc_transport::server::{CallError, HandlerFuture, ServerLayer};
 use tracing::field::Empty;
 
+use super::Parent;
 use super::handles::{self, MethodHandles};
 use super::trace_context::{self, SpanIds, TRACEPARENT};
 
-/// A [`ServerLayer`] that opens an `rpc.server` span (INFO, target
+/// A [`ServerLayer`] that opens an `rpc.server` span (DEBUG, target
 /// `rpc::server`) around each handled call and records the server's
 /// per-call metrics. Every [`Provider`](crate::Provider) adds it as its
 /// outermost layer; when no subscriber wants the span and metrics are
@@ -26,8 +26,9 @@ use super::trace_context::{self, SpanIds, TRACEPARENT};
 /// The span is a child of the caller's `traceparent` (or a new root) and
 /// is the current span while the handler runs, so calls the handler makes
 /// continue the trace ([`trace_context::current`]). A call whose future is
-/// dropped before it finishes (its deadline passed on the server, or the
-/// provider shut down) is counted as `DEADLINE_EXCEEDED`.
+/// dropped before it finishes is counted as `DEADLINE_EXCEEDED` when its
+/// deadline has passed, else as `CANCELLED` (the caller cancelled it, its
+/// connection closed, or the provider is shutting down).
 #[derive(Clone, Debug, Default)]
 pub struct ServerObserve {
     metrics: bool,
@@ -42,7 +43,12 @@ impl ServerObserve {
 
 impl ServerLayer for ServerObserve {
     fn around(&self, cx: &Context, next: HandlerFuture) -> HandlerFuture {
-        let span = tracing::info_span!(
+        // No subscriber at all: one atomic load, and `tracing`'s `log`
+        // fallback does not format the span's fields.
+        if !self.metrics && !tracing::dispatcher::has_been_set() {
+            return next;
+        }
+        let span = tracing::debug_span!(
             target: "rpc::server",
             "rpc.server",
             otel.kind = "server",
@@ -53,6 +59,7 @@ impl ServerLayer for ServerObserve {
             client.address = %cx.peer().ip(),
             client.port = cx.peer().port(),
             rpc.response.status_code = Empty,
+            otel.status_code = Empty,
             error = Empty,
             trace_id = Empty,
             span_id = Empty,
@@ -63,13 +70,17 @@ impl ServerLayer for ServerObserve {
             return next;
         }
         let ids = traced.then(|| {
-            let parent = cx.metadata().get_str(TRACEPARENT).and_then(SpanIds::parse);
+            let parent = cx
+                .metadata()
+                .get_str(TRACEPARENT)
+                .and_then(SpanIds::parse)
+                .map_or(Parent::Root, Parent::Remote);
             super::start_span(&span, parent, cx.service(), cx.method())
         });
         let handles = self
             .metrics
             .then(|| handles::server().get(cx.service(), cx.method()));
-        if let Some(h) = &handles {
+        if let Some(h) = handles {
             h.in_flight.increment(1.0);
         }
         Box::pin(Observed {
@@ -77,6 +88,7 @@ impl ServerLayer for ServerObserve {
             span,
             ids,
             handles,
+            deadline: cx.deadline(),
             started: Instant::now(),
             done: false,
         })
@@ -87,7 +99,9 @@ struct Observed {
     inner: HandlerFuture,
     span: tracing::Span,
     ids: Option<SpanIds>,
-    handles: Option<Arc<MethodHandles>>,
+    handles: Option<&'static MethodHandles>,
+    /// Tells a call dropped at its deadline from one the caller cancelled.
+    deadline: Option<tokio::time::Instant>,
     started: Instant,
     done: bool,
 }
@@ -95,7 +109,7 @@ struct Observed {
 impl Observed {
     fn finish(&mut self, status: &'static str, error: Option<&str>) {
         self.done = true;
-        if let Some(h) = &self.handles {
+        if let Some(h) = self.handles {
             h.in_flight.decrement(1.0);
             h.duration.record(self.started.elapsed().as_secs_f64());
             h.finished(status);
@@ -103,6 +117,7 @@ impl Observed {
         if self.ids.is_some() {
             self.span.record("rpc.response.status_code", status);
             if let Some(e) = error {
+                self.span.record("otel.status_code", "ERROR");
                 self.span.record("error", e);
             }
         }
@@ -137,10 +152,16 @@ impl Future for Observed {
 impl Drop for Observed {
     fn drop(&mut self) {
         if !self.done {
-            self.finish(
-                status_label(StatusCode::Timeout),
-                Some("dropped before it finished"),
-            );
+            let expired = self
+                .deadline
+                .is_some_and(|d| tokio::time::Instant::now() >= d);
+            if expired {
+                self.finish(status_label(StatusCode::Timeout), Some("deadline exceeded"));
+            } else {
+                // The caller cancelled it, its connection closed, or the
+                // provider is shutting down.
+                self.finish("CANCELLED", Some("dropped before it finished"));
+            }
         }
     }
 }
