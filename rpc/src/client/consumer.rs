@@ -15,9 +15,7 @@ use super::discover::{Discover, Route};
 use super::outlier::{Health, Outlier, OutlierPolicy};
 use super::retry::{Retry, RetryBudget};
 use super::service::{ClientInner, ServiceClient};
-use super::{
-    ClientStack, Deadline, Identity, Layer, MakeStack, Observe, ObserveAttempt, Stack, Transport,
-};
+use super::{ClientStack, Deadline, Identity, Layer, MakeStack, Observe, Stack, Transport};
 
 /// Shared consumer state: registry cache and connection pool. One per
 /// process is typical; clients of several services share it.
@@ -90,7 +88,7 @@ impl<A> AttemptLayer for A where A: Layer<Outlier<Transport>> + Clone + Send + S
 /// [`Layer`] around the stack from `Discover` down. Implemented for every
 /// such type.
 pub trait CallLayer<A: AttemptLayer>:
-    Layer<Discover<Retry<LoadBalance<ObserveAttempt<<A as Layer<Outlier<Transport>>>::Service>>>>>
+    Layer<Discover<Retry<LoadBalance<<A as Layer<Outlier<Transport>>>::Service>>>>
     + Clone
     + Send
     + Sync
@@ -101,9 +99,8 @@ pub trait CallLayer<A: AttemptLayer>:
 impl<A, O> CallLayer<A> for O
 where
     A: AttemptLayer,
-    O: Layer<
-            Discover<Retry<LoadBalance<ObserveAttempt<<A as Layer<Outlier<Transport>>>::Service>>>>,
-        > + Clone
+    O: Layer<Discover<Retry<LoadBalance<<A as Layer<Outlier<Transport>>>::Service>>>>
+        + Clone
         + Send
         + Sync
         + 'static,
@@ -308,11 +305,7 @@ where
         let attempt = self
             .attempt
             .layer(Outlier::new(Transport::for_policy(&policy), inner.outlier));
-        let balanced = LoadBalance::new(
-            ObserveAttempt::new(attempt),
-            balancer,
-            inner.outlier.cooldown,
-        );
+        let balanced = LoadBalance::new(attempt, balancer, inner.outlier.cooldown);
         let retried = Retry::new(balanced, policy.clone(), budget.clone());
         let discovered = Discover::new(retried, route.clone());
         let stack = Deadline::new(

@@ -12,9 +12,9 @@
 //!   -> Discover          discover.rs   the instance set (waits for one if empty)
 //!   -> Retry             retry.rs      fail-fast / fail-over, backoff, budget
 //!   -> LoadBalance       balance/      picks an instance (outlier admission)
-//!   -> ObserveAttempt    observe.rs    the attempt's span
 //!   -> [Consumer::attempt_layer]       user layers around each attempt
-//!   -> Outlier           outlier.rs    records the attempt against its instance
+//!   -> Outlier           outlier.rs    records the attempt against its instance;
+//!                                      the attempt's span (observe.rs)
 //!   -> Transport         transport.rs  the instance's pooled connection
 //! ```
 //!
@@ -45,7 +45,7 @@ pub mod consumer;
 mod context;
 mod deadline;
 mod discover;
-mod observe;
+pub(crate) mod observe;
 mod options;
 pub mod outlier;
 pub mod retry;
@@ -61,7 +61,7 @@ pub use balance::LoadBalance;
 pub use context::{ClientContext, MethodInfo};
 pub use deadline::Deadline;
 pub use discover::Discover;
-pub use observe::{Observe, ObserveAttempt};
+pub use observe::Observe;
 pub use options::CallOptions;
 pub use outlier::Outlier;
 pub use retry::Retry;
@@ -132,14 +132,13 @@ where
 pub type ClientStack<O, A> = Deadline<
     Observe<
         <O as Layer<
-            Discover<Retry<LoadBalance<ObserveAttempt<<A as Layer<Outlier<Transport>>>::Service>>>>,
+            Discover<Retry<LoadBalance<<A as Layer<Outlier<Transport>>>::Service>>>,
         >>::Service,
     >,
 >;
 
 /// The stack of a consumer without user layers.
-pub type DefaultStack =
-    Deadline<Observe<Discover<Retry<LoadBalance<ObserveAttempt<Outlier<Transport>>>>>>>;
+pub type DefaultStack = Deadline<Observe<Discover<Retry<LoadBalance<Outlier<Transport>>>>>>;
 
 /// Something that builds service clients: a [`Consumer`](consumer::Consumer)
 /// with whatever layers it has. Generated clients' `new` takes any.

@@ -1,9 +1,9 @@
-//! The observe layers: a tracing span per call and per attempt, the W3C
-//! `traceparent` the call carries, and the per-call metrics.
+//! The observe layer: a tracing span per call, the W3C `traceparent` the
+//! call carries, and the per-call metrics; and the span of each attempt,
+//! which [`Outlier`](super::Outlier) opens.
 //!
-//! Both are built in (inside [`Deadline`](super::Deadline), around the
-//! user's call layers; and around the user's attempt layers). When nothing
-//! is configured they cost a check each: no subscriber at all is one
+//! The layer is built in (inside [`Deadline`](super::Deadline), around the
+//! user's call layers). When nothing is configured it costs a check: no subscriber at all is one
 //! atomic load (`dispatcher::has_been_set`, which also keeps `tracing`'s
 //! `log` fallback from formatting span fields), a subscriber that does not
 //! want the span is its callsite's cached interest, and metrics are off
@@ -171,57 +171,46 @@ impl Drop for Finish {
     }
 }
 
-/// Around each attempt, after the instance is picked: its `rpc.attempt`
-/// span (TRACE, target `rpc::client`) with `rpc.attempt` (0 for the
-/// first) and the OpenTelemetry `server.address` / `server.port` of the
-/// instance.
-#[derive(Debug)]
-pub struct ObserveAttempt<S> {
-    inner: S,
-}
-
-impl<S> ObserveAttempt<S> {
-    /// Around `inner`.
-    pub fn new(inner: S) -> Self {
-        Self { inner }
+/// The attempt's `rpc.attempt` span (TRACE, target `rpc::client`), if a
+/// subscriber wants it: `rpc.attempt` (0 for the first) and the
+/// OpenTelemetry `server.address` / `server.port` of the instance picked.
+/// [`Outlier`](super::Outlier) opens it around each attempt, inside the
+/// user's attempt layers.
+pub(crate) fn attempt_span(cx: &ClientContext<'_>) -> Option<tracing::Span> {
+    if !tracing::dispatcher::has_been_set() {
+        return None;
     }
-}
-
-impl<S: Call> Call for ObserveAttempt<S> {
-    async fn call(&self, cx: &mut ClientContext<'_>, args: &[u8]) -> Result<RawReply, RpcError> {
-        if !tracing::dispatcher::has_been_set() {
-            return self.inner.call(cx, args).await;
-        }
-        let span = tracing::trace_span!(
-            target: "rpc::client",
-            "rpc.attempt",
-            rpc.attempt = cx.attempt,
-            server.address = Empty,
-            server.port = Empty,
-            error = Empty,
-        );
-        if span.is_disabled() {
-            return self.inner.call(cx, args).await;
-        }
-        attempt(&self.inner, span, cx, args).await
+    let span = tracing::trace_span!(
+        target: "rpc::client",
+        "rpc.attempt",
+        rpc.attempt = cx.attempt,
+        server.address = Empty,
+        server.port = Empty,
+        error = Empty,
+    );
+    if span.is_disabled() {
+        return None;
     }
+    if let Some(i) = cx.instance() {
+        span.record("server.address", i.meta.service_host.as_str());
+        span.record("server.port", i.meta.service_port);
+    }
+    Some(span)
 }
 
-fn attempt<'a, 'b: 'a, S: Call>(
-    inner: &'a S,
+/// Type of the boxed attempt future [`traced_attempt`] runs.
+pub(crate) type AttemptFuture<'a> =
+    std::pin::Pin<Box<dyn Future<Output = Result<RawReply, RpcError>> + Send + 'a>>;
+
+/// Runs the attempt `run` makes inside `span`, recording its error.
+pub(crate) async fn traced_attempt<'a, 'b: 'a>(
     span: tracing::Span,
     cx: &'a mut ClientContext<'b>,
-    args: &'a [u8],
-) -> std::pin::Pin<Box<dyn Future<Output = Result<RawReply, RpcError>> + Send + 'a>> {
-    Box::pin(async move {
-        if let Some(i) = cx.instance() {
-            span.record("server.address", i.meta.service_host.as_str());
-            span.record("server.port", i.meta.service_port);
-        }
-        let result = inner.call(cx, args).instrument(span.clone()).await;
-        if let Err(e) = &result {
-            span.record("error", tracing::field::display(e));
-        }
-        result
-    })
+    run: impl FnOnce(&'a mut ClientContext<'b>) -> AttemptFuture<'a>,
+) -> Result<RawReply, RpcError> {
+    let result = run(cx).instrument(span.clone()).await;
+    if let Err(e) = &result {
+        span.record("error", tracing::field::display(e));
+    }
+    result
 }

@@ -213,6 +213,23 @@ impl<S: super::Call> super::Call for Outlier<S> {
         cx: &mut super::ClientContext<'_>,
         args: &[u8],
     ) -> Result<rpc_transport::RawReply, RpcError> {
+        // The attempt's span lives here rather than in a layer of its own:
+        // a separate layer measured ~2% of QPS with nothing configured.
+        if let Some(span) = super::observe::attempt_span(cx) {
+            return super::observe::traced_attempt(span, cx, |cx| Box::pin(self.attempt(cx, args)))
+                .await;
+        }
+        self.attempt(cx, args).await
+    }
+}
+
+impl<S: super::Call> Outlier<S> {
+    /// One attempt, recorded against its instance.
+    async fn attempt(
+        &self,
+        cx: &mut super::ClientContext<'_>,
+        args: &[u8],
+    ) -> Result<rpc_transport::RawReply, RpcError> {
         if cx.probe {
             metrics::counter!(CLIENT_PROBES, SERVICE => cx.service.to_owned()).increment(1);
         }

@@ -2,7 +2,8 @@
 //!
 //! * Spans. Consumers open an `rpc.client` span per call (DEBUG) and an
 //!   `rpc.attempt` span per attempt (TRACE), target `rpc::client`
-//!   ([`crate::client::Observe`], [`crate::client::ObserveAttempt`]);
+//!   ([`crate::client::Observe`]; the attempt span is opened by
+//!   [`crate::client::Outlier`]);
 //!   providers open an `rpc.server` span per handled call (DEBUG, target
 //!   `rpc::server`, [`ServerObserve`]). Their fields use the OpenTelemetry
 //!   RPC semantic-convention names (`rpc.system`, `rpc.service`,
