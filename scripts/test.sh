@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls exactly this):
 #   scripts/test.sh
-# Installs what is missing (registry servers, protoc), starts the registry
+# Installs what is missing (registry servers, protoc, chromium and
+# chromedriver, prometheus), starts the registry
 # servers on loopback, runs formatting, lints and every test with every
 # backend compiled in and real servers REQUIRED (RPC_REQUIRE_SERVERS=1: a
 # missing server fails instead of skipping), validates the docker compose
@@ -21,6 +22,8 @@ fi
 SERVERS=(etcd zookeeper consul nacos)
 
 scripts/registry-servers.sh install "${SERVERS[@]}"
+# Debian's chromium and chromedriver, for the console's browser test.
+scripts/browser.sh install
 trap 'scripts/registry-servers.sh down "${SERVERS[@]}"' EXIT
 scripts/registry-servers.sh up "${SERVERS[@]}"
 

@@ -267,7 +267,7 @@ pub struct CallArgs<'a> {
 }
 
 /// The argument list from the command line (`rpc call --help`).
-fn parse_args(text: Option<&str>) -> Result<Vec<Value>, CliError> {
+pub fn parse_args(text: Option<&str>) -> Result<Vec<Value>, CliError> {
     let Some(text) = text else {
         return Ok(Vec::new());
     };

@@ -8,11 +8,14 @@
 //! * `commands.rs`: `services`, `instances`, `describe`, `call`, `ping`.
 //! * `watch.rs`: `watch`, live changes until Ctrl-C.
 //! * `config_check.rs`: `config check`, effective settings and their source.
+//! * `console/`: `console`, the web console (axum; the page is
+//!   `console/index.html`, embedded), live health in `console/health.rs`.
 //! * `output.rs`: 80-column tables, timestamps, JSON.
 //! * `error.rs`: errors and their exit codes (`error::code`).
 
 mod commands;
 mod config_check;
+mod console;
 mod error;
 mod output;
 mod target;
@@ -127,6 +130,19 @@ enum Command {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         count: u32,
     },
+    /// A web console: services, instances live from the registry watch,
+    /// per-instance health from their metrics endpoints, and a form to
+    /// call a method. Serves until Ctrl-C.
+    Console {
+        /// Where to listen. Anything but loopback needs --token.
+        #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// An access token every request must carry (`Authorization:
+        /// Bearer TOKEN`, or `?token=TOKEN` in the page's address). Also
+        /// read from RPC_CONSOLE_TOKEN.
+        #[arg(long, value_name = "TOKEN")]
+        token: Option<String>,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -160,8 +176,14 @@ fn main() {
     };
     // Logs only when asked for (RUST_LOG): the tool's own output is what
     // it prints, and an error is one line.
+    // The console logs its own requests and the calls made from it.
+    let default = if matches!(cli.command, Command::Console { .. }) {
+        "rpc_console=info"
+    } else {
+        "off"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -233,6 +255,10 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
                 address: address.as_deref(),
             };
             commands::call(&config, call, out).await
+        }
+        Command::Console { listen, token } => {
+            let token = token.or_else(|| std::env::var("RPC_CONSOLE_TOKEN").ok());
+            console::run(&config, listen, token).await
         }
         Command::Ping { .. } | Command::Config { .. } => Ok(code::OK),
     }
