@@ -4,7 +4,9 @@
 //! prints one SKIP line, and fails under `RPC_REQUIRE_SERVERS=1`.
 //!
 //! Two providers run as child processes (this test binary again, in its
-//! provider role) on a local registry with a 2 s TTL. The page must list
+//! provider role) with a 2 s TTL, on the local registry and on etcd (a
+//! SKIP line without an etcd on loopback, a failure under
+//! `RPC_REQUIRE_SERVERS=1`). The page must list
 //! both, show one gone after a SIGKILL without a reload, show it back when
 //! it restarts, make a call from the form and show the reply, show the
 //! error for malformed JSON, and refuse a request without the token when
@@ -26,8 +28,10 @@ use tokio::net::TcpStream;
 
 const RPC: &str = env!("CARGO_BIN_EXE_rpc");
 const WAIT: Duration = Duration::from_secs(30);
-/// The providers' TTL is 2 s; the local registry notices a record past it
-/// at its next scan (every TTL / 3); the page hears at once.
+/// The providers' TTL is 2 s: a killed provider's record expires within
+/// it (the local registry also sees the dead process; etcd revokes the
+/// lease), and the watch tells the page; 8 s of slack for the registry's
+/// own delivery.
 const GONE_BOUND: Duration = Duration::from_secs(2 + 8);
 const PROVIDER_ENV: &str = "RPC_CONSOLE_TEST_PROVIDER";
 
@@ -44,15 +48,15 @@ impl Echo for EchoImpl {
     }
 }
 
-/// The provider role: when `RPC_CONSOLE_TEST_PROVIDER` names a registry
-/// directory, serve `Console.Echo` there until killed.
+/// The provider role: when `RPC_CONSOLE_TEST_PROVIDER` holds a
+/// `[registry]` section, serve `Console.Echo` there until killed.
 #[tokio::test]
 async fn provider_process() {
-    let Ok(dir) = std::env::var(PROVIDER_ENV) else {
+    let Ok(registry) = std::env::var(PROVIDER_ENV) else {
         return;
     };
     let text = format!(
-        "[server]\nhost = \"127.0.0.1\"\n[registry]\ntype = \"local\"\naddress = \"{dir}\"\nttl_secs = 2\n[metrics]\nlisten = \"127.0.0.1:0\"\n"
+        "[server]\nhost = \"127.0.0.1\"\n[registry]\n{registry}\n[metrics]\nlisten = \"127.0.0.1:0\"\n"
     );
     let config = rpc::RpcConfig::from_toml_str(&text, "provider role").unwrap();
     // A metrics endpoint, published in the registry: the console's health.
@@ -70,10 +74,18 @@ async fn provider_process() {
     p.run(std::future::pending()).await.unwrap();
 }
 
-fn spawn_provider(dir: &std::path::Path) -> tokio::process::Child {
+/// A registry the test runs on: the `--registry` URL the console takes
+/// and the `[registry]` section the providers and the load use.
+struct Target {
+    name: &'static str,
+    url: String,
+    registry_toml: String,
+}
+
+fn spawn_provider(t: &Target) -> tokio::process::Child {
     tokio::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "provider_process", "--nocapture"])
-        .env(PROVIDER_ENV, dir)
+        .env(PROVIDER_ENV, &t.registry_toml)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -231,10 +243,10 @@ impl Browser {
     }
 }
 
-async fn console(dir: &std::path::Path, extra: &[&str]) -> (SocketAddr, tokio::process::Child) {
+async fn console(t: &Target, extra: &[&str]) -> (SocketAddr, tokio::process::Child) {
     let mut child = tokio::process::Command::new(RPC)
         .arg("--registry")
-        .arg(format!("local://{}?ttl_secs=2", dir.display()))
+        .arg(&t.url)
         .args(["console", "--listen", "127.0.0.1:0"])
         .args(extra)
         .env_remove("RPC_CONFIG")
@@ -258,16 +270,60 @@ async fn console(dir: &std::path::Path, extra: &[&str]) -> (SocketAddr, tokio::p
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_console_in_a_real_browser() {
+async fn the_console_in_a_real_browser_on_the_local_registry() {
     if std::env::var(PROVIDER_ENV).is_ok() {
         return;
     }
-    let Some(driver_bin) = chromedriver() else {
-        return;
-    };
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("reg");
     std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.display();
+    browse(Target {
+        name: "local",
+        url: format!("local://{path}?ttl_secs=2"),
+        registry_toml: format!("type = \"local\"\naddress = \"{path}\"\nttl_secs = 2\n"),
+    })
+    .await;
+}
+
+/// The same on etcd (started on loopback by `scripts/registry-servers.sh
+/// up etcd`); a skip line without it, a failure under
+/// `RPC_REQUIRE_SERVERS=1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_in_a_real_browser_on_etcd() {
+    if std::env::var(PROVIDER_ENV).is_ok() {
+        return;
+    }
+    if TcpStream::connect("127.0.0.1:2379").await.is_err() {
+        assert!(
+            std::env::var("RPC_REQUIRE_SERVERS").as_deref() != Ok("1"),
+            "[etcd] server required (RPC_REQUIRE_SERVERS=1) but nothing listens on 127.0.0.1:2379"
+        );
+        eprintln!(
+            "SKIP [etcd] console in a browser: no server on 127.0.0.1:2379 (scripts/registry-servers.sh up etcd)"
+        );
+        return;
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let ns = format!("console-{}-{nanos}", std::process::id());
+    browse(Target {
+        name: "etcd",
+        url: format!("etcd://127.0.0.1:2379?namespace={ns}&ttl_secs=2"),
+        registry_toml: format!(
+            "type = \"etcd\"\naddress = \"http://127.0.0.1:2379\"\nnamespace = \"{ns}\"\nttl_secs = 2\n"
+        ),
+    })
+    .await;
+}
+
+async fn browse(t: Target) {
+    let Some(driver_bin) = chromedriver() else {
+        return;
+    };
+    let t = &t;
+    eprintln!("[{}] console in a browser", t.name);
 
     // chromedriver on a free port.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -310,9 +366,9 @@ async fn the_console_in_a_real_browser() {
         session: v["value"]["sessionId"].as_str().unwrap().to_owned(),
     };
 
-    let mut p1 = spawn_provider(&dir);
-    let mut p2 = spawn_provider(&dir);
-    let (addr, _console) = console(&dir, &[]).await;
+    let mut p1 = spawn_provider(t);
+    let mut p2 = spawn_provider(t);
+    let (addr, _console) = console(t, &[]).await;
 
     // The services page lists it; the service page lists both instances.
     b.go(&format!("http://{addr}/")).await;
@@ -331,12 +387,9 @@ async fn the_console_in_a_real_browser() {
     assert_eq!(both, 2);
     // Traffic, so the health columns have something to show.
     let traffic = {
-        let dir = dir.clone();
+        let registry = t.registry_toml.clone();
         tokio::spawn(async move {
-            let text = format!(
-                "[registry]\ntype = \"local\"\naddress = \"{}\"\nttl_secs = 2\n",
-                dir.display()
-            );
+            let text = format!("[registry]\n{registry}");
             let config = rpc::RpcConfig::from_toml_str(&text, "traffic").unwrap();
             let consumer = rpc::Consumer::from_config(&config).await.unwrap();
             let client = EchoClient::new(&consumer);
@@ -384,7 +437,7 @@ async fn the_console_in_a_real_browser() {
     );
 
     // Started again: back, still without a reload.
-    let mut p3 = spawn_provider(&dir);
+    let mut p3 = spawn_provider(t);
     b.until(
         "the provider back",
         WAIT,
@@ -434,9 +487,16 @@ async fn the_console_in_a_real_browser() {
         .decode(png.as_str().unwrap())
         .unwrap();
     assert!(png.starts_with(b"\x89PNG"));
-    let path = std::env::var("RPC_CONSOLE_SCREENSHOT").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/console.png").to_owned()
-    });
+    let path = std::env::var("RPC_CONSOLE_SCREENSHOT")
+        .ok()
+        .filter(|_| t.name == "local")
+        .unwrap_or_else(|| {
+            format!(
+                "{}/../target/console-{}.png",
+                env!("CARGO_MANIFEST_DIR"),
+                t.name
+            )
+        });
     std::fs::write(&path, &png).unwrap();
 
     b.js(r#"document.querySelector('#call-args').value = '[1, ';
@@ -454,7 +514,7 @@ async fn the_console_in_a_real_browser() {
     .await;
 
     // With a token: refused without it, served with it.
-    let (taddr, _tconsole) = console(&dir, &["--token", "s3cret"]).await;
+    let (taddr, _tconsole) = console(t, &["--token", "s3cret"]).await;
     b.go(&format!("http://{taddr}/")).await;
     b.until(
         "refused without the token",

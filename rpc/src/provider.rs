@@ -125,11 +125,19 @@ impl Provider {
     /// Starts a provider from configuration (`[server]`, `[registry]`,
     /// `[metrics]`). Its outermost layer is [`ServerObserve`]
     /// (`crate::observe`): spans, and metrics when `[metrics]` records.
+    /// The layer is added only when it has something to do: `[metrics]`
+    /// records, or a `tracing` subscriber is installed by now (install it
+    /// before building the provider, as `main` usually does). With neither,
+    /// calls go through no layer at all.
     pub fn builder(config: &RpcConfig) -> ProviderBuilder {
+        let mut server = Server::builder(config.server.clone());
+        let metrics = config.metrics.records();
+        if metrics || tracing::dispatcher::has_been_set() {
+            server = server.layer(ServerObserve::new(metrics));
+        }
         ProviderBuilder {
             config: config.clone(),
-            server: Server::builder(config.server.clone())
-                .layer(ServerObserve::new(config.metrics.records())),
+            server,
             registry: None,
             metrics: config.metrics.listen.filter(|a| a.port() != 0),
         }
