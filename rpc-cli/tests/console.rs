@@ -382,3 +382,35 @@ async fn a_token_is_required_on_every_request_when_set() {
     let _ = p.stop.send(());
     let _ = tokio::time::timeout(WAIT, p.done).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_the_console_with_a_page_still_open() {
+    let p = provider().await;
+    let mut c = console(p.dir.path(), &[]).await;
+    until_listed(c.addr).await;
+    // A page's event stream, left open.
+    let mut s = TcpStream::connect(c.addr).await.unwrap();
+    s.write_all(b"GET /api/services/Console.Echo:1.0/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(n > 0);
+    let pid = c._child.id().unwrap().to_string();
+    let sent = tokio::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(sent.success());
+    let status = tokio::time::timeout(WAIT, c._child.wait())
+        .await
+        .expect("the console stops on Ctrl-C though a page is open")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let _ = p.stop.send(());
+    let _ = tokio::time::timeout(WAIT, p.done).await;
+}

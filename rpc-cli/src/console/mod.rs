@@ -54,6 +54,9 @@ struct Console {
     token: Option<String>,
     kind: &'static str,
     health: health::Scraper,
+    /// Set on Ctrl-C: event streams end, so the graceful shutdown (which
+    /// waits for open connections) is not held by pages left open.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 type Shared = Arc<Console>;
@@ -70,6 +73,7 @@ pub async fn run(
         )));
     }
     let registry = crate::commands::connect(config).await?;
+    let (stop, stopping) = tokio::sync::watch::channel(false);
     let consumer = Consumer::with_registry(
         registry.clone(),
         config.client.clone(),
@@ -81,6 +85,7 @@ pub async fn run(
         token: token.filter(|t| !t.is_empty()),
         kind: config.registry.kind.as_str(),
         health: health::Scraper::default(),
+        stopping,
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -92,8 +97,10 @@ pub async fn run(
     println!("console: http://{addr}/");
     info!(target: "rpc_console", %addr, registry = state.kind, "console listening");
     axum::serve(listener, router(state))
-        .with_graceful_shutdown(async {
+        .with_graceful_shutdown(async move {
             let _ = tokio::signal::ctrl_c().await;
+            info!(target: "rpc_console", "console: stopping");
+            let _ = stop.send(true);
         })
         .await
         .map_err(|e| CliError::BadInput(format!("console server failed: {e}")))?;
@@ -282,8 +289,12 @@ async fn events(
     let key = known(&state, &key).await?;
     let handle = with_timeout(state.consumer.cache().service(&key)).await?;
     let mut changes = handle.changes();
+    let mut stopping = state.stopping.clone();
     let stream = async_stream(move |tx| async move {
         loop {
+            if *stopping.borrow_and_update() {
+                return;
+            }
             let data = snapshot(&key, &handle).to_string();
             if tx
                 .send(Event::default().event("instances").data(data))
@@ -292,8 +303,9 @@ async fn events(
             {
                 return; // the page went away
             }
-            if changes.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                _ = stopping.changed() => return,
             }
         }
     });

@@ -79,16 +79,13 @@ pub(crate) fn start_span(
 ) -> SpanIds {
     // Before `otel::link`: an OpenTelemetry span takes its name when built.
     span.record("otel.name", format_args!("{service}/{method}"));
-    #[cfg(feature = "opentelemetry")]
-    let linked = otel::link(
+    let linked = otel_ids(
         span,
         match parent {
             Parent::Remote(p) => Some(p),
             _ => None,
         },
     );
-    #[cfg(not(feature = "opentelemetry"))]
-    let linked: Option<SpanIds> = None;
     let parent = parent.ids();
     let ids = linked.unwrap_or_else(|| match parent {
         Some(p) => p.child(),
@@ -100,4 +97,17 @@ pub(crate) fn start_span(
         span.record("parent_id", format_args!("{:016x}", p.span_id));
     }
     ids
+}
+
+/// The span's OpenTelemetry ids, linked to `remote_parent` (feature
+/// `opentelemetry`, with an OpenTelemetry layer recording the span).
+#[cfg(feature = "opentelemetry")]
+fn otel_ids(span: &tracing::Span, remote_parent: Option<SpanIds>) -> Option<SpanIds> {
+    otel::link(span, remote_parent)
+}
+
+/// Without the `opentelemetry` feature the ids are always made here.
+#[cfg(not(feature = "opentelemetry"))]
+fn otel_ids(_: &tracing::Span, _: Option<SpanIds>) -> Option<SpanIds> {
+    None
 }
