@@ -32,21 +32,8 @@ log() { printf '[prometheus-check] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-APT_UPDATED=0
-apt_install() {
-  # Keep Debian's maintainer scripts from starting the packaged daemon.
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-    chmod +x /usr/sbin/policy-rc.d
-  fi
-  if [ "$APT_UPDATED" = 0 ]; then
-    log "apt-get update"
-    apt-get update -qq
-    APT_UPDATED=1
-  fi
-  log "installing: $*"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
+# shellcheck source=apt-lib.sh
+. scripts/apt-lib.sh
 
 command -v prometheus >/dev/null || apt_install prometheus
 command -v curl >/dev/null || apt_install curl ca-certificates

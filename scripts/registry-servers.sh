@@ -25,21 +25,8 @@ pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
 
 read_pid() { [ -f "$STATE/$1.pid" ] && cat "$STATE/$1.pid" || true; }
 
-APT_UPDATED=0
-apt_install() {
-  # Keep Debian's maintainer scripts from starting packaged daemons on our ports.
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-    chmod +x /usr/sbin/policy-rc.d
-  fi
-  if [ "$APT_UPDATED" = 0 ]; then
-    log "apt-get update"
-    apt-get update -qq
-    APT_UPDATED=1
-  fi
-  log "installing: $*"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
+# shellcheck source=apt-lib.sh
+. "$(dirname "$0")/apt-lib.sh"
 
 # Tools every build with registry features needs.
 ensure_build_tools() {
