@@ -119,6 +119,15 @@ impl RpcError {
         }
     }
 
+    /// Whether the call's deadline passed, whichever side noticed first: the
+    /// client ([`RpcError::Timeout`]) or the provider, which runs the same
+    /// remaining time and answers [`StatusCode::Timeout`]. The two timers
+    /// race, so a caller that treats timeouts alike should ask this rather
+    /// than match one variant.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::Timeout { .. }) || self.code() == Some(StatusCode::Timeout)
+    }
+
     /// Whether a server layer refused the call for want of valid credentials
     /// ([`StatusCode::Unauthenticated`]). Never retried, never counted
     /// against the provider's health.

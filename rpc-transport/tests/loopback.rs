@@ -240,7 +240,8 @@ async fn timeout_fails_the_call_and_cancels_the_handler() {
         .call::<_, ()>(&opts("hang", Duration::from_millis(200)), &())
         .await
         .unwrap_err();
-    assert!(matches!(err, RpcError::Timeout { .. }), "{err}");
+    // The client's timer or the server's (same remaining time) fires first.
+    assert!(err.is_timeout(), "{err}");
     // The server stops the handler: deadline travelled with the request.
     tokio::time::timeout(WAIT, s.svc.dropped.notified())
         .await

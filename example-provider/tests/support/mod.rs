@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use example_common::{AppError, UserServiceClient};
 use rpc::registry::{AnyRegistry, ServiceCache, ServiceHandle};
-use rpc::{Consumer, RegistryConfig, RegistryKind, RpcConfig, RpcError, ServiceMetaInfo};
+use rpc::{Consumer, RegistryConfig, RegistryKind, RpcConfig, ServiceMetaInfo};
 use rpc_core::config::Addresses;
 use rpc_core::{Discover, Registration, Registry};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -630,10 +630,7 @@ impl Load {
                             (Some(format!("user {id} not found")), false)
                         }
                         Ok(Err(e)) => (Some(format!("application error {e:?}")), false),
-                        Err(e) => (
-                            Some(rpc::error::report(&e).to_string()),
-                            matches!(e, RpcError::Timeout { .. }),
-                        ),
+                        Err(e) => (Some(rpc::error::report(&e).to_string()), e.is_timeout()),
                     };
                     out.push(Outcome {
                         started,

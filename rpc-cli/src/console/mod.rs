@@ -412,7 +412,8 @@ async fn call(
         }
         Err(e) => {
             let status = match &e {
-                RpcError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+                // Either side may notice the deadline first.
+                e if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
                 RpcError::Remote { code, .. }
                     if *code == rpc::StatusCode::MethodNotFound
                         || *code == rpc::StatusCode::Serialization =>
