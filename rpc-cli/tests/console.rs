@@ -328,13 +328,17 @@ async fn calls_from_the_console_answer_or_say_why_not() {
     assert_eq!(status, 200);
 
     // The registry goes away: the page is told, with a status it can show.
+    // The provider stops first: its heartbeat (every ttl/3) would write its
+    // record again, and so make the directory again, under the old name.
+    let _ = p.stop.send(());
+    tokio::time::timeout(WAIT, p.done)
+        .await
+        .expect("the provider stops")
+        .unwrap();
     std::fs::rename(p.dir.path().join("reg"), p.dir.path().join("gone")).unwrap();
     let (status, _, body) = get(c.addr, "/api/services").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("registry unreachable"), "{body}");
-
-    let _ = p.stop.send(());
-    let _ = tokio::time::timeout(WAIT, p.done).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -535,7 +535,16 @@ async fn connection_refused_is_a_connect_error_and_backs_off() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let ep = Endpoint::new(format!("127.0.0.1:{port}"), EndpointConfig::default());
+    // A backoff longer than the test, so the second call lands inside it
+    // however long the machine takes between the two calls (the default's
+    // first pause is 25-50 ms).
+    let ep = Endpoint::new(
+        format!("127.0.0.1:{port}"),
+        EndpointConfig {
+            backoff_initial: Duration::from_secs(60),
+            ..EndpointConfig::default()
+        },
+    );
     let e1 = ep
         .call::<_, i32>(&opts("add", WAIT), &(1, 1))
         .await

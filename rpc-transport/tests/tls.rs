@@ -85,10 +85,18 @@ impl Pki {
     }
 }
 
+/// A server with a 5 s handshake timeout: room for a debug-build
+/// handshake on a loaded machine.
 async fn start(tls: Option<ServerTlsConfig>) -> Running {
+    start_with(tls, 5_000).await
+}
+
+/// A server whose TLS handshake (and first frame) must arrive within
+/// `first_frame_timeout_ms` (ms).
+async fn start_with(tls: Option<ServerTlsConfig>, first_frame_timeout_ms: u64) -> Running {
     let server = Server::builder(ServerConfig {
         tls,
-        first_frame_timeout_ms: 300,
+        first_frame_timeout_ms,
         ..ServerConfig::default()
     })
     .service(Echo)
@@ -272,7 +280,7 @@ async fn plaintext_and_tls_peers_that_disagree_get_clear_errors() {
 #[tokio::test]
 async fn a_handshake_that_never_completes_is_closed_and_others_are_served() {
     let pki = Pki::new();
-    let s = start(Some(pki.server("server", false))).await;
+    let s = start_with(Some(pki.server("server", false)), 300).await;
     // Connects and says nothing: the server's handshake waits on it.
     let mut silent = TcpStream::connect(s.addr).await.unwrap();
     let good = endpoint(s.addr, Some(pki.client("ca.pem", false)));

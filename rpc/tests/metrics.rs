@@ -6,6 +6,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rpc::observe::MetricsEndpoint;
@@ -13,7 +15,7 @@ use rpc::registry::{AnyRegistry, MemoryRegistry};
 use rpc::{CallOptions, ClientConfig, Consumer, MetricsConfig, Provider, RpcConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -26,13 +28,31 @@ pub trait Probe {
 
 struct ProbeImpl;
 
+/// `slow` calls the provider has started, and a wake-up for each.
+static SLOW_STARTED: AtomicUsize = AtomicUsize::new(0);
+static SLOW_NOTIFY: Notify = Notify::const_new();
+
 impl Probe for ProbeImpl {
     async fn ok(&self) -> u32 {
         1
     }
     async fn slow(&self) -> u32 {
+        SLOW_STARTED.fetch_add(1, Ordering::SeqCst);
+        SLOW_NOTIFY.notify_waiters();
         tokio::time::sleep(Duration::from_secs(10)).await;
         2
+    }
+}
+
+/// Waits until the provider has started `n` `slow` calls.
+async fn slow_started(n: usize) {
+    loop {
+        let mut woken = pin!(SLOW_NOTIFY.notified());
+        woken.as_mut().enable();
+        if SLOW_STARTED.load(Ordering::SeqCst) >= n {
+            return;
+        }
+        woken.await;
     }
 }
 
@@ -164,19 +184,21 @@ async fn calls_show_up_in_the_scraped_metrics() {
         assert_eq!(client.ok().await.unwrap(), 1);
     }
     let err = client
-        .with(CallOptions::new().timeout(Duration::from_millis(50)))
+        .with(CallOptions::new().timeout(Duration::from_millis(500)))
         .slow()
         .await
         .unwrap_err();
     assert!(err.is_timeout(), "{err}");
 
-    // A call whose future the caller drops: cancelled on both sides (the
-    // client tells the provider, which drops the handler).
-    assert!(
-        tokio::time::timeout(Duration::from_millis(20), client.slow())
-            .await
-            .is_err()
-    );
+    // A call whose future the caller drops once the provider runs it:
+    // cancelled on both sides (the client tells the provider, which drops
+    // the handler). Dropped any earlier, the request may never leave.
+    tokio::select! {
+        r = client.slow() => panic!("slow answered: {r:?}"),
+        r = tokio::time::timeout(WAIT, slow_started(2)) => {
+            r.expect("the provider started the second slow call");
+        }
+    }
 
     let ok = r#"rpc_service="Probe:1.0",rpc_method="ok""#;
     let slow = r#"rpc_service="Probe:1.0",rpc_method="slow""#;

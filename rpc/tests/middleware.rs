@@ -481,7 +481,10 @@ async fn per_call_options_share_the_connection_balancer_and_retry_budget() {
     let (rec, p1, p2) = two_recorded_providers(&registry).await;
     let c = consumer(&registry, cfg().client, "Seen:1.0", 2).await;
     let client = SeenClient::new(&c);
-    let short = client.with(CallOptions::new().timeout(Duration::from_millis(100)));
+    // 1 s: short of the configured 5 s, and long enough for the first call
+    // to dial and reach its provider on a loaded machine (the provider's
+    // count of calls below includes it).
+    let short = client.with(CallOptions::new().timeout(Duration::from_millis(1000)));
     assert!(
         short
             .service_client()
@@ -490,13 +493,13 @@ async fn per_call_options_share_the_connection_balancer_and_retry_budget() {
     );
 
     // The timeout applies to that call only: the client gives up at
-    // 100 ms, or the provider, which got the same deadline, answers
+    // 1 s, or the provider, which got the same deadline, answers
     // "deadline exceeded" a moment before (a race of two timers). Either
     // way long before the configured 5 s.
     let started = std::time::Instant::now();
     let err = short.hang().await.unwrap_err();
     match &err {
-        RpcError::Timeout { timeout, .. } => assert_eq!(*timeout, Duration::from_millis(100)),
+        RpcError::Timeout { timeout, .. } => assert_eq!(*timeout, Duration::from_millis(1000)),
         e if e.code() == Some(StatusCode::Timeout) => {}
         other => panic!("expected a timeout, got {other}"),
     }

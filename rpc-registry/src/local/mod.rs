@@ -619,7 +619,9 @@ mod tests {
     async fn watch_reports_changes_and_outages() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("reg");
-        let reg = registry(&root, 1_000);
+        // A TTL of 60 s: no heartbeat (every ttl/3) during the test, which
+        // would make the moved-away root again and so break the rename back.
+        let reg = registry(&root, 60_000);
         let mut w = reg.watch("Echo:1.0").await.unwrap();
 
         assert_eq!(next(&mut w).await, WatchEvent::Snapshot(vec![]));
