@@ -120,11 +120,12 @@ mod private_nacos {
             // Started in its data dir: rnacos reads ./.env from its cwd.
             let mut cmd = Command::new(&self.bin);
             if let Some((user, password)) = self.auth {
-                // rnacos allows 100 open-API logins per user per minute
-                // (RNACOS_API_LOGIN_ONE_MINUTE_LIMIT, src/openapi/auth.rs)
-                // and then refuses even the right password for the rest of
-                // the minute; this test waits for the admin user by logging
-                // in, which is not what the limit is for.
+                // rnacos counts failed open-API logins per user (100 a
+                // minute, RNACOS_API_LOGIN_ONE_MINUTE_LIMIT) and past that
+                // refuses even the right password for the rest of the
+                // minute (rnacos 0.8.8, measured). This test waits for the
+                // admin user by logging in, and every try before the user
+                // exists fails: not what the limit is for.
                 cmd.env("RNACOS_ENABLE_OPEN_API_AUTH", "true")
                     .env("RNACOS_INIT_ADMIN_USERNAME", user)
                     .env("RNACOS_INIT_ADMIN_PASSWORD", password)
