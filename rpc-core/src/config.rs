@@ -1017,6 +1017,10 @@ impl RpcConfig {
         if self.server.host.trim().is_empty() {
             return Err(ConfigError::new(origin, "server.host", "must not be empty"));
         }
+        if let Some(advertise) = &self.server.advertise_host {
+            check_advertise_host(advertise)
+                .map_err(|why| ConfigError::new(origin, "server.advertise_host", why))?;
+        }
         let needs_address = !matches!(
             self.registry.kind,
             RegistryKind::Local | RegistryKind::Memory
@@ -1029,6 +1033,37 @@ impl RpcConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// `server.advertise_host` is published for consumers to dial as the
+/// provider's host: an IP address (bracketed or not) or a DNS name (RFC
+/// 1123 labels; `_` allowed, as some internal zones use it), without port
+/// or scheme, and not the wildcard.
+fn check_advertise_host(raw: &str) -> Result<(), String> {
+    match crate::Host::parse(raw) {
+        crate::Host::Ip(ip) if ip.is_unspecified() => Err(format!(
+            "`{raw}` is the wildcard address, which nobody can dial: set the address consumers reach this provider at"
+        )),
+        crate::Host::Ip(_) => Ok(()),
+        crate::Host::Name(name) => {
+            let name = name.strip_suffix('.').unwrap_or(&name);
+            let label_ok = |l: &str| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            };
+            if name.is_empty() {
+                Err("must not be empty (leave it out to publish server.host)".into())
+            } else if name.len() > 253 || !name.split('.').all(label_ok) {
+                Err(format!(
+                    "`{raw}` is neither an IP address nor a host name (give the host alone: no port, scheme or path)"
+                ))
+            } else {
+                Ok(())
+            }
+        }
     }
 }
 
@@ -1067,6 +1102,41 @@ mod tests {
         assert_eq!(c.client.load_balancer, LoadBalancerKind::RoundRobin);
         assert_eq!(c.client.timeout_ms, 3_000);
         assert_eq!(c.server.max_frame_len, 8 * 1024 * 1024);
+    }
+
+    /// Found by a reviewer: an empty advertise host, or one with a port,
+    /// was published as the provider's address, which nobody could dial.
+    #[test]
+    fn advertise_host_is_a_dialable_host_or_startup_fails() {
+        let load = |a: &str| {
+            RpcConfig::from_toml_str(&format!("[server]\nadvertise_host = \"{a}\"\n"), "a.toml")
+        };
+        for good in [
+            "10.1.2.3",
+            "fd00::7",
+            "[fd00::7]",
+            "provider-1.svc.example",
+            "host_a.internal.",
+            "localhost",
+        ] {
+            let c = load(good).unwrap_or_else(|e| panic!("{good:?}: {e}"));
+            assert_eq!(c.server.advertise_host.as_deref(), Some(good));
+        }
+        for (bad, says) in [
+            ("", "must not be empty"),
+            ("  ", "must not be empty"),
+            ("1.2.3.4:80", "neither an IP address nor a host name"),
+            ("http://h", "neither"),
+            ("a..b", "neither"),
+            ("h/x", "neither"),
+            ("0.0.0.0", "wildcard"),
+            ("[::]", "wildcard"),
+        ] {
+            let e = load(bad).unwrap_err();
+            assert_eq!(e.key, "server.advertise_host", "{bad:?}: {e}");
+            assert!(e.to_string().contains("a.toml"), "{e}");
+            assert!(e.message.contains(says), "{bad:?}: {e}");
+        }
     }
 
     #[test]
