@@ -132,7 +132,7 @@ enum Command {
     },
     /// A web console: services, instances live from the registry watch,
     /// per-instance health from their metrics endpoints, and a form to
-    /// call a method. Serves until Ctrl-C.
+    /// call a method. Serves until Ctrl-C or SIGTERM.
     Console {
         /// Where to listen. Anything but loopback needs --token.
         #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8080")]

@@ -264,6 +264,29 @@ async fn calls_from_the_console_answer_or_say_why_not() {
     .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["reply"], "echo: hi");
+    // Scripts may send the arguments as JSON rather than JSON text.
+    let (status, v) = call(
+        c.addr,
+        r#"{"service":"Console.Echo:1.0","method":"echo","args":["hi"]}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["reply"], "echo: hi");
+    // A string is always JSON text: `hi` is not JSON, and it says so.
+    let (status, v) = call(
+        c.addr,
+        r#"{"service":"Console.Echo:1.0","method":"echo","args":"hi"}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("JSON"), "{v}");
+    let (status, v) = call(
+        c.addr,
+        r#"{"service":"Console.Echo:1.0","method":"echo","args":"[\"hi\"]","timeout_ms":0}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("timeout_ms"), "{v}");
 
     let (status, v) = call(
         c.addr,
@@ -387,6 +410,28 @@ async fn a_token_is_required_on_every_request_when_set() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--token"));
+    // An empty token is none (found by a reviewer: it used to open a
+    // public console with no check at all).
+    for (flag, env) in [(Some(""), None), (None, Some(""))] {
+        let mut cmd = tokio::process::Command::new(RPC);
+        cmd.arg("--registry")
+            .arg(format!("local://{}", p.dir.path().join("reg").display()))
+            .args(["console", "--listen", "0.0.0.0:0"])
+            .env_remove("RPC_CONSOLE_TOKEN")
+            .kill_on_drop(true);
+        if let Some(t) = flag {
+            cmd.args(["--token", t]);
+        }
+        if let Some(t) = env {
+            cmd.env("RPC_CONSOLE_TOKEN", t);
+        }
+        let out = tokio::time::timeout(WAIT, cmd.output())
+            .await
+            .expect("the console refuses to start")
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{flag:?} {env:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--token"));
+    }
 
     let _ = p.stop.send(());
     let _ = tokio::time::timeout(WAIT, p.done).await;
@@ -420,6 +465,37 @@ async fn ctrl_c_stops_the_console_with_a_page_still_open() {
         .expect("the console stops on Ctrl-C though a page is open")
         .unwrap();
     assert_eq!(status.code(), Some(0));
+    let _ = p.stop.send(());
+    let _ = tokio::time::timeout(WAIT, p.done).await;
+}
+
+/// SIGTERM (what systemd and docker send) stops the console too, and a
+/// client that sent half a request does not hold it: open connections get
+/// a bounded drain (found by a reviewer: it waited for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_console_though_a_request_is_half_sent() {
+    let p = provider().await;
+    let mut c = console(p.dir.path(), &[]).await;
+    until_listed(c.addr).await;
+    let mut half = TcpStream::connect(c.addr).await.unwrap();
+    half.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    // The console has taken the connection: a full request on another one
+    // is answered, so the half one was accepted before it.
+    let (status, _, _) = get(c.addr, "/api/services").await;
+    assert_eq!(status, 200);
+    let pid = c._child.id().unwrap().to_string();
+    let sent = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(sent.success());
+    let status = tokio::time::timeout(WAIT, c._child.wait())
+        .await
+        .expect("the console stops on SIGTERM though a request is half sent")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    drop(half);
     let _ = p.stop.send(());
     let _ = tokio::time::timeout(WAIT, p.done).await;
 }

@@ -42,6 +42,9 @@ use crate::error::{CliError, code};
 pub const MAX_BODY: usize = 64 * 1024;
 /// Longest a call from the form may take, unless the form asks for less.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long open connections may take to finish after Ctrl-C or SIGTERM
+/// before the console exits anyway (s).
+pub const DRAIN: Duration = Duration::from_secs(3);
 /// How long a registry query may take before the page is told it is
 /// unreachable.
 pub const REGISTRY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -54,19 +57,23 @@ struct Console {
     token: Option<String>,
     kind: &'static str,
     health: health::Scraper,
-    /// Set on Ctrl-C: event streams end, so the graceful shutdown (which
+    /// Set on Ctrl-C or SIGTERM: event streams end, so the graceful shutdown (which
     /// waits for open connections) is not held by pages left open.
     stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 type Shared = Arc<Console>;
 
-/// Runs the console until Ctrl-C.
+/// Runs the console until Ctrl-C or SIGTERM; then open connections get
+/// [`DRAIN`] to finish before the console exits anyway.
 pub async fn run(
     config: &RpcConfig,
     listen: SocketAddr,
     token: Option<String>,
 ) -> Result<i32, CliError> {
+    // An empty token is no token: checked before the loopback rule, so
+    // `--token ''` cannot open a public console.
+    let token = token.filter(|t| !t.is_empty());
     if !listen.ip().is_loopback() && token.is_none() {
         return Err(CliError::BadInput(format!(
             "--listen {listen} is not loopback: give --token (or RPC_CONSOLE_TOKEN), which every request must then carry"
@@ -82,7 +89,7 @@ pub async fn run(
     let state = Arc::new(Console {
         registry,
         consumer,
-        token: token.filter(|t| !t.is_empty()),
+        token,
         kind: config.registry.kind.as_str(),
         health: health::Scraper::default(),
         stopping,
@@ -96,14 +103,31 @@ pub async fn run(
     // The one line a user needs (and tests read): where the page is.
     println!("console: http://{addr}/");
     info!(target: "rpc_console", %addr, registry = state.kind, "console listening");
-    axum::serve(listener, router(state))
+    let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
+    let serve = axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {
-            let _ = tokio::signal::ctrl_c().await;
+            rpc::shutdown_signal().await;
             info!(target: "rpc_console", "console: stopping");
             let _ = stop.send(true);
+            let _ = signalled.send(());
         })
-        .await
-        .map_err(|e| CliError::BadInput(format!("console server failed: {e}")))?;
+        .into_future();
+    // axum's graceful shutdown waits for every open connection, and its
+    // server has no header-read timeout: one client that sent half a
+    // request would hold the console forever. So the drain is bounded.
+    let drained = tokio::select! {
+        r = serve => r,
+        () = async {
+            match on_signal.await {
+                Ok(()) => tokio::time::sleep(DRAIN).await,
+                Err(_) => std::future::pending().await,
+            }
+        } => {
+            warn!(target: "rpc_console", drain_s = DRAIN.as_secs(), "console: connections still open after the drain; closing them");
+            Ok(())
+        }
+    };
+    drained.map_err(|e| CliError::BadInput(format!("console server failed: {e}")))?;
     Ok(code::OK)
 }
 
@@ -371,14 +395,19 @@ async fn service_health(
 struct CallRequest {
     service: String,
     method: String,
-    /// The arguments as JSON text, as typed in the form.
-    args: String,
-    /// Timeout in ms.
+    /// The arguments: a string is JSON text, as typed in the form (an
+    /// array of the arguments, or one value for a one-argument method);
+    /// any other JSON value is taken as that array or value itself; absent
+    /// or `null`: no arguments.
+    #[serde(default)]
+    args: Value,
+    /// Timeout in ms (at least 1; at most [`CALL_TIMEOUT`]).
     timeout_ms: Option<u64>,
 }
 
-/// `POST /api/call`: `{service, method, args}` (args: JSON text, an array
-/// of the arguments or one value for a one-argument method) -> `{reply}`.
+/// `POST /api/call`: `{service, method, args, timeout_ms}` -> `{reply}`.
+/// `args` is JSON text (`"[1, \"x\"]"`, what the form sends) or the JSON
+/// itself (`[1, "x"]`), scripts' natural spelling.
 async fn call(
     State(state): State<Shared>,
     body: Result<Json<CallRequest>, axum::extract::rejection::JsonRejection>,
@@ -391,9 +420,21 @@ async fn call(
             "give a method name".into(),
         ));
     }
-    let args =
-        crate::commands::parse_args(Some(req.args.as_str()).filter(|a| !a.trim().is_empty()))
-            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let args = match req.args {
+        Value::String(text) => {
+            crate::commands::parse_args(Some(text.as_str()).filter(|a| !a.trim().is_empty()))
+                .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?
+        }
+        Value::Null => Vec::new(),
+        Value::Array(list) => list,
+        one => vec![one],
+    };
+    if req.timeout_ms == Some(0) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "timeout_ms must be at least 1".into(),
+        ));
+    }
     let timeout = req
         .timeout_ms
         .map(Duration::from_millis)
