@@ -46,6 +46,22 @@ fn number<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Result<T, Stri
         .map_err(|_| format!("{flag}: `{v}` is not a valid number"))
 }
 
+/// Seconds as a duration: more than 0, at most a day (86,400 s); `nan`,
+/// `inf` and negatives are refused (`Duration::from_secs_f64` would panic).
+fn seconds(flag: &str, v: Option<String>) -> Result<Duration, String> {
+    let raw = v.clone().unwrap_or_default();
+    let s: f64 = number(flag, v)?;
+    if !(s > 0.0 && s <= 86_400.0) {
+        return Err(format!(
+            "{flag}: `{raw}` is not more than 0 and at most 86400 seconds"
+        ));
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+/// Most concurrent callers: each is a task with a call in flight.
+const MAX_CONCURRENCY: usize = 65_536;
+
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         config: None,
@@ -59,11 +75,14 @@ fn parse_args() -> Result<Args, String> {
         match flag.as_str() {
             "--config" => a.config = Some(it.next().ok_or("--config needs a file")?.into()),
             "--calls" => a.calls = number("--calls", it.next())?,
-            "--duration" => {
-                a.duration = Some(Duration::from_secs_f64(number("--duration", it.next())?))
+            "--duration" => a.duration = Some(seconds("--duration", it.next())?),
+            "--concurrency" => {
+                a.concurrency = number::<usize>("--concurrency", it.next())?.max(1);
+                if a.concurrency > MAX_CONCURRENCY {
+                    return Err(format!("--concurrency: at most {MAX_CONCURRENCY}"));
+                }
             }
-            "--concurrency" => a.concurrency = number::<usize>("--concurrency", it.next())?.max(1),
-            "--wait" => a.wait = Duration::from_secs_f64(number("--wait", it.next())?),
+            "--wait" => a.wait = seconds("--wait", it.next())?,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument `{other}`")),
         }
