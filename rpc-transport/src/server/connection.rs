@@ -168,12 +168,17 @@ pub(crate) async fn serve<S: Io>(
                         // The calls already read are answered, and the
                         // go-away tells the peer that nothing after them
                         // was read, so it can send those elsewhere.
-                        debug!(%peer, reason = %stalled, last_read, "closing a connection that made no progress (go-away)");
+                        // Logged like a bad frame: a peer that stalls is
+                        // broken or hostile, and the operator is told why.
+                        warn!(%peer, reason = %stalled, last_read, "closing a connection that made no progress (go-away)");
                         encode_empty(&mut wbuf, MessageType::GoAway, last_read);
                         reading = false;
                         graceful = true;
                     }
-                    Err(stalled) => break stalled.to_string(),
+                    Err(stalled) => {
+                        warn!(%peer, reason = %stalled, "closing a connection that reads nothing");
+                        break stalled.to_string();
+                    }
                 }
             }
         }

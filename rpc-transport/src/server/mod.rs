@@ -291,7 +291,7 @@ impl Server {
                     // whole deadline, where a refusal lets it try another
                     // instance now.
                     let Ok(permit) = limit.clone().try_acquire_owned() else {
-                        debug!(%peer, max_connections, "refusing a connection: at the connection limit (go-away)");
+                        warn!(%peer, max_connections, "refusing a connection: at the connection limit (server.max_connections; go-away)");
                         if acceptor.is_tls() {
                             // A plaintext go-away would reach a TLS client
                             // as a corrupt handshake; the close fails its
