@@ -31,6 +31,13 @@ pub fn service_key(s: &str) -> Result<ServiceKey, CliError> {
 /// must exist: the backend would create it, which for a tool that only
 /// reads turns a typo into an empty registry.
 pub async fn connect(config: &RpcConfig) -> Result<AnyRegistry, CliError> {
+    if config.registry.kind == RegistryKind::Memory {
+        // It would connect, to an empty registry of this process only, and
+        // every command would answer "nothing there".
+        return Err(CliError::BadInput(
+            "registry.type `memory` lives inside one process, so `rpc` cannot read it: point it at the registry your providers use".into(),
+        ));
+    }
     if config.registry.kind == RegistryKind::Local {
         let dir = match config.registry.address.first().filter(|a| !a.is_empty()) {
             Some(dir) => std::path::PathBuf::from(dir),

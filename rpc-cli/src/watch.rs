@@ -60,8 +60,10 @@ pub async fn run(config: &RpcConfig, service: Option<&str>, out: Output) -> Resu
     let mut pending = first;
     let mut relist = tokio::time::interval(RELIST);
     relist.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
+    // Ctrl-C or SIGTERM (systemd, docker, `timeout`) ends the watch
+    // cleanly, exit 0.
+    let stop = rpc::shutdown_signal();
+    tokio::pin!(stop);
     let mut opened_once = false;
     loop {
         for key in std::mem::take(&mut pending) {
@@ -96,12 +98,7 @@ pub async fn run(config: &RpcConfig, service: Option<&str>, out: Output) -> Resu
         }
         opened_once = true;
         tokio::select! {
-            r = &mut ctrl_c => {
-                return match r {
-                    Ok(()) => Ok(code::OK),
-                    Err(e) => Err(CliError::BadInput(format!("cannot listen for Ctrl-C: {e}"))),
-                };
-            }
+            () = &mut stop => return Ok(code::OK),
             note = rx.recv() => match note {
                 Some(Note::Event(key, event)) => {
                     let opening = !lists.contains_key(&key) && initial.contains(&key);

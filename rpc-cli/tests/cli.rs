@@ -10,7 +10,7 @@
 //! instances (table and JSON), describe, call (a struct argument, a user
 //! error, an unknown method, malformed JSON), ping, a provider without the
 //! published method list, and watch (sees an add and a remove, then stops
-//! on SIGINT with exit code 0).
+//! on SIGTERM with exit code 0).
 
 use std::process::Output;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -433,7 +433,7 @@ async fn exercise(t: Target) {
         odd.deregister().await.unwrap();
     }
 
-    // watch: sees a second provider come and go, then stops on SIGINT.
+    // watch: sees a second provider come and go, then stops on SIGTERM.
     let mut child = tokio::process::Command::new(RPC)
         .args(["--registry", &t.url, "watch", "Cli.Shop"])
         .env_remove("RPC_CONFIG")
@@ -475,9 +475,11 @@ async fn exercise(t: Target) {
     let stopping = tokio::spawn(p2.stop());
     wait_line("removed", &p2_addr, started).await;
     tokio::time::timeout(WAIT, stopping).await.unwrap().unwrap();
+    // SIGTERM, what systemd, docker and `timeout` send (Ctrl-C's SIGINT
+    // takes the same path, rpc::shutdown_signal).
     let pid = child.id().unwrap().to_string();
     let kill = std::process::Command::new("kill")
-        .args(["-INT", &pid])
+        .args(["-TERM", &pid])
         .status()
         .unwrap();
     assert!(kill.success());
@@ -485,7 +487,7 @@ async fn exercise(t: Target) {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(status.code(), Some(0), "[{name}] watch after SIGINT");
+    assert_eq!(status.code(), Some(0), "[{name}] watch after SIGTERM");
     p1.stop().await;
 }
 
@@ -628,6 +630,17 @@ async fn usage_config_and_unreachable_registries_have_their_exit_codes() {
 
     let o = run(&["--registry", "memory://", "services"], &[]).await;
     let (_, err) = expect(&o, 1, "a memory registry URL");
+    assert!(err.contains("inside one process"), "{err}");
+    // The same from a configuration file (it used to list an empty
+    // registry of its own and exit 0).
+    let memory = dir.path().join("memory.toml");
+    std::fs::write(&memory, "[registry]\ntype = \"memory\"\n").unwrap();
+    let o = run(
+        &["--config", &memory.display().to_string(), "services"],
+        &[],
+    )
+    .await;
+    let (_, err) = expect(&o, 1, "a memory registry in rpc.toml");
     assert!(err.contains("inside one process"), "{err}");
     // Nothing listens on port 1 of loopback.
     let o = run(
