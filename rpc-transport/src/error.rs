@@ -6,7 +6,7 @@
 #[non_exhaustive]
 pub enum TransportError {
     /// The listening socket could not be bound.
-    #[error("cannot listen on {addr}")]
+    #[error("cannot listen on {addr} (server.host, server.port)")]
     Bind {
         /// Address asked for.
         addr: String,
