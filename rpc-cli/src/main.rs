@@ -142,6 +142,11 @@ enum Command {
         /// read from RPC_CONSOLE_TOKEN.
         #[arg(long, value_name = "TOKEN")]
         token: Option<String>,
+        /// Most connections served at once; one more is closed at once
+        /// (a page holds one or two).
+        #[arg(long, value_name = "N", default_value_t = 256,
+              value_parser = clap::value_parser!(u16).range(1..))]
+        max_connections: u16,
     },
     /// Configuration tools.
     Config {
@@ -256,9 +261,13 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
             };
             commands::call(&config, call, out).await
         }
-        Command::Console { listen, token } => {
+        Command::Console {
+            listen,
+            token,
+            max_connections,
+        } => {
             let token = token.or_else(|| std::env::var("RPC_CONSOLE_TOKEN").ok());
-            console::run(&config, listen, token).await
+            console::run(&config, listen, token, usize::from(max_connections)).await
         }
         Command::Ping { .. } | Command::Config { .. } => Ok(code::OK),
     }

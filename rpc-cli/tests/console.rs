@@ -499,3 +499,51 @@ async fn sigterm_stops_the_console_though_a_request_is_half_sent() {
     let _ = p.stop.send(());
     let _ = tokio::time::timeout(WAIT, p.done).await;
 }
+
+/// Connections are bounded (`--max-connections`): with two held open, a
+/// third is closed without an answer, and once one of the two goes, the
+/// console serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limit_are_closed() {
+    let p = provider().await;
+    let c = console(p.dir.path(), &["--max-connections", "2"]).await;
+    until_listed(c.addr).await;
+    // Two idle connections, each answered once so it is surely accepted
+    // (keep-alive keeps it open and holding its permit).
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(c.addr).await.unwrap();
+        s.write_all(b"GET /api/services HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .expect("answered")
+            .unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        held.push(s);
+    }
+    let reply = raw(
+        c.addr,
+        b"GET /api/services HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(reply.is_empty(), "a third connection was served: {reply}");
+    drop(held.pop());
+    // The console notices the close on its own time: try until served.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, _, _) = get(c.addr, "/api/services").await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never served again after a connection closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = p.stop.send(());
+    let _ = tokio::time::timeout(WAIT, p.done).await;
+}

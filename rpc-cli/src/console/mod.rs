@@ -12,9 +12,12 @@
 //! registry unreachable, 504 call timed out). Request bodies are capped
 //! ([`MAX_BODY`]); a token, when set, is required on every request
 //! (`Authorization: Bearer T`, or `?token=T` for the page and its event
-//! stream, which browsers cannot give headers).
+//! stream, which browsers cannot give headers). Open connections are
+//! bounded (`listener.rs`, `--max-connections`), and so is the drain after
+//! Ctrl-C or SIGTERM ([`DRAIN`]).
 
 mod health;
+mod listener;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -70,6 +73,7 @@ pub async fn run(
     config: &RpcConfig,
     listen: SocketAddr,
     token: Option<String>,
+    max_connections: usize,
 ) -> Result<i32, CliError> {
     // An empty token is no token: checked before the loopback rule, so
     // `--token ''` cannot open a public console.
@@ -103,6 +107,7 @@ pub async fn run(
     // The one line a user needs (and tests read): where the page is.
     println!("console: http://{addr}/");
     info!(target: "rpc_console", %addr, registry = state.kind, "console listening");
+    let listener = listener::Capped::new(listener, max_connections.max(1));
     let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
     let serve = axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {
