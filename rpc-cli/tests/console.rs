@@ -69,6 +69,25 @@ struct Console {
     _child: tokio::process::Child,
 }
 
+impl Console {
+    /// Sends the console `signal` (`INT`, `TERM`) and waits (bounded) for it
+    /// to exit: its exit code; `stops` says what the wait expects.
+    async fn signal(&mut self, signal: &str, stops: &str) -> Option<i32> {
+        let pid = self._child.id().unwrap().to_string();
+        let sent = tokio::process::Command::new("kill")
+            .args([format!("-{signal}"), pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(sent.success());
+        tokio::time::timeout(WAIT, self._child.wait())
+            .await
+            .expect(stops)
+            .unwrap()
+            .code()
+    }
+}
+
 /// Starts `rpc console` on an ephemeral port over `dir`'s registry.
 async fn console(dir: &std::path::Path, extra: &[&str]) -> Console {
     let mut child = tokio::process::Command::new(RPC)
@@ -453,18 +472,11 @@ async fn ctrl_c_stops_the_console_with_a_page_still_open() {
         .unwrap()
         .unwrap();
     assert!(n > 0);
-    let pid = c._child.id().unwrap().to_string();
-    let sent = tokio::process::Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(sent.success());
-    let status = tokio::time::timeout(WAIT, c._child.wait())
-        .await
-        .expect("the console stops on Ctrl-C though a page is open")
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        c.signal("INT", "the console stops on Ctrl-C though a page is open")
+            .await,
+        Some(0)
+    );
     let _ = p.stop.send(());
     let _ = tokio::time::timeout(WAIT, p.done).await;
 }
@@ -483,18 +495,14 @@ async fn sigterm_stops_the_console_though_a_request_is_half_sent() {
     // is answered, so the half one was accepted before it.
     let (status, _, _) = get(c.addr, "/api/services").await;
     assert_eq!(status, 200);
-    let pid = c._child.id().unwrap().to_string();
-    let sent = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(sent.success());
-    let status = tokio::time::timeout(WAIT, c._child.wait())
-        .await
-        .expect("the console stops on SIGTERM though a request is half sent")
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        c.signal(
+            "TERM",
+            "the console stops on SIGTERM though a request is half sent"
+        )
+        .await,
+        Some(0)
+    );
     drop(half);
     let _ = p.stop.send(());
     let _ = tokio::time::timeout(WAIT, p.done).await;

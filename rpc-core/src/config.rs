@@ -1039,8 +1039,12 @@ impl RpcConfig {
 /// `server.advertise_host` is published for consumers to dial as the
 /// provider's host: an IP address (bracketed or not) or a DNS name (RFC
 /// 1123 labels; `_` allowed, as some internal zones use it), without port
-/// or scheme, and not the wildcard.
-fn check_advertise_host(raw: &str) -> Result<(), String> {
+/// or scheme, and not the wildcard. Checked when a configuration is
+/// loaded, and by the provider for one built in code.
+///
+/// # Errors
+/// What is wrong with `raw`, in words (the caller names the key).
+pub fn check_advertise_host(raw: &str) -> Result<(), String> {
     match crate::Host::parse(raw) {
         crate::Host::Ip(ip) if ip.is_unspecified() => Err(format!(
             "`{raw}` is the wildcard address, which nobody can dial: set the address consumers reach this provider at"

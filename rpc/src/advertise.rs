@@ -49,12 +49,9 @@ pub(crate) async fn advertised_host(config: &RpcConfig) -> Result<String, Error>
         RegistryKind::Local | RegistryKind::Memory
     );
     if let Some(explicit) = &server.advertise_host {
+        // The load-time check, again for a configuration built in code.
+        rpc_core::config::check_advertise_host(explicit).map_err(refuse)?;
         let host = Host::parse(explicit);
-        if host.is_unspecified() {
-            return Err(refuse(format!(
-                "`{explicit}` is the wildcard address, which nobody can dial: set the address consumers reach this provider at"
-            )));
-        }
         if host.is_loopback() && !on_this_host {
             let registry = registry_ips(config).await;
             if !all_loopback(&registry) {
